@@ -1,0 +1,79 @@
+"""`eet-pipe` command line: generate, plan, models.
+
+Every command takes ``--flags`` for common options and ``key=value`` for any option field;
+``eet-pipe <command> --help`` lists all fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from eet_pipe.config import build_config, describe, parse_overrides
+from eet_pipe.options import GenerateOptions
+
+__all__ = ["main"]
+
+log = logging.getLogger("eet_pipe")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eet-pipe", description="Pipeline-parallel transformer inference.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="options (key=value):\n" + describe(GenerateOptions))
+    gen.add_argument("--stages", type=int, help="pipeline stages (worker processes)")
+    gen.add_argument("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1")
+    gen.add_argument("overrides", nargs="*", help="key=value options")
+    sub.add_parser("models", help="list the presets")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from eet_pipe.runtime.engine import PipelineEngine
+
+    flags = {k: v for k, v in (("stages", args.stages), ("devices", args.devices)) if v is not None}
+    opts = build_config(GenerateOptions, flags, parse_overrides(args.overrides))
+    sampling = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                    top_p=opts.top_p, seed=opts.sample_seed, stop=opts.stop)
+    start = time.perf_counter()
+    with PipelineEngine.from_options(opts) as engine:
+        loaded = time.perf_counter()
+        results = engine.generate(opts.prompt, **sampling)
+        done = time.perf_counter()
+        for prompt, res in zip(opts.prompt, results, strict=True):
+            print(f"{prompt}{res.text if res.text is not None else res.token_ids}")
+        print(engine.summary(), file=sys.stderr)
+    tokens = sum(len(r.token_ids) for r in results)
+    print(f"load {loaded - start:.2f} s, generate {done - loaded:.2f} s, {tokens} tokens "
+          f"({tokens / max(done - loaded, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from eet_pipe.presets import list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name:<20} {load_preset(name).get('description', '')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `eet-pipe` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handlers = {"generate": _generate, "models": _models}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as err:
+        print(f"eet-pipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

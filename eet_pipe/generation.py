@@ -1,0 +1,203 @@
+"""Generation shared by the single-device model and the pipeline: prompt batching (left padding),
+sampling (greedy, temperature, top-k, top-p, seeded), stopping (EOS, stop strings, max tokens).
+
+The loop itself only needs a step function ``(ids [B, T], StepMeta) -> logits [B, V]`` of the last
+position, so the pipeline's decode schedule reuses `SamplingParams`, `Sampler`, `pad_prompts` and
+`SequenceState` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
+
+__all__ = ["SamplingParams", "Sampler", "SequenceState", "GenerationResult", "pad_prompts", "generate_loop",
+           "check_prompts", "StepFn"]
+
+StepFn = Callable[[torch.Tensor, StepMeta], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens of one request."""
+
+    max_new_tokens: int = 32
+    """Tokens to generate at most (>= 1)."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set with cumulative probability >= top_p, in (0, 1]."""
+    seed: int | None = None
+    """Seed of this request's random generator (sampling only)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation when they appear in the output (they are cut off)."""
+    ignore_eos: bool = False
+    """Keep generating after an end-of-sequence token."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: must be an integer >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} is invalid: must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0 = no limit)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} is invalid: must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_positions: int,
+                  max_new_tokens: int = 0) -> None:
+    """Raise ValueError for an empty prompt, an id outside the vocabulary or a too-long sequence."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for n, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {n} is empty: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {n} has token id {bad[0]} outside the vocabulary 0..{vocab_size - 1}")
+        if len(p) + max_new_tokens > max_positions:
+            raise ValueError(f"prompt {n} has {len(p)} tokens + max_new_tokens={max_new_tokens} = "
+                             f"{len(p) + max_new_tokens} > the model's max positions {max_positions}")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ids [B, T] int64 and mask [B, T] bool."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        if len(p):
+            ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = True
+    return ids, mask
+
+
+class Sampler:
+    """Picks next tokens for a batch whose rows may have different `SamplingParams`."""
+
+    def __init__(self, params: Sequence[SamplingParams]) -> None:
+        self.params = list(params)
+        self.generators: list[torch.Generator | None] = []
+        for n, p in enumerate(self.params):
+            gen = None
+            if not p.greedy:
+                gen = torch.Generator().manual_seed(p.seed if p.seed is not None else torch.seed() + n)
+            self.generators.append(gen)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """logits [B, V] of the sequences `rows` (default 0..B-1) -> next tokens [B] int64 (on CPU)."""
+        rows = list(range(logits.shape[0])) if rows is None else list(rows)
+        out = logits.argmax(dim=-1).to("cpu", torch.long)
+        for i, row in enumerate(rows):
+            if not self.params[row].greedy:
+                out[i] = self._sample(logits[i].float().cpu(), self.params[row], self.generators[row])
+        return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
+            logits[order[drop]] = float("-inf")
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+
+
+@dataclass
+class SequenceState:
+    """Progress of one sequence: generated ids, finish reason, stop-string handling."""
+
+    params: SamplingParams
+    eos_ids: list[int]
+    decode: Callable[[list[int]], str] | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int) -> None:
+        """Record a new token and decide whether the sequence is done."""
+        if self.finished:
+            return
+        if token in self.eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return
+        self.tokens.append(token)
+        if self.params.stop and self.decode is not None:
+            text = self.decode(self.tokens)
+            hits = [text.find(s) for s in self.params.stop if s in text]
+            if hits:
+                self.text, self.finish_reason = text[: min(hits)], "stop"
+                return
+        if len(self.tokens) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+
+
+@dataclass
+class GenerationResult:
+    """Output of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    text: str | None = None
+
+
+def results(prompts: Sequence[Sequence[int]], states: Sequence[SequenceState]) -> list[GenerationResult]:
+    """Turn finished states into results (text decoded when a decoder was given)."""
+    out = []
+    for prompt, s in zip(prompts, states, strict=True):
+        text = s.text if s.text is not None else (s.decode(s.tokens) if s.decode else None)
+        out.append(GenerationResult(list(prompt), list(s.tokens), s.finish_reason or "length", text))
+    return out
+
+
+def generate_loop(step: StepFn, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                  eos_ids: list[int], decode: Callable[[list[int]], str] | None = None,
+                  pad_id: int = 0) -> list[GenerationResult]:
+    """Prefill all prompts as one left-padded batch, then decode one token per step until all finish.
+
+    `step` runs the model on cache slots 0..B-1 and returns last-position logits [B, V].
+    """
+    ids, mask = pad_prompts(prompts, pad_id)
+    batch, width = ids.shape
+    slots = torch.arange(batch)
+    sampler = Sampler(params)
+    states = [SequenceState(p, eos_ids, decode) for p in params]
+    lengths = mask.sum(-1)
+    logits = step(ids, prefill_meta(mask, slots))
+    for n in range(max(p.max_new_tokens for p in params)):
+        nxt = sampler(logits)
+        for s, tok in zip(states, nxt.tolist(), strict=True):
+            s.append(tok)
+        if all(s.finished for s in states):
+            break
+        meta = decode_meta(slots, torch.full((batch,), width + n), lengths + n)
+        logits = step(nxt.view(batch, 1), meta)
+    return results(prompts, states)

@@ -1,0 +1,153 @@
+"""Canonical layers. Module names are the canonical names:
+``embed.{tok,pos,type,norm}``, ``attn.{norm,qkv,out}``, ``mlp.{norm,up,gate,down}``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eet_pipe import ops
+from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.meta import StepMeta
+
+__all__ = ["Norm", "Embedding", "Attention", "MLP", "TransformerLayer", "attention_mask"]
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, chosen by the config."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        has_bias = cfg.norm == "layernorm" and cfg.norm_bias
+        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) through the fused op."""
+        if self.kind == "rmsnorm":
+            return ops.residual_rms_norm(x, residual, self.weight, self.eps)
+        return ops.residual_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    """Token (+ learned position) (+ token type) embeddings (+ norm)."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.max_positions, cfg.hidden_size) if cfg.positions == "learned" else None
+        # "type" would shadow nn.Module.type(), so the canonical name is registered explicitly.
+        self._modules["type"] = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = Norm(cfg) if cfg.embed_norm else None
+
+    def forward(self, ids: torch.Tensor, meta: StepMeta) -> torch.Tensor:  # ids: [B, T] -> [B, T, H]
+        x = self.tok(ids)
+        if self.pos is not None:
+            x = x + self.pos(meta.positions)
+        type_embed = self._modules["type"]
+        if type_embed is not None:
+            types = meta.token_types if meta.token_types is not None else torch.zeros_like(ids)
+            x = x + type_embed(types)
+        return self.norm(x) if self.norm is not None else x
+
+
+def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None) -> torch.Tensor:
+    """[B, 1, T, K] bool mask: valid keys, causal order, and each token always sees itself."""
+    if cache is None:
+        keys = meta.valid  # [B, K=T]
+        t = meta.valid.shape[1]
+        q_idx = torch.arange(t, device=keys.device).view(1, t, 1)
+        k_idx = torch.arange(t, device=keys.device).view(1, 1, t)
+    else:
+        keys = cache.key_mask(meta)  # [B, K]
+        q_idx = meta.write_index.unsqueeze(-1)  # [B, T, 1]
+        k_idx = torch.arange(keys.shape[1], device=keys.device).view(1, 1, -1)
+    allowed = keys.unsqueeze(1)
+    if causal:
+        allowed = allowed & (k_idx <= q_idx)
+    return (allowed | (k_idx == q_idx)).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, optional rotary, softmax attention, output projection."""
+
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        self.norm = Norm(cfg)
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
+
+    def project(self, x: torch.Tensor, meta: StepMeta,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] with rotary applied."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                             cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][meta.positions], rope[1][meta.positions]  # [B, T, D]
+            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor, cache: KVCache | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
+        q, k, v = self.project(x, meta, rope)
+        if cache is not None:
+            cache.write(self.index, meta, k, v)
+            k, v = cache.read(self.index, meta)
+        o = ops.attention(q, k, v, mask)  # [B, Hq, T, D]
+        b, _, t, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """up (+ gate) -> activation -> down."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        self.norm = Norm(cfg)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias) if cfg.gated else None
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] (normed)
+        if self.gate is not None:
+            h = ops.gated_activation(self.gate(x), self.up(x), self.activation)
+        else:
+            h = ops.activation(self.up(x), self.activation)
+        return self.down(h)
+
+
+class TransformerLayer(nn.Module):
+    """One block; pre-norm (GPT-2, LLaMA) or post-norm (BERT) by the config."""
+
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn = Attention(cfg, index)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            a = self.attn(self.attn.norm(x), meta, mask, cache, rope)
+            normed, h = self.mlp.norm.residual(a, x)
+            return h + self.mlp(normed)
+        a = self.attn(x, meta, mask, cache, rope)
+        h, _ = self.attn.norm.residual(a, x)
+        out, _ = self.mlp.norm.residual(self.mlp(h), h)
+        return out

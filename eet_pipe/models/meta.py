@@ -1,0 +1,77 @@
+"""`StepMeta`: what every stage needs to run one forward step besides the hidden states.
+
+It is small (a few int/bool tensors of [B, T]) and travels with the activations between
+pipeline stages, so each stage can rebuild its own attention mask from its own KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask"]
+
+
+@dataclass
+class StepMeta:
+    """Per-step metadata for a batch of B sequences and T new tokens each."""
+
+    positions: torch.Tensor
+    """[B, T] int64 position ids of the new tokens (pads get 0)."""
+    valid: torch.Tensor
+    """[B, T] bool, False for padding tokens."""
+    slots: torch.Tensor | None = None
+    """[B] int64 KV-cache rows of the sequences; None runs without a cache."""
+    write_index: torch.Tensor | None = None
+    """[B, T] int64 cache columns the new tokens are written to (with a cache)."""
+    kv_len: int = 0
+    """Number of cache columns attended over (max write index + 1)."""
+    token_types: torch.Tensor | None = None
+    """[B, T] int64 token type (segment) ids for models that have them."""
+
+    def to(self, device: torch.device | str) -> "StepMeta":
+        """Copy every tensor to `device` (non-blocking)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return StepMeta(**moved)
+
+    def select(self, rows: slice) -> "StepMeta":
+        """The metadata of a contiguous range of sequences (a microbatch)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+        write = pick(self.write_index)
+        kv_len = int(write.max()) + 1 if write is not None and write.numel() else self.kv_len
+        return StepMeta(positions=self.positions[rows], valid=self.valid[rows], slots=pick(self.slots),
+                        write_index=write, kv_len=kv_len, token_types=pick(self.token_types))
+
+
+def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids counting only valid tokens: cumsum(mask) - 1, pads set to 0. mask: [B, T]."""
+    pos = mask.long().cumsum(-1) - 1
+    if start is not None:
+        pos = pos + start.view(-1, 1)
+    return pos.masked_fill(~mask.bool(), 0)
+
+
+def prefill_meta(mask: torch.Tensor, slots: torch.Tensor | None = None,
+                 token_types: torch.Tensor | None = None) -> StepMeta:
+    """Metadata for the first forward of fresh sequences (left- or right-padded). mask: [B, T]."""
+    mask = mask.bool()
+    batch, seq = mask.shape
+    write = None
+    if slots is not None:
+        write = torch.arange(seq, dtype=torch.long).expand(batch, seq).contiguous()
+    return StepMeta(positions=positions_from_mask(mask), valid=mask, slots=slots,
+                    write_index=write, kv_len=seq if slots is not None else 0, token_types=token_types)
+
+
+def decode_meta(slots: torch.Tensor, write_index: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor | None = None) -> StepMeta:
+    """Metadata for one new token per sequence. slots, write_index, positions: [B] int64."""
+    batch = slots.shape[0]
+    valid = torch.ones(batch, 1, dtype=torch.bool) if valid is None else valid.view(batch, 1)
+    return StepMeta(positions=positions.view(batch, 1), valid=valid, slots=slots,
+                    write_index=write_index.view(batch, 1), kv_len=int(write_index.max()) + 1 if batch else 0)

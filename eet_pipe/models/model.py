@@ -1,0 +1,106 @@
+"""`CanonicalModel`: any contiguous slice of a canonical transformer.
+
+A whole model holds ``embed``, every ``layers.{i}``, ``final_norm`` and ``head``; a pipeline
+stage is the same class holding only its units, with layers keyed by their global index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.layers import Embedding, Norm, TransformerLayer, attention_mask
+from eet_pipe.models.meta import StepMeta
+from eet_pipe.models.rotary import rotary_table
+
+__all__ = ["CanonicalModel", "parse_units"]
+
+
+def parse_units(cfg: ArchConfig, units: list[str]) -> tuple[bool, list[int], bool]:
+    """Validate a contiguous run of unit names; returns (has_embed, layer indices, has_head)."""
+    order = cfg.unit_names()
+    unknown = [u for u in units if u not in order]
+    if unknown:
+        raise ValueError(f"unknown partition unit(s) {unknown}; units are embed, layers.0..layers.{cfg.num_layers - 1}, head")
+    if not units:
+        raise ValueError("a model slice needs at least one unit")
+    first = order.index(units[0])
+    if order[first:first + len(units)] != list(units):
+        raise ValueError(f"units {units} are not a contiguous run of {order[0]}..{order[-1]}")
+    layers = [int(u.split(".")[1]) for u in units if u.startswith("layers.")]
+    return units[0] == "embed", layers, units[-1] == "head"
+
+
+class CanonicalModel(nn.Module):
+    """A canonical transformer, or a contiguous slice of one (a pipeline stage or chunk)."""
+
+    def __init__(self, cfg: ArchConfig, units: list[str] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.units = list(units) if units is not None else cfg.unit_names()
+        has_embed, layers, has_head = parse_units(cfg, self.units)
+        self.layer_ids = layers
+        self.embed = Embedding(cfg) if has_embed else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i) for i in layers})
+        self.final_norm = Norm(cfg) if has_head and cfg.final_norm else None
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if has_head and cfg.lm_head else None
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_head and cfg.pooler else None
+        self.has_head = has_head
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tie_weights()
+
+    @property
+    def has_embed(self) -> bool:
+        return self.embed is not None
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head when both live here and the config ties them."""
+        if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
+            self.head.weight = self.embed.tok.weight
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary cos/sin tables on `device` (built once)."""
+        if self.cfg.positions != "rotary" or not self.layer_ids:
+            return None
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = rotary_table(self.cfg, device)
+        return self._rope
+
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the held units.
+
+        Args:
+            x: token ids [B, T] when this slice holds ``embed``, else hidden states [B, T, H].
+            meta: positions / validity / cache addressing of the new tokens.
+            cache: this slice's KV cache, or None for a cache-free forward.
+        Returns:
+            logits [B, T, V] if this slice ends with an LM head, else hidden states [B, T, H].
+        """
+        if self.embed is not None:
+            x = self.embed(x, meta)
+        if self.layer_ids:
+            if cache is not None:
+                cache.commit(meta)
+            mask = attention_mask(meta, self.cfg.causal, cache)
+            rope = self.rope(x.device)
+            for layer in self.layers.values():
+                x = layer(x, meta, mask, cache, rope)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT pooler: tanh(dense(first token)). hidden: [B, T, H] -> [B, H]."""
+        if self.pooler is None:
+            raise ValueError("this model has no pooler (ArchConfig.pooler is False or the slice lacks 'head')")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """A KV cache for this slice's layers."""
+        param = next(self.parameters())
+        return KVCache(self.cfg, self.layer_ids, num_slots, max_len, dtype or param.dtype, device or param.device)
