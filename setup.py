@@ -38,8 +38,8 @@ def _extensions() -> dict:
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     ext = CUDAExtension(
         "eet_pipe._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # no -std flag: torch's headers choose the C++ standard they need (C++20 from torch 2.14)
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

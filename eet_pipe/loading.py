@@ -9,7 +9,7 @@ from eet_pipe.presets import ModelSpec
 from eet_pipe.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from eet_pipe.weights.loader import init_random, load_checkpoint
 
-__all__ = ["load_units", "tokenizer_for"]
+__all__ = ["load_units", "tokenizer_for", "spec_from_model"]
 
 
 def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
@@ -17,8 +17,32 @@ def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
     """The slice `units` (None = whole model) with weights from the spec's source, on `device`."""
     if spec.source == "dir":
         return load_checkpoint(spec.path, units, dtype=dtype, device=device)
-    model = init_random(spec.cfg, units, seed=spec.seed, dtype=dtype, device=device)
-    return model
+    if spec.source == "state":
+        return _from_state(spec, units, dtype, device)
+    return init_random(spec.cfg, units, seed=spec.seed, dtype=dtype, device=device)
+
+
+def _from_state(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
+                device: torch.device | str) -> CanonicalModel:
+    with torch.device("meta"):
+        model = CanonicalModel(spec.cfg, units)
+    state = spec.state or {}
+    missing = [k for k in model.state_dict() if k not in state]
+    if missing:
+        raise ValueError(f"in-memory model lacks canonical tensors: {', '.join(missing[:10])}")
+    tensors = {k: state[k].to(device=device, dtype=dtype if state[k].is_floating_point() else state[k].dtype)
+               for k in model.state_dict()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def spec_from_model(model: CanonicalModel, tokenizer: str = "none") -> ModelSpec:
+    """A spec that rebuilds (slices of) an already loaded whole model in worker processes."""
+    if model.units != model.cfg.unit_names():
+        raise ValueError("PipelineEngine needs a whole model, not a slice")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ModelSpec(name=model.cfg.model_type, cfg=model.cfg, source="state", tokenizer=tokenizer, state=state)
 
 
 def tokenizer_for(spec: ModelSpec) -> Tokenizer | None:

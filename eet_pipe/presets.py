@@ -32,11 +32,13 @@ class ModelSpec:
     name: str
     cfg: ArchConfig
     source: str
-    """'dir' (HF checkpoint directory), 'random' (seeded random weights) or 'builtin'."""
+    """'dir' (HF checkpoint directory), 'random' (seeded random weights), 'builtin' or 'state' (in memory)."""
     path: Path | None = None
     seed: int = 0
     tokenizer: str = "byte"
     """'byte' (built in), 'dir' (from `path`) or 'none'."""
+    state: dict | None = None
+    """Canonical tensors of an in-memory model (source 'state')."""
 
 
 def list_presets() -> list[str]:

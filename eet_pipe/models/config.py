@@ -159,12 +159,12 @@ class ArchConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ArchConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ArchConfig field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "ArchConfig":
+    def replace(self, **changes: Any) -> ArchConfig:
         return dataclasses.replace(self, **changes)

@@ -30,7 +30,7 @@ class StepMeta:
     token_types: torch.Tensor | None = None
     """[B, T] int64 token type (segment) ids for models that have them."""
 
-    def to(self, device: torch.device | str) -> "StepMeta":
+    def to(self, device: torch.device | str) -> StepMeta:
         """Copy every tensor to `device` (non-blocking)."""
         moved = {}
         for f in fields(self):
@@ -38,7 +38,7 @@ class StepMeta:
             moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         return StepMeta(**moved)
 
-    def select(self, rows: slice) -> "StepMeta":
+    def select(self, rows: slice) -> StepMeta:
         """The metadata of a contiguous range of sequences (a microbatch)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]

@@ -1,23 +1,175 @@
-"""Fused ops: one dispatch point between the CUDA kernels (``eet_pipe._C``) and the references."""
+"""Fused ops: the one dispatch point between the CUDA kernels (``eet_pipe._C``) and the references.
 
-from eet_pipe.ops.reference import (
-    activation,
-    attention,
-    gated_activation,
-    layer_norm,
-    residual_layer_norm,
-    residual_rms_norm,
-    rms_norm,
-    rotary,
-)
+Each public op runs its CUDA kernel (``torch.ops.eet_pipe.*``) when its main tensor is on a CUDA
+device and the extension is available (``HAVE_EXT``, decided once at import in ``_ext``), and the
+pure-PyTorch reference in ``eet_pipe.ops.reference`` otherwise. CPU tensors always take the
+reference. Shapes: B batch, T tokens, H hidden, D head dim, S cache slots, L cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eet_pipe.ops import _ext, reference
+from eet_pipe.ops.quant import dequantize_int8, quantize_int8
+from eet_pipe.ops.reference import ACTIVATIONS, GATED_ACTIVATIONS, attention, rotary
 
 __all__ = [
+    "HAVE_EXT",
+    "EXT_REASON",
+    "DECODE_MAX_HEAD_DIM",
+    "INT8_GEMV_MAX_ROWS",
     "activation",
     "attention",
+    "bias_activation",
+    "decode_attention",
+    "dequantize_int8",
     "gated_activation",
+    "int8_linear",
     "layer_norm",
+    "qkv_rotary_cache",
+    "quantize_int8",
     "residual_layer_norm",
     "residual_rms_norm",
     "rms_norm",
     "rotary",
 ]
+
+HAVE_EXT: bool = _ext.HAVE_EXT
+"""True when the CUDA kernels (torch.ops.eet_pipe.*) are registered."""
+EXT_REASON: str = _ext.reason
+"""Why the extension is or is not available."""
+
+DECODE_MAX_HEAD_DIM = 256
+"""Largest head dim of the decode_attention kernel (which also needs D % 8 == 0)."""
+INT8_GEMV_MAX_ROWS = 16
+"""Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul."""
+
+if HAVE_EXT:
+    from eet_pipe.ops.fake import register_fakes
+
+    register_fakes()
+
+
+def _kernel(x: torch.Tensor) -> bool:
+    return HAVE_EXT and x.is_cuda
+
+
+def _check_kind(kind: str, allowed: tuple[str, ...], what: str) -> None:
+    if kind not in allowed:
+        raise ValueError(f"unknown {what} {kind!r}; allowed: {', '.join(allowed)}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension. x: [..., H]; weight, bias: [H] in x's dtype."""
+    if _kernel(x):
+        return torch.ops.eet_pipe.layer_norm(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (fp32 statistics, cast to x's dtype, then times weight). x: [..., H]; weight: [H]."""
+    if _kernel(x):
+        return torch.ops.eet_pipe.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def residual_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (LayerNorm(x + residual), x + residual). x, residual: [..., H]."""
+    if _kernel(x):
+        return torch.ops.eet_pipe.residual_layer_norm(x, residual, weight, bias, eps)
+    return reference.residual_layer_norm(x, residual, weight, bias, eps)
+
+
+def residual_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (RMSNorm(x + residual), x + residual). x, residual: [..., H]."""
+    if _kernel(x):
+        return torch.ops.eet_pipe.residual_rms_norm(x, residual, weight, eps)
+    return reference.residual_rms_norm(x, residual, weight, eps)
+
+
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Element-wise gelu (erf), gelu_new (tanh) or relu."""
+    _check_kind(kind, ACTIVATIONS, "activation")
+    if _kernel(x):
+        return torch.ops.eet_pipe.activation(x, kind)
+    return reference.activation(x, kind)
+
+
+def bias_activation(x: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
+    """activation(x + bias) in one pass. x: [..., N]; bias: [N]."""
+    _check_kind(kind, ACTIVATIONS, "activation")
+    if _kernel(x):
+        return torch.ops.eet_pipe.bias_activation(x, bias, kind)
+    return reference.bias_activation(x, bias, kind)
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up: silu_gated (SwiGLU) or gelu_gated (GeGLU, tanh gelu)."""
+    _check_kind(kind, GATED_ACTIVATIONS, "gated activation")
+    if _kernel(gate):
+        return torch.ops.eet_pipe.gated_activation(gate, up, kind)
+    return reference.gated_activation(gate, up, kind)
+
+
+def qkv_rotary_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     write_index: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                     rotary: bool = True, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Split qkv into heads, rotate q and k, write k and v into the cache in place, return q.
+
+    Args:
+        qkv: [B, T, (Hq + 2 * Hkv) * D] (q heads, then k heads, then v heads).
+        cos, sin: [B, T, D] per token, or [P, D] tables (fp32 or qkv's dtype) with `positions`;
+            ignored (may be None) when `rotary` is False.
+        k_cache, v_cache: [S, Hkv, L, D] in qkv's dtype; ``[slots[b], :, write_index[b, t]]`` is written.
+        slots: [B] int64; write_index: [B, T] int64.
+        num_heads, num_kv_heads, head_dim: Hq, Hkv, D.
+        rotary: apply rotate-half rotary to q and k.
+        positions: [B, T] int64 rows of the cos/sin tables, or None for per-token cos/sin.
+    Returns:
+        q: [B, Hq, T, D] contiguous.
+    """
+    if _kernel(qkv):
+        return torch.ops.eet_pipe.qkv_rotary_cache(qkv, cos, sin, k_cache, v_cache, slots, write_index,
+                                                   num_heads, num_kv_heads, head_dim, rotary, positions)
+    return reference.qkv_rotary_cache(qkv, cos, sin, k_cache, v_cache, slots, write_index, num_heads,
+                                      num_kv_heads, head_dim, rotary, positions)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, valid: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One query token per sequence attending over its cache slot (split-K on long caches).
+
+    Args:
+        q: [B, Hq, 1, D]; the kernel takes D a multiple of 8 up to 256, other D the reference.
+        k_cache, v_cache: [S, Hkv, L, D] (may be a view ``[:, :, :K]`` of a longer cache).
+        slots: [B] int64; lengths: [B] int64, columns ``0..lengths[b]-1`` are considered.
+        valid: [S, L] bool; columns that are False are excluded.
+        scale: softmax scale, default 1 / sqrt(D).
+    Returns:
+        [B, Hq, 1, D] in q's dtype; zeros for a sequence with no valid column.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _kernel(q) and q.shape[-1] % 8 == 0 and q.shape[-1] <= DECODE_MAX_HEAD_DIM:
+        return torch.ops.eet_pipe.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
+    return reference.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 linear ``x @ (qweight * scale[:, None]).T + bias``.
+
+    Args:
+        x: [..., K] fp16/bf16/fp32; qweight: [N, K] int8 (``quantize_int8``); scale, bias: [N] in x's dtype.
+    Returns:
+        [..., N]. On CUDA, up to INT8_GEMV_MAX_ROWS rows run the GEMV kernel; more rows dequantise
+        the weight and use a matmul.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS:
+        y = torch.ops.eet_pipe.int8_linear(x.reshape(rows, x.shape[-1]), qweight, scale, bias)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    return reference.int8_linear(x, qweight, scale, bias)

@@ -127,33 +127,39 @@ def interleaved(num_stages: int, num_microbatches: int, virtual: int) -> Schedul
     return sched
 
 
-def _decode_stage(stage: int, num_stages: int, groups: int, steps: int) -> list[Action]:
-    """Program of one stage of :func:`decode`."""
-    last = num_stages - 1
+def _decode_stage(stage: int, num_stages: int, groups: int, steps: int, virtual: int = 1) -> list[Action]:
+    """Program of one stage of :func:`decode`: for t, for local chunk k, for g."""
+    num_chunks = num_stages * virtual
+    last = num_chunks - 1
+    multi = num_stages > 1
     acts: list[Action] = []
     for t in range(steps):
-        for g in range(groups):
-            if num_stages > 1 and (stage > 0 or t > 0):
-                acts.append(Action(Op.RECV, g, stage, t, peer=(stage - 1) % num_stages))
-            acts.append(Action(Op.FORWARD, g, stage, t))
-            if num_stages > 1 and stage < last:
-                acts.append(Action(Op.SEND, g, stage + 1, t, peer=stage + 1))
-            elif num_stages > 1 and t < steps - 1:
-                acts.append(Action(Op.SEND, g, 0, t + 1, peer=0))
+        for k in range(virtual):
+            chunk = stage + k * num_stages
+            for g in range(groups):
+                if multi and (chunk > 0 or t > 0):
+                    acts.append(Action(Op.RECV, g, chunk, t, peer=(stage - 1) % num_stages))
+                acts.append(Action(Op.FORWARD, g, chunk, t))
+                if multi and chunk < last:
+                    acts.append(Action(Op.SEND, g, chunk + 1, t, peer=(stage + 1) % num_stages))
+                elif multi and t < steps - 1:
+                    acts.append(Action(Op.SEND, g, 0, t + 1, peer=0))
     return acts
 
 
-def decode(num_stages: int, groups: int, steps: int) -> Schedule:
+def decode(num_stages: int, groups: int, steps: int, virtual: int = 1) -> Schedule:
     """Microbatched autoregressive decoding with ``groups`` groups in flight.
 
-    Step t of group g runs through all stages; the last stage samples the next tokens and sends
-    them back to stage 0 as message ``(g, chunk=0, step=t+1)``. Order on every stage: for t, for g.
-    With P == 1 there are no messages; the feedback is local.
+    Step t of group g runs through all chunks; the stage of the last chunk samples the next tokens and
+    sends them back to stage 0 as message ``(g, chunk=0, step=t+1)``. Order on every stage: for t,
+    for local chunk, for g. With P == 1 there are no messages; the feedback is local. With
+    ``virtual`` > 1 each device holds chunks d, d+P, … as in the interleaved schedule.
 
     Args:
         num_stages: P >= 1.
         groups: G >= 1 (G >= P keeps every stage busy).
         steps: decode steps >= 1 (step 0 is the prefill of each group).
+        virtual: chunks per device (1 = contiguous stages).
 
     Returns:
         The validated schedule.
@@ -161,8 +167,9 @@ def decode(num_stages: int, groups: int, steps: int) -> Schedule:
     _check_int("num_stages", num_stages, 1)
     _check_int("groups", groups, 1)
     _check_int("steps", steps, 1)
-    actions = [_decode_stage(s, num_stages, groups, steps) for s in range(num_stages)]
-    sched = Schedule("decode", num_stages, groups, 1, steps, actions)
+    _check_int("virtual", virtual, 1)
+    actions = [_decode_stage(s, num_stages, groups, steps, virtual) for s in range(num_stages)]
+    sched = Schedule("decode", num_stages, groups, virtual, steps, actions)
     sched.validate()
     return sched
 
@@ -195,7 +202,7 @@ def build(name: str, num_stages: int, microbatches: int = 1, virtual: int = 1,
     _check_int("microbatches", microbatches, 1)
     _check_int("virtual", virtual, 2 if name == "interleaved" else 1)
     _check_int("steps", steps, 1)
-    if name != "interleaved":
+    if name not in ("interleaved", "decode"):
         _require_default("virtual", virtual, 1, name)
     if name != "decode":
         _require_default("steps", steps, 1, name)
@@ -206,7 +213,7 @@ def build(name: str, num_stages: int, microbatches: int = 1, virtual: int = 1,
         return gpipe(num_stages, microbatches)
     if name == "interleaved":
         return interleaved(num_stages, microbatches, virtual)
-    return decode(num_stages, microbatches, steps)
+    return decode(num_stages, microbatches, steps, virtual)
 
 
 def clock_table(schedule: Schedule, costs: ComputeCost | None = None) -> str:

@@ -1,0 +1,82 @@
+"""Helpers shared by the benchmark scripts: arguments, environment record, timing, output files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(defaults: dict[str, Any], quick: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
+    """key=value arguments over `defaults`; --quick applies `quick` first (CPU smoke run)."""
+    argv = sys.argv[1:] if argv is None else argv
+    opts = dict(defaults)
+    if "--quick" in argv:
+        opts.update(quick)
+        opts["quick"] = True
+    for arg in argv:
+        if arg.startswith("--"):
+            continue
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; allowed: {', '.join(sorted(defaults))} and --quick")
+        kind = type(defaults[key])
+        opts[key] = value.split(",") if kind is list else (value if kind is str else kind(value))
+    return opts
+
+
+def environment() -> dict[str, Any]:
+    """Devices, versions, date and commit of this run."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+
+def sync(devices: list[str]) -> None:
+    for d in devices:
+        if d.startswith("cuda"):
+            torch.cuda.synchronize(d)
+
+
+def time_it(fn: Callable[[], Any], devices: list[str], warmup: int, repeats: int) -> float:
+    """Median wall time of `fn` in seconds (devices synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(devices)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(devices)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def progress(total: int, desc: str):
+    """A tqdm progress bar on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)

@@ -1,0 +1,109 @@
+"""Peers run on the same layers: torch.distributed.pipelining (GPipe / interleaved), forward only.
+
+Each stage of the peer is an eet_pipe `CanonicalModel` slice wrapped to take one tensor, so the
+comparison isolates the pipeline runtime (scheduling, communication), not the layer kernels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+class _Slice(nn.Module):
+    """One tensor in, one tensor out: what torch.distributed.pipelining stages expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from eet_pipe.models.meta import prefill_meta
+
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        return self.model(x, prefill_meta(mask).to(x.device))
+
+
+def _peer_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    from eet_pipe.dtypes import parse_dtype
+    from eet_pipe.loading import load_units
+    from eet_pipe.partition.plan import Plan
+    from eet_pipe.presets import resolve_model
+
+    try:
+        device = torch.device(cfg["devices"][rank])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        spec = resolve_model(cfg["model"], cfg["weights"] or None, 0)
+        v = 2 if cfg["schedule"] == "interleaved" else 1
+        plan = Plan.even(spec.cfg.unit_names(), cfg["devices"], virtual=v)
+        chunks = plan.chunks()
+        dtype = parse_dtype(cfg["dtype"])
+        results = []
+        for m in cfg["microbatches"]:
+            stages = [PipelineStage(_Slice(load_units(spec, chunks[c], dtype, device)), c, world * v, device)
+                      for c in range(rank, world * v, world)]
+            sched = (ScheduleGPipe(stages[0], m) if v == 1 else ScheduleInterleaved1F1B(stages, m))
+            ids = torch.randint(0, spec.cfg.vocab_size, (cfg["batch"], cfg["seq"]), device=device)
+
+            def step() -> None:
+                with torch.no_grad():
+                    sched.step(ids) if rank == 0 else sched.step()
+
+            times = []
+            for i in range(cfg["warmup"] + cfg["repeats"]):
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dist.barrier()
+                if i >= cfg["warmup"]:
+                    times.append(time.perf_counter() - start)
+            results.append({"microbatches": m, "seconds": statistics.median(times)})
+            stages = sched = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if rank == 0:
+            out.put(("ok", results))
+    except Exception:  # noqa: BLE001 - reported to the benchmark, which records it as the peer's result
+        out.put(("error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def torch_pipelining(cfg: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Run the torch.distributed.pipelining peer in its own processes; returns results or the error."""
+    from eet_pipe.runtime.supervisor import free_port
+
+    world = len(cfg["devices"])
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_peer_worker, args=(r, world, port, cfg, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = out.get(timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - queue timeout: the peer hung
+        status, payload = "error", f"no result within {timeout} s ({err})"
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return {"ok": status == "ok", "results": payload if status == "ok" else [], "error": None if status == "ok" else payload}
+

@@ -1,0 +1,137 @@
+"""Prefill throughput: our single GPU vs our gpipe / interleaved pipelines vs torch.distributed.pipelining,
+all in one run on the same devices.
+
+    python benchmarks/pipeline_prefill.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+        batch=32 seq=512 microbatches=4,8,16,32
+    python benchmarks/pipeline_prefill.py --quick        # CPU smoke run (tiny model, 2 gloo stages)
+
+Writes <out>.json (environment, config, every figure) and <out>.png (tokens/s vs microbatches, with the
+GPipe bound P·M/(M+P−1) × our single-device figure), and a trace timeline of our gpipe run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
+from peers import torch_pipelining  # noqa: E402
+
+import eet_pipe  # noqa: E402
+from eet_pipe.models.meta import prefill_meta  # noqa: E402
+from eet_pipe.runtime import PipelineEngine  # noqa: E402
+
+DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
+            "seq": 512, "microbatches": ["4", "8", "16", "32"], "warmup": 2, "repeats": 5, "peer": "yes",
+            "out": "bench_results/pipeline_prefill"}
+QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
+         "microbatches": ["1", "2", "4"], "warmup": 1, "repeats": 2}
+
+
+def single_device(opts: dict, ids: torch.Tensor) -> float:
+    lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"],
+                                  device=opts["devices"][0])
+    x = ids.to(lm.device)
+    meta = prefill_meta(torch.ones(ids.shape, dtype=torch.bool)).to(lm.device)
+
+    def run() -> None:
+        with torch.inference_mode():
+            lm.model(x, meta)
+
+    seconds = time_it(run, opts["devices"][:1], opts["warmup"], opts["repeats"])
+    lm = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def ours(opts: dict, ids: torch.Tensor, schedule: str, ms: list[int], bar) -> list[dict]:
+    rows = []
+    with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
+                        schedule=schedule, virtual=2, plan="even", timeout=600) as engine:
+        for m in ms:
+            seconds = time_it(lambda: engine.forward(ids, output="none", microbatches=m), [], opts["warmup"],
+                              opts["repeats"])
+            rows.append({"system": f"eet_pipe {schedule}", "microbatches": m, "seconds": seconds})
+            bar.update()
+        if schedule == "gpipe":
+            engine.trace_path = opts["out"] + f"_trace_{schedule}_M{ms[len(ms) // 2]}.json"
+            engine.forward(ids, output="none", microbatches=ms[len(ms) // 2])
+            rows[-1]["trace_bubble"] = engine.last_bubble
+    return rows
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    systems = sorted({r["system"] for r in data["results"] if r["microbatches"]})
+    for name in systems:
+        pts = sorted((r["microbatches"], r["tokens_per_s"]) for r in data["results"] if r["system"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ms = sorted({r["microbatches"] for r in data["results"] if r["microbatches"]})
+    p, single = len(data["config"]["devices"]), data["single_tokens_per_s"]
+    ax.plot(ms, [single * p * m / (m + p - 1) for m in ms], "k--", label="GPipe bound (from our 1 device)")
+    ax.axhline(single, color="gray", lw=0.8, label="our single device")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("microbatches M")
+    ax.set_ylabel("prefill tokens/s")
+    ax.set_title(f"{data['config']['model']} prefill {data['config']['batch']}x{data['config']['seq']}, "
+                 f"{p} x {data['env']['gpus'][0] if data['env']['gpus'] else 'CPU'}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    ms = [int(m) for m in opts["microbatches"]]
+    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
+    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))
+    tokens = opts["batch"] * opts["seq"]
+    bar = progress(1 + 2 * len(ms) + (1 if opts["peer"] == "yes" else 0), "pipeline_prefill")
+    single = single_device(opts, ids)
+    bar.update()
+    rows = [{"system": "eet_pipe single device", "microbatches": 1, "seconds": single}]
+    rows += ours(opts, ids, "gpipe", ms, bar)
+    rows += ours(opts, ids, "interleaved", ms, bar)
+    peer = {"ok": False, "error": "skipped"}
+    if opts["peer"] == "yes":
+        for schedule in ("gpipe", "interleaved"):
+            peer = torch_pipelining({**opts, "microbatches": ms, "schedule": schedule})
+            rows += [{"system": f"torch.distributed.pipelining {schedule}", **r} for r in peer["results"]]
+            if not peer["ok"]:
+                rows.append({"system": f"torch.distributed.pipelining {schedule}", "microbatches": None,
+                             "seconds": None, "error": peer["error"][-2000:]})
+        bar.update()
+    p = len(opts["devices"])
+    for r in rows:
+        if r.get("seconds"):
+            r["tokens_per_s"] = tokens / r["seconds"]
+            r["speedup_vs_single"] = single / r["seconds"]
+            m = r["microbatches"]
+            r["gpipe_bound"] = p * m / (m + p - 1)
+            r["fraction_of_bound"] = r["speedup_vs_single"] / r["gpipe_bound"]
+    data = {"env": environment(), "config": {**opts, "microbatches": ms}, "single_tokens_per_s": tokens / single,
+            "results": rows}
+    write_json(Path(opts["out"] + ".json"), data)
+    plot(data, opts["out"] + ".png")
+    bar.close()
+    print(f"{'system':<40} {'M':>4} {'tok/s':>12} {'x single':>9} {'of bound':>9}")
+    for r in rows:
+        if r.get("seconds"):
+            print(f"{r['system']:<40} {r['microbatches']:>4} {r['tokens_per_s']:>12.0f} {r['speedup_vs_single']:>9.2f} "
+                  f"{r['fraction_of_bound']:>9.1%}")
+        else:
+            print(f"{r['system']:<40} failed: {r.get('error', '')[-300:]}")
+
+
+if __name__ == "__main__":
+    main()

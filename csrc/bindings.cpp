@@ -1,0 +1,42 @@
+// Registers the eet_pipe CUDA ops as torch.ops.eet_pipe.* (schemas + CUDA kernels). Fake (meta)
+// implementations live in eet_pipe/ops/fake.py; the Python dispatch point is eet_pipe/ops/__init__.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(eet_pipe, m) {
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("residual_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  m.def("residual_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("activation(Tensor x, str kind) -> Tensor");
+  m.def("bias_activation(Tensor x, Tensor bias, str kind) -> Tensor");
+  m.def("gated_activation(Tensor gate, Tensor up, str kind) -> Tensor");
+  m.def(
+      "qkv_rotary_cache(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slots, Tensor write_index, int num_heads, int num_kv_heads, int head_dim, bool rotary, "
+      "Tensor? positions) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
+      "float scale) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
+  m.impl("layer_norm", &eet::layer_norm);
+  m.impl("rms_norm", &eet::rms_norm);
+  m.impl("residual_layer_norm", &eet::residual_layer_norm);
+  m.impl("residual_rms_norm", &eet::residual_rms_norm);
+  m.impl("activation", &eet::activation);
+  m.impl("bias_activation", &eet::bias_activation);
+  m.impl("gated_activation", &eet::gated_activation);
+  m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
+  m.impl("decode_attention", &eet::decode_attention);
+  m.impl("int8_linear", &eet::int8_linear);
+}
+
+// Importable as eet_pipe._C (setup.py) so that importing it runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "eet_pipe fused CUDA kernels; the ops are registered as torch.ops.eet_pipe.*";
+}

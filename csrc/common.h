@@ -1,0 +1,130 @@
+// Shared helpers for the eet_pipe CUDA kernels: argument checks, dtype dispatch, vector loads,
+// warp/block reductions. Everything here is header-only and used by every .cu file.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <string>
+
+namespace eet {
+
+// ---------------------------------------------------------------- host-side argument checks
+
+// Numbers in error messages are formatted with std::to_string, never streamed: on the lent GPU
+// image (torch 2.11+cu130, g++ 13.3) streaming an integer from inside an extension (the
+// std::ostream numeric path that TORCH_CHECK's message builder uses) segfaults instead of raising.
+inline std::string num(int64_t value) { return std::to_string(value); }
+
+inline std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", s);
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ", t.scalar_type());
+}
+
+// `t` lives on the same device and has the same dtype as `ref` (named `ref_name`).
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has dtype ", ref.scalar_type(), "; they must match");
+}
+
+inline void check_index(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the data is on ",
+              ref.device());
+  check_dtype(t, at::kLong, op, name);
+}
+
+inline bool is_aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Dispatch over the three float dtypes the kernels support (fp32, fp16, bf16).
+#define EET_DISPATCH_FLOAT(TYPE, NAME, ...)                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// Launch-error check after every kernel launch.
+#define EET_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+// ---------------------------------------------------------------- device-side helpers
+
+// N elements of T loaded/stored as one aligned access (N * sizeof(T) <= 16 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
+  return *reinterpret_cast<const Vec<T, N>*>(ptr);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& value) {
+  *reinterpret_cast<Vec<T, N>*>(ptr) = value;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// Round through T and back: what a PyTorch op in dtype T would have stored.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block; every thread gets the total. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  const int warps = blockDim.x >> 5;
+  for (int i = 0; i < warps; ++i) total += partial[i];
+  return total;
+}
+
+}  // namespace eet

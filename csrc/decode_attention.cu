@@ -1,0 +1,290 @@
+// decode_attention: one query token per sequence against its KV-cache slot (flash-decoding).
+//
+// Grid (B * Hq, splits): each block handles one query head over one chunk of cache columns.
+// Inside a block, groups of TPK lanes each own one key at a time (16-byte loads of K and V), keep
+// an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
+// With splits > 1 every block writes a normalised partial output and its log-sum-exp (base 2) and a
+// second kernel combines them. Keys are columns j < lengths[b] with valid[slot, j]; a sequence with
+// no such key gets zeros. All arithmetic in fp32.
+#include <cmath>
+
+#include "common.h"
+#include "ops.h"
+
+namespace eet {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMinChunk = 256;  // fewest keys worth a split of their own
+constexpr int kMaxSplits = 64;
+constexpr int kMaxHeadDim = 256;
+constexpr double kLog2e = 1.4426950408889634;
+
+struct DecodeArgs {
+  const void* q;  // [B, Hq, D] contiguous
+  const void* k;  // [S, Hkv, L, D] strided, last dim contiguous
+  const void* v;
+  void* out;  // [B, Hq, D] contiguous
+  float* part_out;  // [B * Hq, splits, D] (splits > 1)
+  float* part_lse;  // [B * Hq, splits]
+  const int64_t* slots;
+  const int64_t* lengths;
+  const bool* valid;  // [S, L] strided
+  int64_t k_stride[3], v_stride[3], valid_stride[2];
+  int64_t num_slots;
+  int num_heads, group, head_dim, cache_len, chunk, splits;
+  float scale_log2;  // softmax scale * log2(e): scores live in the base-2 domain
+};
+
+template <typename T, int TPK, int NVPL>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeArgs a) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int E = VEC * NVPL;  // elements of the head dim each lane holds
+  extern __shared__ float smem[];  // [groups * D] accumulators, [groups] max, sum, weight
+
+  const int bh = blockIdx.x, split = blockIdx.y;
+  const int b = bh / a.num_heads, h = bh % a.num_heads, g = h / a.group;
+  const int D = a.head_dim, nv = D / VEC;
+  const int lane = threadIdx.x % TPK, kgroup = threadIdx.x / TPK, groups = blockDim.x / TPK;
+  const int64_t slot = a.slots[b];
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < a.num_slots && "decode_attention: slot out of range");
+  const int len = static_cast<int>(min(max(a.lengths[b], int64_t{0}), static_cast<int64_t>(a.cache_len)));
+  const int start = split * a.chunk, end = min(start + a.chunk, len);
+
+  float qr[E], acc[E];
+  const T* q = static_cast<const T*>(a.q) + static_cast<int64_t>(bh) * D;
+#pragma unroll
+  for (int i = 0; i < NVPL; ++i) {
+    const int vi = lane + i * TPK;
+    Vec<T, VEC> qv;
+    if (vi < nv) qv = load_vec<T, VEC>(q + vi * VEC);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      qr[i * VEC + e] = vi < nv ? to_float(qv.v[e]) * a.scale_log2 : 0.f;
+      acc[i * VEC + e] = 0.f;
+    }
+  }
+
+  const T* kbase = static_cast<const T*>(a.k) + slot * a.k_stride[0] + g * a.k_stride[1];
+  const T* vbase = static_cast<const T*>(a.v) + slot * a.v_stride[0] + g * a.v_stride[1];
+  const bool* valid = a.valid + slot * a.valid_stride[0];
+  const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
+  float m = -INFINITY, l = 0.f;
+  for (int j = start + kgroup; j < end; j += groups) {
+    if (!valid[j * a.valid_stride[1]]) continue;  // uniform across the TPK lanes of this key
+    Vec<T, VEC> kv[NVPL], vv[NVPL];
+#pragma unroll
+    for (int i = 0; i < NVPL; ++i) {
+      const int vi = lane + i * TPK;
+      if (vi < nv) {
+        kv[i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
+        vv[i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+      }
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < NVPL; ++i) {
+      if (lane + i * TPK < nv) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s += qr[i * VEC + e] * to_float(kv[i].v[e]);
+      }
+    }
+#pragma unroll
+    for (int offset = TPK / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(mask, s, offset);
+    const float m_new = fmaxf(m, s);
+    const float corr = exp2f(m - m_new);
+    const float p = exp2f(s - m_new);
+    l = l * corr + p;
+#pragma unroll
+    for (int i = 0; i < NVPL; ++i) {
+      if (lane + i * TPK < nv) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[i * VEC + e] = acc[i * VEC + e] * corr + p * to_float(vv[i].v[e]);
+      }
+    }
+    m = m_new;
+  }
+
+  // Merge the key groups of this block.
+  float* red_acc = smem;
+  float* red_m = smem + groups * D;
+  float* red_l = red_m + groups;
+  float* red_w = red_l + groups;
+#pragma unroll
+  for (int i = 0; i < NVPL; ++i) {
+    const int vi = lane + i * TPK;
+    if (vi < nv) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) red_acc[kgroup * D + vi * VEC + e] = acc[i * VEC + e];
+    }
+  }
+  if (lane == 0) {
+    red_m[kgroup] = m;
+    red_l[kgroup] = l;
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int k = 0; k < groups; ++k) mx = fmaxf(mx, red_m[k]);
+  if (threadIdx.x < groups) {
+    red_w[threadIdx.x] = red_m[threadIdx.x] == -INFINITY ? 0.f : exp2f(red_m[threadIdx.x] - mx);
+  }
+  __syncthreads();
+  float total = 0.f;
+  for (int k = 0; k < groups; ++k) total += red_l[k] * red_w[k];
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int k = 0; k < groups; ++k) o += red_w[k] == 0.f ? 0.f : red_acc[k * D + d] * red_w[k];
+    if (a.splits == 1) {
+      static_cast<T*>(a.out)[static_cast<int64_t>(bh) * D + d] = from_float<T>(o * inv);
+    } else {
+      a.part_out[(static_cast<int64_t>(bh) * a.splits + split) * D + d] = o * inv;
+    }
+  }
+  if (a.splits > 1 && threadIdx.x == 0) {
+    a.part_lse[static_cast<int64_t>(bh) * a.splits + split] = total > 0.f ? mx + log2f(total) : -INFINITY;
+  }
+}
+
+// Second pass: out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max); empty splits have lse -inf.
+template <typename T>
+__global__ void decode_combine_kernel(const DecodeArgs a) {
+  const int bh = blockIdx.x;
+  const float* lse = a.part_lse + static_cast<int64_t>(bh) * a.splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, lse[s]);
+  float total = 0.f;
+  for (int s = 0; s < a.splits; ++s) total += lse[s] == -INFINITY ? 0.f : exp2f(lse[s] - mx);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < a.splits; ++s) {
+      if (lse[s] != -INFINITY) {
+        o += exp2f(lse[s] - mx) * a.part_out[(static_cast<int64_t>(bh) * a.splits + s) * a.head_dim + d];
+      }
+    }
+    static_cast<T*>(a.out)[static_cast<int64_t>(bh) * a.head_dim + d] = from_float<T>(o * inv);
+  }
+}
+
+template <typename T, int TPK, int NVPL>
+void launch(const DecodeArgs& a, int64_t batch_heads) {
+  const int groups = kThreads / TPK;
+  const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
+  decode_attention_kernel<T, TPK, NVPL><<<grid, kThreads, smem, stream>>>(a);
+  EET_CHECK_LAUNCH();
+  if (a.splits > 1) {
+    const int threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
+    decode_combine_kernel<T><<<static_cast<unsigned>(batch_heads), threads, 0, stream>>>(a);
+    EET_CHECK_LAUNCH();
+  }
+}
+
+// Lanes per key: enough 16-byte vectors to cover D (8, 16 or 32 lanes, 1 or 2 vectors per lane).
+template <typename T>
+void dispatch_lanes(const DecodeArgs& a, int64_t batch_heads) {
+  const int nv = a.head_dim / (16 / static_cast<int>(sizeof(T)));
+  if (nv <= 8) {
+    launch<T, 8, 1>(a, batch_heads);
+  } else if (nv <= 16) {
+    launch<T, 16, 1>(a, batch_heads);
+  } else if (nv <= 32) {
+    launch<T, 32, 1>(a, batch_heads);
+  } else {
+    launch<T, 32, 2>(a, batch_heads);
+  }
+}
+
+// Enough blocks to fill the GPU twice, but at least kMinChunk columns per split.
+void plan_splits(DecodeArgs& a, int64_t batch_heads) {
+  const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms()), batch_heads);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({wanted, ceil_div(a.cache_len, kMinChunk), kMaxSplits}));
+  a.chunk = static_cast<int>(ceil_div(a.cache_len, splits));
+  a.splits = static_cast<int>(ceil_div(a.cache_len, a.chunk));
+}
+
+void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid) {
+  const char* op = "decode_attention";
+  check_cuda(q, op, "q");
+  check_float_dtype(q, op, "q");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, op, ": q must have shape [B, Hq, 1, D] (one token per sequence), got ",
+              shape(q.sizes()));
+  const int64_t dim = q.size(3);
+  TORCH_CHECK(dim > 0 && dim % 8 == 0 && dim <= kMaxHeadDim, op, ": head dim must be a multiple of 8 and at most ",
+              num(kMaxHeadDim), ", got ", num(dim));
+  for (const auto& [cache, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_like(*cache, q, op, name, "q");
+    TORCH_CHECK(cache->dim() == 4 && cache->size(3) == dim && cache->size(2) > 0, op, ": ", name,
+                " must have shape [S, Hkv, L > 0, D=", num(dim), "], got ", shape(cache->sizes()));
+    TORCH_CHECK(cache->stride(3) == 1 && is_aligned(cache->data_ptr(), 16), op, ": ", name,
+                " must be contiguous in its last dimension and 16-byte aligned");
+    const int64_t vec = 16 / cache->element_size();
+    TORCH_CHECK(cache->stride(0) % vec == 0 && cache->stride(1) % vec == 0 && cache->stride(2) % vec == 0, op, ": ",
+                name, " strides ", shape(cache->strides()), " must be multiples of ", num(vec), " elements (16 bytes)");
+  }
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache has shape ", shape(v_cache.sizes()),
+              " but k_cache has shape ", shape(k_cache.sizes()));
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, op, ": query heads (", num(q.size(1)),
+              ") must be a multiple of the cache's kv heads (", num(k_cache.size(1)), ")");
+  check_index(slots, q, op, "slots");
+  check_index(lengths, q, op, "lengths");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == q.size(0) && lengths.dim() == 1 && lengths.size(0) == q.size(0),
+              op, ": slots and lengths must have shape [B] = [", num(q.size(0)), "], got ", shape(slots.sizes()),
+              " and ", shape(lengths.sizes()));
+  TORCH_CHECK(valid.device() == q.device() && valid.scalar_type() == at::kBool, op,
+              ": valid must be a bool tensor on ", q.device(), ", got ", valid.scalar_type(), " on ", valid.device());
+  TORCH_CHECK(valid.dim() == 2 && valid.size(0) == k_cache.size(0) && valid.size(1) == k_cache.size(2), op,
+              ": valid must have shape [S, L] = [", num(k_cache.size(0)), ", ", num(k_cache.size(2)), "], got ",
+              shape(valid.sizes()));
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
+                            double scale) {
+  check_decode_args(q, k_cache, v_cache, slots, lengths, valid);
+  at::Tensor qc = q.contiguous();
+  if (!is_aligned(qc.data_ptr(), 16)) qc = qc.clone();  // 16-byte loads of q rows
+  at::Tensor out = at::empty_like(qc);
+  const int64_t batch_heads = q.size(0) * q.size(1);
+  if (batch_heads == 0) return out;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor slots_c = slots.contiguous(), lengths_c = lengths.contiguous();
+
+  DecodeArgs a{};
+  a.q = qc.data_ptr();
+  a.k = k_cache.data_ptr();
+  a.v = v_cache.data_ptr();
+  a.out = out.data_ptr();
+  a.slots = slots_c.const_data_ptr<int64_t>();
+  a.lengths = lengths_c.const_data_ptr<int64_t>();
+  a.valid = valid.const_data_ptr<bool>();
+  for (int i = 0; i < 3; ++i) {
+    a.k_stride[i] = k_cache.stride(i);
+    a.v_stride[i] = v_cache.stride(i);
+  }
+  a.valid_stride[0] = valid.stride(0);
+  a.valid_stride[1] = valid.stride(1);
+  a.num_slots = k_cache.size(0);
+  a.num_heads = static_cast<int>(q.size(1));
+  a.group = static_cast<int>(q.size(1) / k_cache.size(1));
+  a.head_dim = static_cast<int>(q.size(3));
+  a.cache_len = static_cast<int>(k_cache.size(2));
+  a.scale_log2 = static_cast<float>(scale * kLog2e);
+  plan_splits(a, batch_heads);
+  at::Tensor part_out, part_lse;
+  if (a.splits > 1) {
+    part_out = at::empty({batch_heads, a.splits, a.head_dim}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({batch_heads, a.splits}, q.options().dtype(at::kFloat));
+    a.part_out = part_out.data_ptr<float>();
+    a.part_lse = part_lse.data_ptr<float>();
+  }
+  EET_DISPATCH_FLOAT(q.scalar_type(), "eet_pipe decode_attention", [&] { dispatch_lanes<scalar_t>(a, batch_heads); });
+  return out;
+}
+
+}  // namespace eet

@@ -1,0 +1,44 @@
+// Host entry points of the eet_pipe CUDA ops; registered in bindings.cpp as torch.ops.eet_pipe.*.
+// Semantics: eet_pipe/ops/reference.py (and eet_pipe/ops/quant.py for int8_linear).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace eet {
+
+// norm.cu -- x: [..., H]; weight, bias: [H]
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      double eps);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, double eps);
+std::tuple<at::Tensor, at::Tensor> residual_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps);
+
+// activation.cu -- element-wise; bias: [x.size(-1)]
+at::Tensor activation(const at::Tensor& x, const std::string& kind);
+at::Tensor bias_activation(const at::Tensor& x, const at::Tensor& bias, const std::string& kind);
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& kind);
+
+// rotary_cache.cu -- qkv: [B, T, (Hq + 2 Hkv) D]; caches: [S, Hkv, L, D]; returns q [B, Hq, T, D]
+at::Tensor qkv_rotary_cache(const at::Tensor& qkv, const std::optional<at::Tensor>& cos,
+                            const std::optional<at::Tensor>& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& write_index, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, bool rotary,
+                            const std::optional<at::Tensor>& positions);
+
+// decode_attention.cu -- q: [B, Hq, 1, D]; caches: [S, Hkv, L, D]; valid: [S, L]; returns [B, Hq, 1, D]
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
+                            double scale);
+
+// int8_gemv.cu -- x: [M <= 16, K]; qweight: int8 [N, K]; scale, bias: [N]; returns [M, N]
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias);
+
+}  // namespace eet

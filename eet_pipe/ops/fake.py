@@ -1,0 +1,90 @@
+"""Fake (meta) implementations of every ``torch.ops.eet_pipe`` op.
+
+They give output shapes/dtypes without running a kernel, so the ops trace under torch.compile,
+FakeTensor propagation and CUDA-graph capture tooling. Registered once by ``eet_pipe.ops`` when
+the extension is present (the op schemas come from the extension, csrc/bindings.cpp). Outputs are
+contiguous, as the kernels return them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["register_fakes"]
+
+_done = False
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _like(x)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _like(x)
+
+
+def _residual_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _like(x), _like(x)
+
+
+def _residual_rms(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _like(x), _like(x)
+
+
+def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return _like(x)
+
+
+def _bias_activation(x: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
+    return _like(x)
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    return _like(gate)
+
+
+def _qkv_rotary_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, write_index: torch.Tensor,
+                      num_heads: int, num_kv_heads: int, head_dim: int, rotary: bool,
+                      positions: torch.Tensor | None) -> torch.Tensor:
+    return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[1], head_dim))  # [B, Hq, T, D]
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      lengths: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    return _like(q)  # [B, Hq, 1, D]
+
+
+def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N]
+
+
+_FAKES = {
+    "layer_norm": _norm,
+    "rms_norm": _rms,
+    "residual_layer_norm": _residual_norm,
+    "residual_rms_norm": _residual_rms,
+    "activation": _activation,
+    "bias_activation": _bias_activation,
+    "gated_activation": _gated,
+    "qkv_rotary_cache": _qkv_rotary_cache,
+    "decode_attention": _decode_attention,
+    "int8_linear": _int8_linear,
+}
+
+
+def register_fakes() -> None:
+    """Register the fake implementations (idempotent). Needs the extension's op schemas."""
+    global _done
+    if _done:
+        return
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"eet_pipe::{name}", fn)
+    _done = True

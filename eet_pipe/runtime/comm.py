@@ -1,0 +1,104 @@
+"""Point-to-point activation transfer between neighbouring stages.
+
+Messages follow the schedule: the receiver knows every message's shapes from the command, so
+no shape metadata travels. Receives are posted one message ahead (prefetch) into a small pool of
+preallocated buffers, sends are asynchronous; on GPU, NCCL runs them on its own streams, ordered
+after the compute that produced the data.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from eet_pipe.runtime.context import StageContext
+from eet_pipe.schedule import Action
+
+__all__ = ["Spec", "P2P"]
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+"""Shape and dtype of one tensor of a message."""
+
+
+class _BufferPool:
+    """Two preallocated buffers per (shape, dtype), handed out in turn."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool: dict[Spec, tuple[list[torch.Tensor], int]] = {}
+
+    def take(self, spec: Spec) -> torch.Tensor:
+        bufs, turn = self._pool.get(spec, ([], 0))
+        if len(bufs) < 2:
+            bufs.append(torch.empty(spec[0], dtype=spec[1], device=self.device))
+            self._pool[spec] = (bufs, turn)
+            return bufs[-1]
+        self._pool[spec] = (bufs, turn + 1)
+        return bufs[turn % 2]
+
+
+class P2P:
+    """Sends and prefetched receives of one stage for one command."""
+
+    def __init__(self, ctx: StageContext, specs: Callable[[Action], Sequence[Spec]]) -> None:
+        self.ctx, self.specs = ctx, specs
+        self.pool = _BufferPool(ctx.device)
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._upcoming: deque[Action] = deque()
+        self._posted: dict[Action, tuple[list[dist.Work], list[torch.Tensor]]] = {}
+
+    def expect(self, recvs: Sequence[Action]) -> None:
+        """The receives of this command, in schedule order; the first one is posted at once."""
+        self._upcoming = deque(recvs)
+        self._post_next()
+
+    def _post_next(self) -> None:
+        if not self._upcoming:
+            return
+        action = self._upcoming.popleft()
+        group = self.ctx.link(action.peer, self.ctx.rank)
+        tensors = [self.pool.take(spec) for spec in self.specs(action)]
+        works = [dist.irecv(t, src=action.peer, group=group) for t in tensors]
+        self._posted[action] = (works, tensors)
+
+    def recv(self, action: Action, prefetch: bool = True) -> list[torch.Tensor]:
+        """Wait for the message of `action`; then post the next receive unless `prefetch` is False
+        (the caller first decides, e.g. from a control flag, which receives remain, and calls `prefetch`)."""
+        if action not in self._posted:
+            self._post_next()
+        if action not in self._posted:
+            raise RuntimeError(f"stage {self.ctx.rank}: receive {action} was not expected by the schedule")
+        works, tensors = self._posted.pop(action)
+        for w in works:
+            w.wait()
+        if prefetch:
+            self.prefetch()
+        return tensors
+
+    def prefetch(self) -> None:
+        """Post the next expected receive if none is outstanding."""
+        if not self._posted:
+            self._post_next()
+
+    def drop(self, keep: Callable[[Action], bool]) -> None:
+        """Forget expected (not yet posted) receives for which `keep` is False."""
+        self._upcoming = deque(a for a in self._upcoming if keep(a))
+
+    def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
+        """Start sending `tensors` to `action.peer` (returns at once)."""
+        group = self.ctx.link(self.ctx.rank, action.peer)
+        for t in tensors:
+            t = t.contiguous()
+            self._sends.append((dist.isend(t, dst=action.peer, group=group), t))
+
+    def flush(self) -> None:
+        """Wait for every send of this command to complete."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+        if self._posted or self._upcoming:
+            raise RuntimeError(f"stage {self.ctx.rank}: {len(self._posted) + len(self._upcoming)} receive(s) "
+                               "posted but never consumed")

@@ -1,0 +1,64 @@
+"""`StageContext`: everything a stage needs about where it runs; passed down, never global."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["StageContext", "init_distributed", "NCCL_SAFE_ENV"]
+
+NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+"""NVLink multicast stays off in every process eet_pipe starts."""
+
+
+@dataclass
+class StageContext:
+    """Rank, device and communication groups of one pipeline stage."""
+
+    rank: int
+    world: int
+    device: torch.device
+    backend: str
+    links: dict[tuple[int, int], dist.ProcessGroup | None] = field(default_factory=dict)
+    """One 2-rank group per directed link (s -> (s+1) % P), so the two directions never share a stream."""
+    control: dist.ProcessGroup | None = None
+    """A gloo group over all ranks for commands and results (torchrun mode)."""
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def link(self, src: int, dst: int) -> dist.ProcessGroup | None:
+        """The group carrying messages from stage `src` to stage `dst`."""
+        if (src, dst) not in self.links:
+            raise ValueError(f"no link from stage {src} to stage {dst}: links go from s to (s+1) % {self.world}")
+        return self.links[(src, dst)]
+
+
+def init_distributed(rank: int, world: int, device: torch.device, init_method: str | None = None,
+                     timeout_s: float = 600.0) -> StageContext:
+    """Join (or create) the process group and build the per-link groups."""
+    for key, value in NCCL_SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    links: dict[tuple[int, int], dist.ProcessGroup | None] = {}
+    if world > 1:
+        for src in range(world):  # every rank creates every group, in the same order
+            dst = (src + 1) % world  # with two stages, (0, 1) and (1, 0) are two groups over the same ranks
+            links[(src, dst)] = dist.new_group(sorted({src, dst}), backend=backend)
+    control = dist.new_group(list(range(world)), backend="gloo") if world > 1 else None
+    return StageContext(rank=rank, world=world, device=device, backend=backend, links=links, control=control)

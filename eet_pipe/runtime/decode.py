@@ -1,0 +1,142 @@
+"""Microbatched autoregressive decoding over the pipeline (the `decode` schedule).
+
+G groups of sequences are in flight; each group's tokens are sampled on the last stage as soon as
+its logits exist and fed back to stage 0 with a done flag. Every hidden-state message carries a
+one-element control tensor; when a group is done, a marker without compute travels once through
+the pipeline and every stage drops that group's remaining actions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eet_pipe.generation import GenerationResult, Sampler, SequenceState, pad_prompts, results
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
+from eet_pipe.runtime.comm import P2P, Spec
+from eet_pipe.runtime.commands import GenerateCommand, split_rows
+from eet_pipe.schedule import Action, Op, build
+
+__all__ = ["DecodeRun"]
+
+
+class DecodeRun:
+    """One generate command on one stage."""
+
+    def __init__(self, stage, cmd: GenerateCommand) -> None:  # stage: eet_pipe.runtime.stage.Stage
+        self.stage, self.cmd = stage, cmd
+        ctx = stage.ctx
+        self.device, self.world = ctx.device, ctx.world
+        self.ids, self.mask = pad_prompts(cmd.prompts, cmd.pad_id)
+        self.batch, self.width = self.ids.shape
+        self.steps = max(p.max_new_tokens for p in cmd.params)
+        self.rows = split_rows(self.batch, cmd.groups)
+        self.lengths = self.mask.sum(-1)
+        self.schedule = build("decode", self.world, len(self.rows), virtual=stage.num_chunks // self.world,
+                              steps=self.steps)
+        self.last_chunk = stage.num_chunks - 1
+        self.caches: dict[int, KVCache] = {
+            c: m.new_cache(self.batch, self.width + self.steps) for c, m in stage.chunks.items() if m.layer_ids}
+        self.done_at: dict[int, int] = {}
+        self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
+        self.flags = {v: torch.tensor([v], dtype=torch.long, device=self.device) for v in (0, 1)}
+        self.is_last = ctx.is_last
+        if self.is_last:
+            decode = stage.tokenizer.decode if stage.tokenizer is not None else None
+            self.sampler = Sampler(cmd.params)
+            self.states = [SequenceState(p, cmd.eos_ids, decode) for p in cmd.params]
+
+    def meta(self, g: int, t: int) -> StepMeta:
+        r = self.rows[g]
+        slots = torch.arange(r.start, r.stop)
+        if t == 0:
+            return prefill_meta(self.mask[r], slots).to(self.device)
+        return decode_meta(slots, torch.full((len(slots),), self.width + t - 1), self.lengths[r] + t - 1).to(self.device)
+
+    def specs(self, a: Action) -> list[Spec]:
+        size = self.rows[a.mb].stop - self.rows[a.mb].start
+        if a.chunk == 0:
+            return [((size + 1,), torch.long)]  # fed-back tokens + done flag
+        seq = self.width if a.step == 0 else 1
+        return [((size, seq, self.stage.hidden), self.stage.dtype), ((1,), torch.long)]
+
+    def skipped(self, a: Action) -> bool:
+        return a.mb in self.done_at and a.step > self.done_at[a.mb]
+
+    def finish_group(self, g: int, t: int, comm: P2P) -> None:
+        self.done_at[g] = t
+        comm.drop(lambda a: not (a.mb == g and a.step > t))
+
+    @torch.inference_mode()
+    def run(self) -> list[GenerationResult] | None:
+        actions = self.schedule.actions[self.stage.ctx.rank]
+        comm = P2P(self.stage.ctx, self.specs)
+        comm.expect([a for a in actions if a.op is Op.RECV])
+        self.stage.tracer.reset(self.cmd.trace)
+        inbox: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        for a in actions:
+            if self.skipped(a):
+                continue
+            if a.op is Op.RECV:
+                with self.stage.tracer.span("recv", f"g{a.mb} t{a.step} from stage {a.peer}"):
+                    msg = comm.recv(a, prefetch=False)
+                if int(msg[-1][-1]) == 1:  # done marker / done flag (one tiny copy to the host)
+                    self.finish_group(a.mb, a.step, comm)
+                comm.prefetch()
+                inbox[(a.mb, a.chunk, a.step)] = msg
+            elif a.op is Op.SEND:
+                comm.send(a, inbox.pop((a.mb, a.chunk, a.step)))
+            else:
+                self.forward(a, inbox)
+            self.stage.tick()
+        comm.flush()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return results(self.cmd.prompts, self.states) if self.is_last else None
+
+    def forward(self, a: Action, inbox: dict) -> None:
+        g, t, c = a.mb, a.step, a.chunk
+        key_in = (g, c, t)
+        if c == 0 and t > 0 and key_in not in inbox:  # one stage: feedback stays local
+            fb = self.local_feedback.pop((g, t))
+            if int(fb[-1]) == 1:
+                self.done_at[g] = t
+            inbox[key_in] = [fb]
+        msg = inbox.pop(key_in, None)
+        done = self.done_at.get(g) == t
+        out_key = (g, c + 1, t)
+        if done:  # pass the done marker on without computing
+            if c != self.last_chunk:
+                size = self.rows[g].stop - self.rows[g].start
+                dummy = torch.empty((size, self.width if t == 0 else 1, self.stage.hidden), dtype=self.stage.dtype,
+                                    device=self.device)
+                inbox[out_key] = [dummy, self.flags[1]]
+            return
+        x = self.input(g, t, c, msg)
+        with self.stage.tracer.span("compute", f"g{g} t{t} {self.stage.label(c)}"):
+            y = self.stage.chunks[c](x, self.meta(g, t), self.caches.get(c))
+        if c == self.last_chunk:
+            self.sample(g, t, y[:, -1], inbox)
+        else:
+            inbox[out_key] = [y, self.flags[0]]
+
+    def input(self, g: int, t: int, c: int, msg: list[torch.Tensor] | None) -> torch.Tensor:
+        if c > 0:
+            return msg[0]
+        if t == 0:
+            return self.ids[self.rows[g]].to(self.device)
+        return msg[0][:-1].view(-1, 1).to(self.device)
+
+    def sample(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
+        r = self.rows[g]
+        tokens = self.sampler(logits, range(r.start, r.stop))
+        for state, tok in zip(self.states[r], tokens.tolist(), strict=True):
+            state.append(tok)
+        finished = all(s.finished for s in self.states[r]) or t == self.steps - 1
+        if t == self.steps - 1:
+            return
+        fb = torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device)
+        if self.world == 1:
+            self.local_feedback[(g, t + 1)] = fb
+        else:
+            inbox[(g, 0, t + 1)] = [fb]

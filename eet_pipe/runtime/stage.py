@@ -1,0 +1,98 @@
+"""`Stage`: the chunks of one device and the executor of forward schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from eet_pipe.loading import load_units, tokenizer_for
+from eet_pipe.models.meta import prefill_meta
+from eet_pipe.models.model import CanonicalModel
+from eet_pipe.presets import ModelSpec
+from eet_pipe.runtime.comm import P2P, Spec
+from eet_pipe.runtime.commands import ForwardCommand, GenerateCommand, split_rows
+from eet_pipe.runtime.context import StageContext
+from eet_pipe.runtime.decode import DecodeRun
+from eet_pipe.runtime.trace import Tracer
+from eet_pipe.schedule import Action, Op, build
+
+__all__ = ["Stage"]
+
+
+class Stage:
+    """One pipeline stage: its chunks (virtual stages) on one device."""
+
+    def __init__(self, ctx: StageContext, spec: ModelSpec, chunk_units: list[list[str]], dtype: torch.dtype,
+                 tick: Callable[[], None] = lambda: None) -> None:
+        self.ctx, self.spec, self.dtype, self.tick = ctx, spec, dtype, tick
+        self.num_chunks = len(chunk_units)
+        self.chunk_units = chunk_units
+        self.chunks: dict[int, CanonicalModel] = {}
+        for c in range(ctx.rank, self.num_chunks, ctx.world):
+            self.chunks[c] = load_units(spec, chunk_units[c], dtype, ctx.device)
+            tick()
+        self.hidden = spec.cfg.hidden_size
+        self.tracer = Tracer(ctx.device, ctx.rank)
+        self.tokenizer = tokenizer_for(spec) if ctx.is_last else None
+
+    def execute(self, cmd: ForwardCommand | GenerateCommand) -> object:
+        """Run one command; the last stage returns its result."""
+        if isinstance(cmd, GenerateCommand):
+            return DecodeRun(self, cmd).run()
+        return self.forward(cmd)
+
+    def label(self, chunk: int) -> str:
+        """Canonical unit range of a chunk, e.g. 'embed..layers.5'."""
+        units = self.chunk_units[chunk]
+        return units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}"
+
+    @torch.inference_mode()
+    def forward(self, cmd: ForwardCommand) -> torch.Tensor | None:
+        """Run this stage's part of a forward schedule; the last stage returns the outputs (on CPU)."""
+        sched = build(cmd.schedule, self.ctx.world, cmd.microbatches, cmd.virtual)
+        actions = sched.actions[self.ctx.rank]
+        rows = split_rows(cmd.ids.shape[0], cmd.microbatches)
+        seq = cmd.ids.shape[1]
+        metas = [prefill_meta(cmd.mask[r], token_types=None if cmd.token_types is None else cmd.token_types[r])
+                 .to(self.ctx.device) for r in rows]
+
+        def specs(a: Action) -> list[Spec]:
+            return [((rows[a.mb].stop - rows[a.mb].start, seq, self.hidden), self.dtype)]
+
+        comm = P2P(self.ctx, specs)
+        comm.expect([a for a in actions if a.op is Op.RECV])
+        self.tracer.reset(cmd.trace)
+        inbox: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        last = self.num_chunks - 1
+        for a in actions:
+            if a.op is Op.RECV:
+                with self.tracer.span("recv", f"mb{a.mb} from stage {a.peer}"):
+                    inbox[(a.mb, a.chunk)] = comm.recv(a)[0]
+            elif a.op is Op.SEND:
+                with self.tracer.span("send", f"mb{a.mb} to stage {a.peer}"):
+                    comm.send(a, [inbox.pop((a.mb, a.chunk))])
+            else:
+                x = cmd.ids[rows[a.mb]].to(self.ctx.device) if a.chunk == 0 else inbox.pop((a.mb, a.chunk))
+                with self.tracer.span("compute", f"mb{a.mb} {self.label(a.chunk)}"):
+                    y = self.chunks[a.chunk](x, metas[a.mb])
+                if a.chunk == last:
+                    outputs[a.mb] = _select(y, cmd.output)
+                else:
+                    inbox[(a.mb, a.chunk + 1)] = y
+            self.tick()
+        comm.flush()
+        if self.ctx.device.type == "cuda":
+            torch.cuda.current_stream(self.ctx.device).synchronize()
+        if not outputs or cmd.output == "none":
+            return None
+        return torch.cat([outputs[m].cpu() for m in sorted(outputs)])
+
+
+def _select(y: torch.Tensor, output: str) -> torch.Tensor:
+    if output == "last":
+        return y[:, -1]
+    if output == "none":
+        return y[:0]
+    return y

@@ -1,0 +1,178 @@
+"""Start, watch and stop the worker processes of a self-spawned pipeline.
+
+Every wait checks that the workers are alive and making progress, so a crashed, killed or hung
+worker becomes an error in the caller within the timeout, and no process is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import socket
+import sys
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from eet_pipe.runtime.commands import Shutdown
+from eet_pipe.runtime.worker import WorkerArgs, worker_main
+
+__all__ = ["Supervisor", "WorkerError", "WorkerDiedError", "WorkerTimeoutError", "free_port"]
+
+log = logging.getLogger("eet_pipe.runtime")
+
+
+class WorkerError(RuntimeError):
+    """A worker raised; the message names the stage, its device and the worker's traceback."""
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process exited unexpectedly (killed, out of memory, crashed)."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """No worker made progress within the timeout (a hung peer)."""
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Spawned workers need nothing from the caller's __main__ (which may be stdin, a notebook or a
+    script with side effects), so hide it from multiprocessing's preparation while starting them."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    if "__file__" in saved:
+        delattr(main, "__file__")
+    if main is not None:
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
+def _reap(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
+
+
+class Supervisor:
+    """The worker processes of one engine and the queues to them."""
+
+    def __init__(self, args: list[WorkerArgs], timeout: float) -> None:
+        self.args, self.timeout = args, timeout
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in args]
+        self.progress = [ctx.Value("d", time.monotonic()) for _ in args]
+        self.procs = [ctx.Process(target=worker_main, args=(a, q, self.results, p), daemon=True,
+                                  name=f"eet_pipe-stage{a.rank}")
+                      for a, q, p in zip(args, self.commands, self.progress, strict=True)]
+        self.closed = False
+        with _without_main_module():
+            for p in self.procs:
+                p.start()
+        self._finalizer = weakref.finalize(self, _reap, list(self.procs))
+        atexit.register(self._finalizer)
+
+    def describe(self, rank: int) -> str:
+        return f"stage {rank} (device {self.args[rank].device}, pid {self.procs[rank].pid})"
+
+    def broadcast(self, cmd: Any) -> None:
+        """Send one command to every worker."""
+        if self.closed:
+            raise WorkerError("the pipeline is closed (a worker failed or close() was called); create a new engine")
+        for q in self.commands:
+            q.put(cmd)
+
+    def collect(self, count: int, what: str, kinds: tuple[str, ...] = ("result",),
+                timeout: float | None = None) -> list[tuple]:
+        """Wait for `count` messages of `kinds`; raise (and stop every worker) on error, death or stall."""
+        timeout = self.timeout if timeout is None else timeout
+        got: list[tuple] = []
+        while len(got) < count:
+            try:
+                msg = self.results.get(timeout=0.05)
+            except queue.Empty:
+                self._check(what, timeout)
+                continue
+            if msg[0] == "error":
+                self._fail_with_cause(msg, what)
+            if msg[0] in kinds:
+                got.append(msg)
+        return got
+
+    def _fail_with_cause(self, msg: tuple, what: str) -> None:
+        """A worker reported an error; if another worker died first, that death is the cause."""
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            dead = [r for r, p in enumerate(self.procs) if r != msg[1] and p.exitcode not in (None, 0)]
+            if dead:
+                code = self.procs[dead[0]].exitcode
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                self.fail(WorkerDiedError(f"{self.describe(dead[0])} died ({how}) while {what}; then "
+                                          f"{self.describe(msg[1])} failed:\n{msg[2]}"))
+            time.sleep(0.05)
+        self.fail(WorkerError(f"{self.describe(msg[1])} failed while {what}:\n{msg[2]}"))
+
+    def _check(self, what: str, timeout: float) -> None:
+        for rank, p in enumerate(self.procs):
+            if not p.is_alive():
+                time.sleep(0.1)  # let a final error message arrive first
+                try:
+                    msg = self.results.get_nowait()
+                    if msg[0] == "error":
+                        self._fail_with_cause(msg, what)
+                except queue.Empty:
+                    pass
+                code = p.exitcode
+                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                self.fail(WorkerDiedError(f"{self.describe(rank)} died ({how}) while {what}"))
+        now = time.monotonic()
+        stalls = [now - v.value for v in self.progress]
+        if min(stalls) > timeout:
+            worst = max(range(len(stalls)), key=lambda r: stalls[r])
+            self.fail(WorkerTimeoutError(
+                f"no stage made progress for {timeout:.0f} s while {what}; {self.describe(worst)} has been "
+                f"silent longest ({stalls[worst]:.0f} s): a hung peer or a deadlock"))
+
+    def fail(self, err: Exception) -> None:
+        """Stop every worker, then raise `err`."""
+        self.kill()
+        raise err
+
+    def kill(self) -> None:
+        self.closed = True
+        _reap(self.procs)
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Ask workers to stop, wait `grace` seconds, then kill what is left."""
+        if not self.closed:
+            self.closed = True
+            for q in self.commands:
+                try:
+                    q.put(Shutdown())
+                except (ValueError, OSError):
+                    pass
+            deadline = time.monotonic() + grace
+            for p in self.procs:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+        _reap(self.procs)
+        for q in [*self.commands, self.results]:
+            q.cancel_join_thread()
+            q.close()

@@ -1,0 +1,125 @@
+"""Worker process: one per device, self-spawned by `PipelineEngine` (spawn mode)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from eet_pipe.presets import ModelSpec
+from eet_pipe.runtime.commands import Shutdown
+from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed
+
+__all__ = ["WorkerArgs", "worker_main"]
+
+
+@dataclass
+class WorkerArgs:
+    """Everything a spawned worker needs (picklable)."""
+
+    rank: int
+    world: int
+    device: str
+    init_method: str
+    spec: ModelSpec
+    chunk_units: list[list[str]]
+    dtype: torch.dtype
+    parent_pid: int
+    threads: int = 1
+    """Intra-op CPU threads (the caller's count by default, so CPU results match the caller's bit for bit)."""
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the parent process goes away, so no worker outlives its engine."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+FAULT_ENV = "EET_PIPE_FAULT_INJECT"
+"""Testing hook: 'RANK:KIND:N' makes stage RANK raise / exit / hang (KIND) at its N-th action of a command."""
+
+
+def _fault_hook(rank: int) -> Callable[[], None]:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return lambda: None
+    target, kind, after = spec.split(":")
+    if int(target) != rank:
+        return lambda: None
+    count = [0]
+
+    def hook() -> None:
+        count[0] += 1
+        if count[0] < int(after):
+            return
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at stage {rank}")
+        if kind == "exit":
+            os._exit(3)
+        if kind == "hang":
+            threading.Event().wait()
+
+    return hook
+
+
+def worker_main(args: WorkerArgs, commands, results, progress) -> None:
+    """Worker entry: build the stage, then execute commands until Shutdown.
+
+    Messages put on `results`: ("ready", rank, info), ("result", rank, payload, events),
+    ("error", rank, text). `progress` is a shared double updated after every action.
+    """
+    _die_with_parent(args.parent_pid)
+    for key, value in NCCL_SAFE_ENV.items():
+        os.environ[key] = value
+    torch.set_num_threads(args.threads)
+
+    fault = [lambda: None]
+
+    def tick() -> None:
+        progress.value = time.monotonic()
+        fault[0]()
+
+    try:
+        from eet_pipe.runtime.stage import Stage
+
+        ctx = init_distributed(args.rank, args.world, torch.device(args.device), args.init_method)
+        tick()
+        stage = Stage(ctx, args.spec, args.chunk_units, args.dtype, tick)
+        results.put(("ready", args.rank, {"chunks": sorted(stage.chunks)}))
+        fault[0] = _fault_hook(args.rank)
+        while True:
+            cmd = commands.get()
+            if isinstance(cmd, Shutdown):
+                break
+            tick()
+            out = stage.execute(cmd)
+            events = stage.tracer.events() if getattr(cmd, "trace", False) else []
+            if stage.ctx.is_last or events:
+                results.put(("result", args.rank, out, events))
+    except BaseException:  # noqa: BLE001 - reported to the engine with the traceback, then the worker exits
+        results.put(("error", args.rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort while exiting
+                pass
