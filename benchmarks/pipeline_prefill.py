@@ -51,7 +51,7 @@ def single_device(opts: dict, ids: torch.Tensor) -> float:
 def ours(opts: dict, ids: torch.Tensor, schedule: str, ms: list[int], bar) -> list[dict]:
     rows = []
     with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
-                        schedule=schedule, virtual=2, plan="even", timeout=600) as engine:
+                        schedule=schedule, virtual=2, plan="even", timeout=600, cpu_threads=1) as engine:
         for m in ms:
             seconds = time_it(lambda: engine.forward(ids, output="none", microbatches=m), [], opts["warmup"],
                               opts["repeats"])

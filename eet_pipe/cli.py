@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from eet_pipe.config import build_config, describe, parse_overrides
 from eet_pipe.options import GenerateOptions
+from eet_pipe.partition.options import PlanOptions
 
 __all__ = ["main"]
 
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stages", type=int, help="pipeline stages (worker processes)")
     gen.add_argument("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1")
     gen.add_argument("overrides", nargs="*", help="key=value options")
+    plan = sub.add_parser("plan", help="profile the model on the devices and print (or write) a balanced plan",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="options (key=value):\n" + describe(PlanOptions))
+    plan.add_argument("--stages", type=int, help="pipeline stages (when devices are not given)")
+    plan.add_argument("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1")
+    plan.add_argument("--out", help="write the plan JSON to this file")
+    plan.add_argument("overrides", nargs="*", help="key=value options")
     sub.add_parser("models", help="list the presets")
     return parser
 
@@ -42,6 +50,9 @@ def _generate(args: argparse.Namespace) -> int:
                     top_p=opts.top_p, seed=opts.sample_seed, stop=opts.stop)
     start = time.perf_counter()
     with PipelineEngine.from_options(opts) as engine:
+        if not engine.is_driver:  # torchrun ranks > 0 execute what rank 0 sends
+            engine.serve_forever()
+            return 0
         loaded = time.perf_counter()
         results = engine.generate(opts.prompt, **sampling)
         done = time.perf_counter()
@@ -51,6 +62,27 @@ def _generate(args: argparse.Namespace) -> int:
     tokens = sum(len(r.token_ids) for r in results)
     print(f"load {loaded - start:.2f} s, generate {done - loaded:.2f} s, {tokens} tokens "
           f"({tokens / max(done - loaded, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from eet_pipe.partition.auto import describe_inputs, measure_inputs, plan_from_inputs
+    from eet_pipe.presets import resolve_model
+
+    flags = {k: v for k, v in (("stages", args.stages), ("devices", args.devices), ("out", args.out))
+             if v is not None}
+    opts = build_config(PlanOptions, flags, parse_overrides(args.overrides))
+    spec = resolve_model(opts.model, opts.weights)
+    workload = opts.make_workload(spec.cfg)
+    inputs = measure_inputs(spec, opts.device_list(), opts.dtype, workload, measure_links=opts.measure_links,
+                            profiles=opts.profile, cache_dir=opts.cache_dir, refresh=opts.refresh)
+    plan = plan_from_inputs(inputs, spec, opts.dtype, opts.schedule, opts.chunks_per_device, opts.microbatches,
+                            budget=opts.budget())
+    print(plan.table())
+    print(describe_inputs(inputs, plan))
+    if opts.out:
+        plan.to_json(opts.out)
+        print(f"wrote {opts.out}")
     return 0
 
 
@@ -67,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    handlers = {"generate": _generate, "models": _models}
+    handlers = {"generate": _generate, "plan": _plan, "models": _models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as err:

@@ -31,7 +31,14 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each dataclass field, read from the class source."""
+    """The one-line docstring under each dataclass field, read from the sources of the class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

@@ -16,7 +16,7 @@ from eet_pipe.models.model import CanonicalModel
 from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.tokenizer import Tokenizer
 
-__all__ = ["LanguageModel", "from_pretrained", "encode_prompts", "check_forward_inputs"]
+__all__ = ["LanguageModel", "from_pretrained", "encode_prompts", "check_forward_inputs", "prepare_generation"]
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -36,6 +36,19 @@ def encode_prompts(prompts: Prompts, tokenizer: Tokenizer | None) -> list[list[i
         else:
             out.append([int(t) for t in p])
     return out
+
+
+def prepare_generation(cfg: ArchConfig, tokenizer: Tokenizer | None, prompts: Prompts,
+                       sampling: dict[str, Any]) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Validated token-id prompts and per-sequence sampling params (sequence n is seeded seed + n)."""
+    if not cfg.is_decoder:
+        raise ValueError(f"{cfg.model_type} is an encoder: generate needs a causal language model")
+    params = SamplingParams(**sampling)
+    ids = encode_prompts(prompts, tokenizer)
+    check_prompts(ids, cfg.vocab_size, cfg.max_positions, params.max_new_tokens)
+    per_seq = [SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + n})
+               for n in range(len(ids))]
+    return ids, per_seq
 
 
 def check_forward_inputs(cfg: ArchConfig, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -76,14 +89,8 @@ class LanguageModel:
     @torch.inference_mode()
     def generate(self, prompts: Prompts, **sampling: Any) -> list[GenerationResult]:
         """Generate for each prompt (text or ids); keyword arguments are `SamplingParams` fields."""
-        if not self.cfg.is_decoder:
-            raise ValueError(f"{self.cfg.model_type} is an encoder: generate needs a causal language model")
-        params = SamplingParams(**sampling)
-        ids = encode_prompts(prompts, self.tokenizer)
-        check_prompts(ids, self.cfg.vocab_size, self.cfg.max_positions, params.max_new_tokens)
-        per_seq = [SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + n})
-                   for n in range(len(ids))]
-        max_len = max(len(p) for p in ids) + params.max_new_tokens
+        ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)
+        max_len = max(len(p) for p in ids) + per_seq[0].max_new_tokens
         cache = self.model.new_cache(len(ids), max_len)
 
         def step(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:

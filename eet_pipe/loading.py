@@ -9,7 +9,7 @@ from eet_pipe.presets import ModelSpec
 from eet_pipe.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from eet_pipe.weights.loader import init_random, load_checkpoint
 
-__all__ = ["load_units", "tokenizer_for", "spec_from_model"]
+__all__ = ["load_units", "tokenizer_for", "spec_from_model", "prepare"]
 
 
 def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
@@ -19,6 +19,10 @@ def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
         return load_checkpoint(spec.path, units, dtype=dtype, device=device)
     if spec.source == "state":
         return _from_state(spec, units, dtype, device)
+    if spec.source == "builtin":
+        from eet_pipe.builtin import builtin_model
+
+        return builtin_model(spec.cfg, units, spec.seed, dtype, device)
     return init_random(spec.cfg, units, seed=spec.seed, dtype=dtype, device=device)
 
 
@@ -43,6 +47,14 @@ def spec_from_model(model: CanonicalModel, tokenizer: str = "none") -> ModelSpec
         raise ValueError("PipelineEngine needs a whole model, not a slice")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return ModelSpec(name=model.cfg.model_type, cfg=model.cfg, source="state", tokenizer=tokenizer, state=state)
+
+
+def prepare(spec: ModelSpec) -> None:
+    """Do once, before workers start, what every worker would otherwise repeat (build built-in weights)."""
+    if spec.source == "builtin":
+        from eet_pipe.builtin import builtin_state
+
+        builtin_state(spec.cfg, spec.seed)
 
 
 def tokenizer_for(spec: ModelSpec) -> Tokenizer | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["EngineOptions", "GenerateOptions"]
+__all__ = ["ModelOptions", "EngineOptions", "GenerateOptions"]
 
 
 @dataclass
-class EngineOptions:
-    """What to load and how to run it."""
+class ModelOptions:
+    """Which model, on which devices, in which precision."""
 
     model: str = "tiny"
     """Checkpoint directory, name in the local HF cache, or preset (see `eet-pipe models`)."""
@@ -23,6 +23,12 @@ class EngineOptions:
     """Pipeline stages (one worker process each)."""
     schedule: str = "gpipe"
     """Schedule for forward passes: sequential, gpipe or interleaved (generation always uses decode)."""
+
+
+@dataclass
+class EngineOptions(ModelOptions):
+    """What to load and how to run it."""
+
     microbatches: int = 0
     """Microbatches per forward / sequence groups in flight for decode (0 = automatic)."""
     virtual: int = 2

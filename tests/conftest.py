@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from tests.hf_models import make_bert, make_gpt2, make_llama
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # fixed thread split: CPU results reproducible bit for bit
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.hf_models import make_bert, make_gpt2, make_llama  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -102,15 +102,31 @@ class Attention(nn.Module):
             q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
-        q, k, v = self.project(x, meta, rope)
-        if cache is not None:
-            cache.write(self.index, meta, k, v)
-            k, v = cache.read(self.index, meta)
-        o = ops.attention(q, k, v, mask)  # [B, Hq, T, D]
+        if cache is None:
+            q, k, v = self.project(x, meta, rope)
+            o = ops.attention(q, k, v, mask)  # [B, Hq, T, D]
+        else:
+            o = self.cached(x, meta, mask, cache, rope)
         b, _, t, _ = o.shape
         return self.out(o.transpose(1, 2).reshape(b, t, -1))
+
+    def cached(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache,
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Attention with the KV cache: one fused op splits heads, applies rotary and writes k/v into the
+        cache; decode steps (one token) use the decode-attention kernel, prefill the SDPA path."""
+        cfg, i = self.cfg, self.index
+        cos, sin = rope if rope is not None else (None, None)
+        q = ops.qkv_rotary_cache(self.qkv(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
+                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
+                                 positions=meta.positions)
+        if x.shape[1] == 1:
+            k_len = meta.kv_len
+            return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,
+                                        meta.write_index[:, -1] + 1, cache.valid[:, :k_len])
+        k, v = cache.read(i, meta)
+        return ops.attention(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -141,7 +157,7 @@ class TransformerLayer(nn.Module):
         self.attn = Attention(cfg, index)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.pre_norm:
             a = self.attn(self.attn.norm(x), meta, mask, cache, rope)

@@ -23,7 +23,8 @@ def parse_units(cfg: ArchConfig, units: list[str]) -> tuple[bool, list[int], boo
     order = cfg.unit_names()
     unknown = [u for u in units if u not in order]
     if unknown:
-        raise ValueError(f"unknown partition unit(s) {unknown}; units are embed, layers.0..layers.{cfg.num_layers - 1}, head")
+        raise ValueError(f"unknown partition unit(s) {unknown}; "
+                         f"units are embed, layers.0..layers.{cfg.num_layers - 1}, head")
     if not units:
         raise ValueError("a model slice needs at least one unit")
     first = order.index(units[0])
@@ -83,7 +84,9 @@ class CanonicalModel(nn.Module):
         if self.layer_ids:
             if cache is not None:
                 cache.commit(meta)
-            mask = attention_mask(meta, self.cfg.causal, cache)
+            # decode steps with a cache use the decode-attention op, which needs no dense mask
+            decode = cache is not None and x.shape[1] == 1
+            mask = None if decode else attention_mask(meta, self.cfg.causal, cache)
             rope = self.rope(x.device)
             for layer in self.layers.values():
                 x = layer(x, meta, mask, cache, rope)

@@ -1,9 +1,12 @@
 """Point-to-point activation transfer between neighbouring stages.
 
 Messages follow the schedule: the receiver knows every message's shapes from the command, so
-no shape metadata travels. Receives are posted one message ahead (prefetch) into a small pool of
-preallocated buffers, sends are asynchronous; on GPU, NCCL runs them on its own streams, ordered
-after the compute that produced the data.
+no shape metadata travels. Receives land in a small pool of preallocated buffers; sends are
+asynchronous; on GPU, NCCL runs them on its own streams, ordered after the compute that produced
+the data. On CPU (gloo) receives are posted one message ahead (prefetch). On GPU a receive is posted
+only when the schedule reaches it: an NCCL receive kernel spins until its data arrives, and a
+spinning kernel on one communicator while the same GPU starts work on another communicator is not
+guaranteed to make progress (NCCL's rule for concurrent communicators).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class P2P:
 
     def __init__(self, ctx: StageContext, specs: Callable[[Action], Sequence[Spec]]) -> None:
         self.ctx, self.specs = ctx, specs
+        self.early = ctx.device.type != "cuda"  # post receives ahead of time (gloo only)
         self.pool = _BufferPool(ctx.device)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self._upcoming: deque[Action] = deque()
@@ -53,7 +57,8 @@ class P2P:
     def expect(self, recvs: Sequence[Action]) -> None:
         """The receives of this command, in schedule order; the first one is posted at once."""
         self._upcoming = deque(recvs)
-        self._post_next()
+        if self.early:
+            self._post_next()
 
     def _post_next(self) -> None:
         if not self._upcoming:
@@ -79,8 +84,8 @@ class P2P:
         return tensors
 
     def prefetch(self) -> None:
-        """Post the next expected receive if none is outstanding."""
-        if not self._posted:
+        """Post the next expected receive if none is outstanding (gloo only; see the module doc)."""
+        if self.early and not self._posted:
             self._post_next()
 
     def drop(self, keep: Callable[[Action], bool]) -> None:

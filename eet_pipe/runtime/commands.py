@@ -42,6 +42,10 @@ class ForwardCommand:
     output: str = "all"
     """'all' positions, 'last' position only, or 'none' (timing runs)."""
     trace: bool = False
+    capture: list[str] | None = None
+    """Canonical capture keys (``eet_pipe.compare_points``: module output, or ``name:in`` for its input)
+    to record with forward hooks; the last stage then returns ``(output, {key: tensor})`` gathered from
+    every stage. None (the default) records nothing."""
 
 
 @dataclass

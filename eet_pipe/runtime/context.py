@@ -43,13 +43,38 @@ class StageContext:
         return self.links[(src, dst)]
 
 
+def _connect_links(links: dict[tuple[int, int], dist.ProcessGroup | None], rank: int, device: torch.device) -> None:
+    """Create every link's communicator now, in the same order on all ranks.
+
+    NCCL creates a group's communicator lazily at its first operation, and creation blocks until
+    both members join. Left lazy, stage 0 could block creating the (1 -> 0) link for an early
+    receive while stage 1 blocks creating (0 -> 1): a deadlock as soon as a schedule uses both
+    directions (interleaved, decode). One tiny all-reduce per link, in a fixed order, avoids it.
+    """
+    probe = torch.zeros(1, device=device)
+    for (src, dst), group in links.items():
+        if rank in (src, dst):
+            dist.all_reduce(probe, group=group)
+            # and one message along the link, so its point-to-point connection exists before any schedule runs
+            if rank == src:
+                dist.send(probe, dst=dst, group=group)
+            else:
+                dist.recv(probe, src=src, group=group)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+
 def init_distributed(rank: int, world: int, device: torch.device, init_method: str | None = None,
                      timeout_s: float = 600.0) -> StageContext:
     """Join (or create) the process group and build the per-link groups."""
     for key, value in NCCL_SAFE_ENV.items():
         os.environ.setdefault(key, value)
+    # each direction of each link has its own group, so per-group serialisation of p2p is what we want
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # load kernels eagerly (before the context exists): see comm.py on spinning NCCL kernels
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -60,5 +85,6 @@ def init_distributed(rank: int, world: int, device: torch.device, init_method: s
         for src in range(world):  # every rank creates every group, in the same order
             dst = (src + 1) % world  # with two stages, (0, 1) and (1, 0) are two groups over the same ranks
             links[(src, dst)] = dist.new_group(sorted({src, dst}), backend=backend)
+        _connect_links(links, rank, device)
     control = dist.new_group(list(range(world)), backend="gloo") if world > 1 else None
     return StageContext(rank=rank, world=world, device=device, backend=backend, links=links, control=control)

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from eet_pipe.dtypes import dtype_name, parse_device, parse_dtype
-from eet_pipe.generation import GenerationResult, SamplingParams, check_prompts
-from eet_pipe.lm import LanguageModel, check_forward_inputs, encode_prompts
-from eet_pipe.loading import spec_from_model, tokenizer_for
+from eet_pipe.generation import GenerationResult
+from eet_pipe.lm import LanguageModel, check_forward_inputs, prepare_generation
+from eet_pipe.loading import prepare, spec_from_model, tokenizer_for
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.partition.plan import Plan
 from eet_pipe.presets import ModelSpec, resolve_model
@@ -72,13 +72,15 @@ class PipelineEngine:
         virtual: chunks per device for the interleaved schedule.
         timeout: seconds without progress from any worker before the call fails.
         trace: path of a Chrome trace JSON written after each call (a PNG timeline beside it).
+        cpu_threads: intra-op threads of each CPU stage (default: the caller's count, so results are
+            bit-identical to the caller's; fewer threads avoid oversubscribing the cores).
     """
 
     def __init__(self, model: Any, devices: Sequence[str] | None = None, schedule: str = "gpipe",
                  microbatches: int | None = None, plan: str | Plan | None = "auto", dtype: str | torch.dtype | None = None,
                  virtual: int = 2, weights: str | None = None, seed: int = 0, timeout: float = 60.0,
                  trace: str | None = None, stages: int | None = None, allow_duplicate_devices: bool = False,
-                 startup_timeout: float = 900.0) -> None:
+                 startup_timeout: float = 900.0, cpu_threads: int | None = None) -> None:
         if schedule not in FORWARD_SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a forward schedule; allowed: {', '.join(FORWARD_SCHEDULES)} "
                              "(generate() always uses the decode schedule)")
@@ -93,9 +95,11 @@ class PipelineEngine:
         self.virtual = virtual if schedule == "interleaved" else 1
         self.dtype = parse_dtype(dtype)
         self.trace_path = trace
+        self.cpu_threads = cpu_threads
         self.plan = make_plan(plan, self.spec, self.devices, self.dtype, self.schedule, self.virtual,
                               microbatches or 1)
         self.tokenizer = tokenizer_for(self.spec)
+        prepare(self.spec)
         self.last_trace: list[dict] = []
         self._sup: Supervisor | None = None
         self._dist: DistTransport | None = None
@@ -133,11 +137,18 @@ class PipelineEngine:
         init = f"tcp://127.0.0.1:{free_port()}"
         args = [WorkerArgs(rank=r, world=self.num_stages, device=d, init_method=init, spec=self.spec,
                            chunk_units=units, dtype=self.dtype, parent_pid=os.getpid(),
-                           threads=torch.get_num_threads())
+                           threads=self._threads(d))
                 for r, d in enumerate(self.devices)]
         self._sup = Supervisor(args, timeout)
         self._sup.collect(self.num_stages, "loading the model", kinds=("ready",), timeout=startup_timeout)
         log.info("pipeline ready: %s", self.summary())
+
+    def _threads(self, device: str) -> int:
+        """CPU stages use the caller's thread count (bit-identical results; set `cpu_threads` to trade that
+        for speed); GPU stages need few CPU threads."""
+        if device == "cpu":
+            return self.cpu_threads or torch.get_num_threads()
+        return max(1, min(4, (os.cpu_count() or 1) // self.num_stages))
 
     def _run(self, cmd: ForwardCommand | GenerateCommand, what: str) -> Any:
         if self._dist is not None:
@@ -162,6 +173,10 @@ class PipelineEngine:
         self.last_bubble = write_chrome_trace(events, path, self.num_stages, meta)
         plot_timeline(events, path.with_suffix(".png"), self.num_stages, title=what)
 
+    def _microbatches(self, batch: int, requested: int | None) -> int:
+        """Microbatches of one forward: requested, else the engine's, else up to 4 per stage."""
+        return min(requested or self.microbatches or min(batch, 4 * self.num_stages), batch)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output: str = "all",
                 microbatches: int | None = None) -> torch.Tensor | None:
@@ -169,8 +184,7 @@ class PipelineEngine:
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is invalid; allowed: {', '.join(OUTPUTS)}")
         mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
-        m = microbatches or self.microbatches or min(input_ids.shape[0], 4 * self.num_stages)
-        m = min(m, input_ids.shape[0])
+        m = self._microbatches(input_ids.shape[0], microbatches)
         cmd = ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule, microbatches=m,
                              virtual=self.virtual, token_types=None if token_type_ids is None else token_type_ids.cpu(),
                              output=output, trace=self.trace_path is not None)
@@ -178,15 +192,27 @@ class PipelineEngine:
 
     __call__ = forward
 
+    def forward_capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        points: Sequence[str] = (), token_type_ids: torch.Tensor | None = None,
+                        microbatches: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`forward` that also records canonical capture keys on every stage (see `eet_pipe.compare_points`).
+
+        Args:
+            points: capture keys: a canonical module name (its output) or ``name:in`` (its first input).
+        Returns:
+            (output as `forward` gives it, {key: tensor [B, ...] on CPU}); microbatches are concatenated.
+        """
+        mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
+        m = self._microbatches(input_ids.shape[0], microbatches)
+        cmd = ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule, microbatches=m,
+                             virtual=self.virtual, token_types=None if token_type_ids is None else token_type_ids.cpu(),
+                             capture=list(points))
+        out, captured = self._run(cmd, f"forward with capture ({self.schedule}, {m} microbatches)")
+        return out, captured
+
     def generate(self, prompts: Any, microbatches: int | None = None, **sampling: Any) -> list[GenerationResult]:
         """Generate for each prompt with the decode schedule; keyword arguments are `SamplingParams` fields."""
-        if not self.cfg.is_decoder:
-            raise ValueError(f"{self.cfg.model_type} is an encoder: generate needs a causal language model")
-        params = SamplingParams(**sampling)
-        ids = encode_prompts(prompts, self.tokenizer)
-        check_prompts(ids, self.cfg.vocab_size, self.cfg.max_positions, params.max_new_tokens)
-        per_seq = [SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + n})
-                   for n in range(len(ids))]
+        ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)
         groups = min(len(ids), microbatches or self.microbatches or self.num_stages)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         cmd = GenerateCommand(prompts=ids, params=per_seq, groups=groups, eos_ids=self.cfg.eos_ids, pad_id=pad,

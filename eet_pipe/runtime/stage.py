@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
+from eet_pipe.compare_points import CaptureHooks
 from eet_pipe.loading import load_units, tokenizer_for
 from eet_pipe.models.meta import prefill_meta
 from eet_pipe.models.model import CanonicalModel
@@ -48,8 +50,33 @@ class Stage:
         return units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}"
 
     @torch.inference_mode()
-    def forward(self, cmd: ForwardCommand) -> torch.Tensor | None:
-        """Run this stage's part of a forward schedule; the last stage returns the outputs (on CPU)."""
+    def forward(self, cmd: ForwardCommand) -> torch.Tensor | tuple | None:
+        """Run this stage's part of a forward schedule; the last stage returns the outputs (on CPU).
+
+        With ``cmd.capture`` set, forward hooks record those canonical points on this stage's chunks,
+        every stage sends its records to the last one (control group) and the last stage returns
+        ``(outputs, {key: tensor})``; the other stages return None.
+        """
+        with CaptureHooks(self.chunks.values(), cmd.capture) as hooks:
+            out = self._forward(cmd, hooks)
+        if cmd.capture is None:
+            return out
+        return self._gather_captures(out, hooks.tensors())
+
+    def _gather_captures(self, out: torch.Tensor | None,
+                         captured: dict[str, torch.Tensor]) -> tuple | None:
+        """Collect every stage's captured tensors on the last stage (stages hold disjoint keys)."""
+        if self.ctx.world == 1:
+            return out, captured
+        parts: list[dict | None] = [None] * self.ctx.world
+        dist.gather_object(captured, parts if self.ctx.is_last else None, dst=self.ctx.world - 1,
+                           group=self.ctx.control)
+        if not self.ctx.is_last:
+            return None
+        return out, {k: v for part in parts for k, v in (part or {}).items()}
+
+    def _forward(self, cmd: ForwardCommand, hooks: CaptureHooks) -> torch.Tensor | None:
+        """Execute this stage's actions; tells `hooks` which microbatch each compute step runs."""
         sched = build(cmd.schedule, self.ctx.world, cmd.microbatches, cmd.virtual)
         actions = sched.actions[self.ctx.rank]
         rows = split_rows(cmd.ids.shape[0], cmd.microbatches)
@@ -75,6 +102,7 @@ class Stage:
                     comm.send(a, [inbox.pop((a.mb, a.chunk))])
             else:
                 x = cmd.ids[rows[a.mb]].to(self.ctx.device) if a.chunk == 0 else inbox.pop((a.mb, a.chunk))
+                hooks.microbatch = a.mb
                 with self.tracer.span("compute", f"mb{a.mb} {self.label(a.chunk)}"):
                     y = self.chunks[a.chunk](x, metas[a.mb])
                 if a.chunk == last:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import socket
 import sys
@@ -84,6 +85,9 @@ class Supervisor:
                                   name=f"eet_pipe-stage{a.rank}")
                       for a, q, p in zip(args, self.commands, self.progress, strict=True)]
         self.closed = False
+        # MKL may otherwise use fewer threads than asked when cores are busy, and a different thread
+        # split changes the last bits of CPU results (workers must match the caller bit for bit)
+        os.environ.setdefault("MKL_DYNAMIC", "FALSE")
         with _without_main_module():
             for p in self.procs:
                 p.start()

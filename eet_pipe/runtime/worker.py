@@ -17,6 +17,7 @@ import torch.distributed as dist
 from eet_pipe.presets import ModelSpec
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed
+from eet_pipe.runtime.step import SERVE_COMMANDS, ServeState, serve_command
 
 __all__ = ["WorkerArgs", "worker_main"]
 
@@ -85,11 +86,17 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
     """Worker entry: build the stage, then execute commands until Shutdown.
 
     Messages put on `results`: ("ready", rank, info), ("result", rank, payload, events),
-    ("error", rank, text). `progress` is a shared double updated after every action.
+    ("error", rank, text), and while serving ("stats", rank, info). `progress` is a shared double
+    updated after every action. Serving commands (`eet_pipe.runtime.step`) share one persistent
+    `ServeState` per worker (KV caches and per-slot samplers that outlive each step).
     """
     _die_with_parent(args.parent_pid)
     for key, value in NCCL_SAFE_ENV.items():
         os.environ[key] = value
+    if args.device.startswith("cuda"):
+        # Load every kernel when the CUDA context is created: loading one lazily while an NCCL kernel
+        # spins on the same GPU can wait on that kernel forever.
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     torch.set_num_threads(args.threads)
 
     fault = [lambda: None]
@@ -106,11 +113,17 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
         stage = Stage(ctx, args.spec, args.chunk_units, args.dtype, tick)
         results.put(("ready", args.rank, {"chunks": sorted(stage.chunks)}))
         fault[0] = _fault_hook(args.rank)
+        serving: ServeState | None = None
         while True:
             cmd = commands.get()
             if isinstance(cmd, Shutdown):
                 break
             tick()
+            if isinstance(cmd, SERVE_COMMANDS):
+                serving, messages = serve_command(stage, serving, cmd)
+                for msg in messages:
+                    results.put(msg)
+                continue
             out = stage.execute(cmd)
             events = stage.tracer.events() if getattr(cmd, "trace", False) else []
             if stage.ctx.is_last or events:

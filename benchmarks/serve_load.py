@@ -1,0 +1,153 @@
+"""Load test of the HTTP server: throughput, TTFT and TPOT percentiles per concurrency level.
+
+    python benchmarks/serve_load.py url=http://127.0.0.1:8000 concurrency=1,4,16,64,256 requests=256 max_tokens=64
+    python benchmarks/serve_load.py --quick      # starts a tiny 2-stage CPU server itself (concurrency 1,4,16)
+
+Every request streams (SSE) with ignore_eos, so each produces exactly max_tokens tokens. TTFT is the
+time from sending to the first token, TPOT the mean time between a request's later tokens, throughput
+the generated tokens of a level divided by its wall time. Writes <out>.json (environment, config,
+per-level figures, the server's /metrics) and <out>.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, write_json  # noqa: E402
+
+from eet_pipe.serving.process import ServerProcess  # noqa: E402
+
+DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "max_tokens": 64,
+            "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2,
+            "server_args": "", "out": "bench_results/serve_load"}
+QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "max_tokens": 16, "prompt_len": 16}
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50 / p90 / p99 (None for an empty list)."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    if len(values) == 1:
+        return {"p50": values[0], "p90": values[0], "p99": values[0]}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": q[49], "p90": q[89], "p99": q[98]}
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, opts: dict) -> dict:
+    """Send one streaming completion; returns its timings and token count (or the error)."""
+    body = {"prompt": prompt, "max_tokens": opts["max_tokens"], "temperature": opts["temperature"], "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens, error = None, 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    if error or first is None:
+        return {"error": error or "no tokens"}
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return {"ttft": first - start, "tpot": tpot, "latency": end - start, "tokens": tokens}
+
+
+async def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: list[str], opts: dict) -> dict:
+    """`count` requests with at most `concurrency` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
+
+        async def gated(i: int) -> dict:
+            async with gate:
+                return await one_request(client, prompts[i % len(prompts)], opts)
+
+        began = time.perf_counter()
+        rows = await asyncio.gather(*(gated(i) for i in range(count)))
+        wall = time.perf_counter() - began
+    ok = [r for r in rows if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"concurrency": concurrency, "requests": count, "failed": len(rows) - len(ok), "wall_s": wall,
+            "tokens": tokens, "tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
+            "ttft_s": percentiles([r["ttft"] for r in ok]),
+            "tpot_s": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
+            "latency_s": percentiles([r["latency"] for r in ok]),
+            "errors": sorted({r["error"] for r in rows if "error" in r})[:5]}
+
+
+def plot(levels: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [lv["concurrency"] for lv in levels]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].plot(xs, [lv["tokens_per_s"] for lv in levels], marker="o")
+    axes[0].set(title="throughput", xlabel="concurrency", ylabel="generated tokens / s")
+    for ax, key, name in ((axes[1], "ttft_s", "time to first token"), (axes[2], "tpot_s", "time per output token")):
+        for p in ("p50", "p90", "p99"):
+            ax.plot(xs, [(lv[key][p] or 0) * 1000 for lv in levels], marker="o", label=p)
+        ax.set(title=name, xlabel="concurrency", ylabel="ms")
+        ax.legend()
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    headers = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
+    server = None
+    if not opts["url"]:
+        args = ["--stages", str(opts["stages"]), f"model={opts['model']}", "plan=even", "log_level=warning",
+                f"max_slots={max(int(c) for c in opts['concurrency'])}", *opts["server_args"].split()]
+        server = ServerProcess(args).start()
+        server.wait_ready(300)
+        opts["url"] = server.url
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(opts["prompt_len"]))
+               for _ in range(64)]
+    levels = []
+    try:
+        for c in (int(x) for x in opts["concurrency"]):
+            level = asyncio.run(run_level(opts["url"], headers, c, max(opts["requests"], c), prompts, opts))
+            levels.append(level)
+            print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, TTFT p50 "
+                  f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.1f} ms, "
+                  f"{level['failed']} failed", file=sys.stderr)
+        metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
+    finally:
+        if server is not None:
+            server.stop()
+    out = Path(opts["out"])
+    config = {k: v for k, v in opts.items() if k != "api_key"}
+    write_json(out.with_suffix(".json"), {"environment": environment(), "config": config, "levels": levels,
+                                          "server_metrics": metrics})
+    plot(levels, out.with_suffix(".png"), f"eet_pipe serve: {opts['model'] if server else opts['url']}, "
+                                          f"max_tokens={opts['max_tokens']}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

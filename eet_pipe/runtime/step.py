@@ -1,0 +1,262 @@
+"""Worker-side execution of serving steps (continuous batching).
+
+The serving driver sends every worker the same `StepCommand`: which cache slots run, their new
+tokens (prompts of sequences that start now, the last sampled token of running ones), and where in
+the cache those tokens go. Every stage rebuilds the `StepMeta` from the command, so only hidden
+states travel between stages, with shapes every receiver knows in advance. Each stage keeps one
+persistent `KVCache` per chunk with `max_slots` rows (`ServeState`); the last stage keeps a sampler
+and a `SequenceState` per slot across steps and returns the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eet_pipe.generation import Sampler, SamplingParams, SequenceState
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.meta import StepMeta
+
+__all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
+           "serve_command", "SERVE_COMMANDS"]
+
+log = logging.getLogger("eet_pipe.runtime")
+
+STATS_INTERVAL_S = 1.0
+"""How often a worker reports its busy time (a ("stats", rank, {...}) message)."""
+
+MAX_PENDING_SENDS = 8
+"""Asynchronous sends kept in flight before the oldest is waited for."""
+
+
+@dataclass
+class ServeInit:
+    """Allocate the persistent serving state: a KV cache of `max_slots` rows of `max_len` columns per chunk."""
+
+    max_slots: int
+    max_len: int
+
+
+@dataclass
+class SeqInit:
+    """A sequence that starts in a step: what the last stage needs to sample and stop it."""
+
+    params: SamplingParams
+    eos_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and this many alternatives (None = no logprobs)."""
+
+
+@dataclass
+class StepPart:
+    """Rows of one step with the same number of new tokens (right padded)."""
+
+    slots: torch.Tensor
+    """[B] int64 cache rows."""
+    tokens: torch.Tensor
+    """[B, T] int64 new tokens, right padded."""
+    lengths: torch.Tensor
+    """[B] int64 valid new tokens per row (1..T)."""
+    start: torch.Tensor
+    """[B] int64 cache column (= position) of each row's first new token."""
+
+
+@dataclass
+class StepCommand:
+    """One forward step of one group of slots, sent to every stage."""
+
+    group: int
+    parts: list[StepPart]
+    """Usually a prefill part (new sequences) and a decode part (running sequences)."""
+    new: dict[int, SeqInit] = field(default_factory=dict)
+    """Sequences starting in this step, by slot (their rows are cleared first)."""
+    free: list[int] = field(default_factory=list)
+    """Slots to clear before this step (finished or cancelled sequences)."""
+    step: int = 0
+    """Serial number (for logs and error messages)."""
+
+
+SERVE_COMMANDS = (ServeInit, StepCommand)
+
+
+def part_meta(part: StepPart) -> StepMeta:
+    """Positions, validity and cache addressing of a part, built identically on every stage."""
+    batch, width = part.tokens.shape
+    cols = torch.arange(width, dtype=torch.long).expand(batch, width)
+    valid = cols < part.lengths.view(-1, 1)  # [B, T]
+    write = part.start.view(-1, 1) + cols  # [B, T]; pads of a prompt row land on its own unused columns
+    return StepMeta(positions=write.masked_fill(~valid, 0), valid=valid, slots=part.slots,
+                    write_index=write, kv_len=int(write.max()) + 1)
+
+
+@dataclass
+class _Slot:
+    state: SequenceState
+    generator: torch.Generator | None
+    logprobs: int | None
+
+
+class SlotSampler:
+    """Per-slot sampling and stopping on the last stage; slots outlive steps."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.slots: dict[int, _Slot] = {}
+
+    def start(self, new: dict[int, SeqInit]) -> None:
+        """Begin the sequences of `new` (replacing whatever held those slots)."""
+        for slot, init in new.items():
+            p = init.params
+            gen = None if p.greedy else torch.Generator().manual_seed(p.seed if p.seed is not None else torch.seed())
+            self.slots[slot] = _Slot(SequenceState(p, list(init.eos_ids), self.decode), gen, init.logprobs)
+
+    def drop(self, slots: list[int]) -> None:
+        for s in slots:
+            self.slots.pop(s, None)
+
+    def sample(self, logits: torch.Tensor, slots: list[int], out: dict[str, dict]) -> None:
+        """logits [B, V] of `slots` -> next tokens; records tokens / finish reasons / logprobs in `out`."""
+        picks = logits.argmax(dim=-1).cpu().tolist()
+        logp = None
+        if any(self.slots[s].logprobs is not None for s in slots if s in self.slots):
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for i, slot in enumerate(slots):
+            seq = self.slots.get(slot)
+            if seq is None:  # cancelled while this step was queued
+                continue
+            p = seq.state.params
+            tok = picks[i] if p.greedy else Sampler._sample(logits[i].float().cpu(), p, seq.generator)
+            before = len(seq.state.tokens)
+            seq.state.append(tok)
+            if len(seq.state.tokens) > before:
+                out["tokens"][slot] = tok
+                if logp is not None and seq.logprobs is not None:
+                    out["logprobs"][slot] = _logprobs(logp[i], tok, seq.logprobs)
+            if seq.state.finished:
+                out["finished"][slot] = seq.state.finish_reason
+                if seq.state.text is not None:
+                    out["text"][slot] = seq.state.text
+                del self.slots[slot]
+
+
+def _logprobs(logp: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the k most likely (token, log-probability) pairs). logp: [V]."""
+    top = torch.topk(logp, min(k, logp.numel())) if k else None
+    alts = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(logp[token]), alts
+
+
+class ServeState:
+    """Persistent serving state of one stage: KV caches, pending sends, and (last stage) the sampler."""
+
+    def __init__(self, stage: Any, init: ServeInit) -> None:  # stage: eet_pipe.runtime.stage.Stage
+        self.stage, self.ctx = stage, stage.ctx
+        self.rank, self.world = stage.ctx.rank, stage.ctx.world
+        self.order = sorted(stage.chunks)
+        self.last_chunk = stage.num_chunks - 1
+        self.caches: dict[int, KVCache] = {c: m.new_cache(init.max_slots, init.max_len)
+                                           for c, m in stage.chunks.items() if m.layer_ids}
+        self.max_slots, self.max_len = init.max_slots, init.max_len
+        self.sampler = SlotSampler(stage.tokenizer.decode if stage.tokenizer is not None else None) \
+            if self.last_chunk in stage.chunks else None
+        self.sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
+        self.busy, self.reported = 0.0, time.monotonic()
+        log.info("stage %d: serving state with %d slots x %d positions (%.1f MB of KV cache)", self.rank,
+                 init.max_slots, init.max_len, sum(c.nbytes() for c in self.caches.values()) / 1e6)
+
+    def _check(self, cmd: StepCommand) -> None:
+        for part in cmd.parts:
+            if part.slots.numel() and (int(part.slots.max()) >= self.max_slots or int(part.slots.min()) < 0):
+                raise ValueError(f"step {cmd.step}: slots {part.slots.tolist()} outside 0..{self.max_slots - 1}")
+            if part.slots.numel() and int((part.start + part.lengths).max()) > self.max_len:
+                raise ValueError(f"step {cmd.step}: a sequence needs more than the {self.max_len} cache positions")
+
+    def _free(self, slots: list[int]) -> None:
+        if slots:
+            for cache in self.caches.values():
+                cache.free(slots)
+        if self.sampler is not None:
+            self.sampler.drop(slots)
+
+    def _post_recvs(self, cmd: StepCommand) -> dict[tuple[int, int], tuple[dist.Work, torch.Tensor]]:
+        """Post every receive of this step at once, in execution order (shapes come from the command)."""
+        posted = {}
+        for c in self.order:
+            src = (c - 1) % self.world
+            if c == 0 or src == self.rank:
+                continue
+            for i, part in enumerate(cmd.parts):
+                buf = torch.empty((*part.tokens.shape, self.stage.hidden), dtype=self.stage.dtype, device=self.ctx.device)
+                posted[(c, i)] = (dist.irecv(buf, src=src, group=self.ctx.link(src, self.rank)), buf)
+        return posted
+
+    def _send(self, y: torch.Tensor, dst: int) -> None:
+        y = y.contiguous()
+        self.sends.append((dist.isend(y, dst=dst, group=self.ctx.link(self.rank, dst)), y))
+        while len(self.sends) > MAX_PENDING_SENDS:
+            self.sends.popleft()[0].wait()
+
+    @torch.inference_mode()
+    def step(self, cmd: StepCommand) -> dict | None:
+        """Run this stage's chunks for every part of `cmd`; the last stage returns the sampled tokens."""
+        began = time.perf_counter()
+        self._check(cmd)
+        self._free([*cmd.free, *cmd.new])
+        if self.sampler is not None:
+            self.sampler.start(cmd.new)
+        metas = [part_meta(p).to(self.ctx.device) for p in cmd.parts]
+        recvs = self._post_recvs(cmd)
+        local: dict[tuple[int, int], torch.Tensor] = {}
+        out: dict[str, Any] = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {},
+                               "logprobs": {}}
+        for c in self.order:
+            for i, part in enumerate(cmd.parts):
+                if c == 0:
+                    x = part.tokens.to(self.ctx.device)
+                elif (c, i) in recvs:
+                    work, x = recvs.pop((c, i))
+                    work.wait()
+                else:
+                    x = local.pop((c, i))
+                y = self.stage.chunks[c](x, metas[i], self.caches.get(c))
+                self.stage.tick()
+                if c == self.last_chunk:
+                    rows = torch.arange(y.shape[0], device=y.device)
+                    self.sampler.sample(y[rows, (part.lengths - 1).to(y.device)], part.slots.tolist(), out)
+                elif (c + 1) % self.world == self.rank:
+                    local[(c + 1, i)] = y
+                else:
+                    self._send(y, (c + 1) % self.world)
+        self.busy += time.perf_counter() - began
+        return out if self.sampler is not None else None
+
+    def stats(self) -> dict | None:
+        """Busy seconds since the last report, at most every STATS_INTERVAL_S (else None)."""
+        now = time.monotonic()
+        if now - self.reported < STATS_INTERVAL_S:
+            return None
+        report = {"busy": self.busy, "elapsed": now - self.reported}
+        self.busy, self.reported = 0.0, now
+        return report
+
+
+def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCommand) -> tuple[ServeState, list[tuple]]:
+    """Execute a serving command on a worker; returns the (new) state and messages for the driver:
+    ("result", rank, payload, []) from the last stage, ("stats", rank, {"busy", "elapsed"}) now and then."""
+    rank = stage.ctx.rank
+    if isinstance(cmd, ServeInit):
+        return ServeState(stage, cmd), []
+    if state is None:
+        raise RuntimeError(f"stage {rank}: StepCommand {cmd.step} arrived before ServeInit")
+    payload = state.step(cmd)
+    messages: list[tuple] = [] if payload is None else [("result", rank, payload, [])]
+    stats = state.stats()
+    if stats is not None:
+        messages.append(("stats", rank, stats))
+    return state, messages

@@ -1,0 +1,69 @@
+"""`ServeOptions`: everything `python -m eet_pipe.serve` accepts (as --flags or key=value)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eet_pipe.options import EngineOptions
+
+__all__ = ["ServeOptions"]
+
+
+@dataclass
+class ServeOptions(EngineOptions):
+    """Options of the HTTP server; `microbatches` is the number of step groups in flight (0 = 2 x stages)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (0.0.0.0 to accept connections from other machines)."""
+    port: int = 8000
+    """TCP port of the HTTP server."""
+    api_key: str | None = None
+    """If set, /v1/* requests need the header 'Authorization: Bearer <api_key>'."""
+    served_model_name: str | None = None
+    """Model id shown in /v1/models and responses (default: the model argument)."""
+    threads: int = 0
+    """Intra-op CPU threads per worker (0 = the machine's cores / stages, at least 1; oversubscribed CPU
+    workers spin and slow down many times over)."""
+    max_slots: int = 32
+    """Sequences decoded at once: KV-cache rows per stage, shared by all step groups."""
+    max_queue: int = 256
+    """Sequences waiting for a slot before new requests get 429."""
+    max_prefill_tokens: int = 4096
+    """Padded prompt tokens admitted into one step (at least one prompt always is)."""
+    max_n: int = 16
+    """Largest `n` (choices per prompt) a request may ask for."""
+    max_body_bytes: int = 1048576
+    """Largest request body in bytes (larger gets 413)."""
+    drain_timeout: float = 30.0
+    """On SIGINT/SIGTERM, seconds to let running requests finish before stopping the workers."""
+    startup_timeout: float = 900.0
+    """Seconds to wait for the workers to load the model."""
+    exit_on_failure: bool = True
+    """Exit (status 1) after a worker failure instead of answering 503 until stopped."""
+    log_level: str = "info"
+    """Logging level: debug, info, warning or error."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("port", 0 <= self.port <= 65535, "an integer 0..65535"),
+            ("threads", self.threads >= 0, ">= 0 (0 = cores / stages)"),
+            ("max_slots", self.max_slots >= 1, ">= 1"),
+            ("max_queue", self.max_queue >= 0, ">= 0"),
+            ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
+            ("max_n", self.max_n >= 1, ">= 1"),
+            ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
+            ("drain_timeout", self.drain_timeout >= 0, ">= 0 seconds"),
+            ("startup_timeout", self.startup_timeout > 0, "> 0 seconds"),
+            ("timeout", self.timeout > 0, "> 0 seconds"),
+            ("stages", self.stages >= 1, ">= 1"),
+            ("microbatches", self.microbatches >= 0, ">= 0 (0 = 2 x stages)"),
+            ("max_seq", self.max_seq >= 0, ">= 0 (0 = the model's max positions)"),
+            ("log_level", self.log_level.lower() in ("debug", "info", "warning", "error"),
+             "debug, info, warning or error"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.trace is not None:
+            raise ValueError("trace= is not supported by the server (traces cover single engine calls); "
+                             "use PipelineEngine or `eet-pipe generate` for traces")

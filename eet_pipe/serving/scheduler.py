@@ -1,0 +1,271 @@
+"""Continuous batching over a pipeline: G step groups of KV-cache slots, one step in flight per group.
+
+Slot s belongs to group s % G. Whenever a group has no step in flight, the scheduler builds its next
+`StepCommand`: a decode part (the last sampled token of each running sequence) plus a prefill part
+(waiting sequences admitted into the group's free slots, within `max_prefill_tokens`). Commands of
+different groups queue up on every stage, so with G >= P groups in flight the stages work on
+different groups at once. A group's next step is issued as soon as its tokens are back. Finished
+and cancelled sequences give their slot back; slots are cleared on every stage before reuse.
+
+All of this runs on one thread (`run`); the HTTP side only calls `submit` and `cancel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from eet_pipe.runtime.serving_engine import StepDriver
+from eet_pipe.runtime.step import SeqInit, StepCommand, StepPart
+from eet_pipe.runtime.supervisor import WorkerError
+from eet_pipe.serving.metrics import Metrics
+from eet_pipe.serving.sequences import Event, GenRequest, Sequence
+
+__all__ = ["Scheduler", "QueueFullError", "ServiceUnavailableError"]
+
+log = logging.getLogger("eet_pipe.serve")
+
+
+class QueueFullError(RuntimeError):
+    """Too many sequences are waiting for a slot (HTTP 429)."""
+
+
+class ServiceUnavailableError(RuntimeError):
+    """The pipeline failed or the server is stopping (HTTP 503)."""
+
+
+class Scheduler:
+    """Admission, slot assignment and step issuing for a `StepDriver`; see the module docstring."""
+
+    def __init__(self, driver: StepDriver, max_queue: int, max_prefill_tokens: int, metrics: Metrics) -> None:
+        setup = driver.setup
+        self.driver, self.metrics = driver, metrics
+        self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
+        self.groups, self.eos_ids = setup.groups, setup.eos_ids
+        self.free_slots = [deque(range(g, setup.max_slots, self.groups)) for g in range(self.groups)]
+        self.running: list[dict[int, Sequence]] = [{} for _ in range(self.groups)]
+        self.inflight = [False] * self.groups
+        self.waiting: deque[Sequence] = deque()
+        self.active: dict[int, GenRequest] = {}
+        self.pending_free: list[int] = []
+        self.lock = threading.Lock()
+        self.inbox: deque[tuple[str, GenRequest]] = deque()
+        self.wake = threading.Event()
+        self.queued = 0
+        """Sequences in the inbox or waiting for a slot (guarded by `lock`)."""
+        self.free_total = setup.max_slots
+        """Slots holding no sequence (guarded by `lock`)."""
+        self.failure: str | None = None
+        self.stopping, self.deadline = False, float("inf")
+        self.on_failure = lambda message: None
+        self.steps = 0
+        self.thread = threading.Thread(target=self.run, name="eet_pipe-scheduler", daemon=True)
+
+    # ---- called from the HTTP side (any thread) ----
+
+    def submit(self, request: GenRequest) -> None:
+        """Queue a request; raises QueueFullError (429) or ServiceUnavailableError (503)."""
+        count = len(request.sequences)
+        with self.lock:
+            if self.failure is not None:
+                raise ServiceUnavailableError(self.failure)
+            if self.stopping:
+                raise ServiceUnavailableError("the server is shutting down")
+            if self.queued + count > self.max_queue + self.free_total:
+                raise QueueFullError(f"{max(self.queued - self.free_total, 0)} sequences are already waiting for a "
+                                     f"slot (max_queue={self.max_queue}); retry later")
+            self.queued += count
+            self.inbox.append(("submit", request))
+        self.wake.set()
+
+    def cancel(self, request: GenRequest) -> None:
+        """Stop a request whose client went away (its slots are freed at the next step boundary)."""
+        with self.lock:
+            self.inbox.append(("cancel", request))
+        self.wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new requests, let running ones finish for up to `timeout` s, then stop the pipeline."""
+        with self.lock:
+            self.stopping, self.deadline = True, time.monotonic() + timeout
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout + 10.0)
+        self.driver.close()
+
+    # ---- the scheduler thread ----
+
+    def run(self) -> None:
+        """Issue steps and hand out results until stopped or the pipeline fails."""
+        try:
+            while True:
+                self.wake.clear()
+                self._drain_inbox()
+                if self._finished():
+                    break
+                self._issue()
+                self._update_gauges()
+                if any(self.inflight):
+                    self._on_result(self.driver.collect())
+                else:
+                    self.wake.wait(0.1)
+                    self.driver.check_alive()
+        except WorkerError as err:
+            self._fail(f"the pipeline failed: {err}")
+        except Exception as err:  # noqa: BLE001 - any scheduler bug must fail every request, never hang them
+            log.exception("scheduler error")
+            self._fail(f"internal scheduler error: {type(err).__name__}: {err}")
+
+    def _drain_inbox(self) -> None:
+        with self.lock:
+            items = list(self.inbox)
+            self.inbox.clear()
+        for kind, req in items:
+            if kind == "cancel":
+                self._cancel(req)
+            else:
+                self.active[req.id] = req
+                self.waiting.extend(req.sequences)
+                self.metrics.prompt_tokens.inc(req.prompt_tokens)
+
+    def _finished(self) -> bool:
+        if not self.stopping:
+            return False
+        busy = self.waiting or any(self.running) or any(self.inflight)
+        if busy and time.monotonic() < self.deadline:
+            return False
+        for req in list(self.active.values()):
+            self._error(req, 503, "the server is shutting down")
+        return True
+
+    def _issue(self) -> None:
+        for g in range(self.groups):
+            if not self.inflight[g]:
+                cmd = self._build(g)
+                if cmd is not None:
+                    self.driver.send(cmd)
+                    self.inflight[g] = True
+
+    def _admit(self, g: int) -> list[Sequence]:
+        new: list[Sequence] = []
+        width = 0
+        while self.waiting and self.free_slots[g]:
+            seq = self.waiting[0]
+            width = max(width, len(seq.prompt))
+            if new and (len(new) + 1) * width > self.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            seq.slot = self.free_slots[g].popleft()
+            self.running[g][seq.slot] = seq
+            new.append(seq)
+        with self.lock:
+            self.queued -= len(new)
+            self.free_total -= len(new)
+        return new
+
+    def _build(self, g: int) -> StepCommand | None:
+        decode = list(self.running[g].values())
+        new = self._admit(g)
+        parts = []
+        if decode:
+            parts.append(StepPart(slots=torch.tensor([s.slot for s in decode]),
+                                  tokens=torch.tensor([[s.tokens[-1]] for s in decode]),
+                                  lengths=torch.ones(len(decode), dtype=torch.long),
+                                  start=torch.tensor([s.next_column for s in decode])))
+        if new:
+            width = max(len(s.prompt) for s in new)
+            tokens = torch.zeros(len(new), width, dtype=torch.long)
+            for row, s in enumerate(new):
+                tokens[row, : len(s.prompt)] = torch.tensor(s.prompt)
+            parts.append(StepPart(slots=torch.tensor([s.slot for s in new]), tokens=tokens,
+                                  lengths=torch.tensor([len(s.prompt) for s in new]),
+                                  start=torch.zeros(len(new), dtype=torch.long)))
+        if not parts:
+            return None
+        reused = {s.slot for s in new}
+        free, self.pending_free = [s for s in self.pending_free if s not in reused], []
+        self.steps += 1
+        inits = {s.slot: SeqInit(s.params, self.eos_ids, s.request.logprobs) for s in new}
+        return StepCommand(group=g, parts=parts, new=inits, free=free, step=self.steps)
+
+    def _on_result(self, payload: dict) -> None:
+        g = payload["group"]
+        self.inflight[g] = False
+        self.metrics.steps.inc()
+        running = self.running[g]
+        for slot, token in payload["tokens"].items():
+            seq = running.get(slot)
+            if seq is not None and not seq.request.cancelled:
+                last = slot in payload["finished"]
+                seq.request.emit(seq.on_token(token, payload["logprobs"].get(slot), last))
+                if len(seq.tokens) == 1:
+                    self.metrics.ttft.observe(seq.first_at - seq.request.arrival)
+        self.metrics.generation_tokens.inc(len(payload["tokens"]))
+        for slot, reason in payload["finished"].items():
+            seq = running.get(slot)
+            if seq is not None:
+                self._release(seq, clear=False)
+                if not seq.request.cancelled:
+                    self._finish(seq, reason, payload["text"].get(slot))
+        for seq in [s for s in running.values() if s.request.cancelled]:
+            self._release(seq, clear=True)
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None) -> None:
+        req = seq.request
+        req.emit(seq.on_finish(reason, text))
+        if seq.tpot is not None:
+            self.metrics.tpot.observe(seq.tpot)
+        if all(s.finished for s in req.sequences):
+            self.metrics.latency.observe(time.monotonic() - req.arrival)
+            req.emit(Event("done", usage=req.usage()))
+            self.active.pop(req.id, None)
+
+    def _release(self, seq: Sequence, clear: bool) -> None:
+        """Give the slot of `seq` back to its group (its step must not be in flight)."""
+        g = seq.slot % self.groups
+        del self.running[g][seq.slot]
+        self.free_slots[g].append(seq.slot)
+        with self.lock:
+            self.free_total += 1
+        if clear:
+            self.pending_free.append(seq.slot)
+        seq.finished = True
+
+    def _cancel(self, req: GenRequest) -> None:
+        req.cancelled = True
+        req.closed = True
+        self.active.pop(req.id, None)
+        for seq in req.sequences:
+            if seq.finished:
+                continue
+            if seq.slot is None:
+                self.waiting.remove(seq)
+                with self.lock:
+                    self.queued -= 1
+                seq.finished = True
+            elif not self.inflight[seq.slot % self.groups]:
+                self._release(seq, clear=True)
+
+    def _error(self, req: GenRequest, status: int, message: str) -> None:
+        req.emit(Event("error", status=status, message=message))
+        self.active.pop(req.id, None)
+
+    def _fail(self, message: str) -> None:
+        with self.lock:
+            self.failure = message
+            items = [req for kind, req in self.inbox if kind == "submit"]
+            self.inbox.clear()
+        for req in [*self.active.values(), *items]:
+            self._error(req, 503, message)
+        self.driver.close()
+        self.on_failure(message)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queued)
+        self.metrics.running.set(sum(len(r) for r in self.running))
+        for rank, frac in self.driver.stage_busy.items():
+            self.metrics.busy.set(frac, stage=str(rank))
