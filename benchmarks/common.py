@@ -79,4 +79,4 @@ def progress(total: int, desc: str):
     """A tqdm progress bar on stderr."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)

@@ -142,7 +142,7 @@ def main() -> None:
             server.stop()
     out = Path(opts["out"])
     config = {k: v for k, v in opts.items() if k != "api_key"}
-    write_json(out.with_suffix(".json"), {"environment": environment(), "config": config, "levels": levels,
+    write_json(out.with_suffix(".json"), {"env": environment(), "config": config, "results": levels,
                                           "server_metrics": metrics})
     plot(levels, out.with_suffix(".png"), f"eet_pipe serve: {opts['model'] if server else opts['url']}, "
                                           f"max_tokens={opts['max_tokens']}")

@@ -58,7 +58,7 @@ def _train(cfg: ArchConfig, seed: int) -> dict[str, torch.Tensor]:
     meta = prefill_meta(torch.ones(BATCH, SEQ, dtype=torch.bool))
     from tqdm import tqdm
 
-    for step in tqdm(range(TRAIN_STEPS), desc="building the tiny model (once)", leave=False):
+    for step in tqdm(range(TRAIN_STEPS), desc="building the tiny model (once)", leave=False, disable=None):
         starts = torch.randint(0, len(data) - SEQ - 1, (BATCH,), generator=gen)
         batch = torch.stack([data[s:s + SEQ + 1] for s in starts.tolist()])
         logits = model(batch[:, :-1], meta)

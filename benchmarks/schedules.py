@@ -1,0 +1,148 @@
+"""Every schedule and microbatch count in one run: measured throughput, latency and bubble (from the
+engine's trace) next to the simulator's prediction for the same schedule and the measured per-chunk
+costs, plus our single device and torch.distributed.pipelining as peers.
+
+    python benchmarks/schedules.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+        batch=32 seq=512 microbatches=1,2,4,8,16,32
+    python benchmarks/schedules.py --quick          # CPU smoke run (tiny model, 2 gloo stages)
+
+Writes <out>.json (environment, config, one row per schedule x M), <out>.png (tokens/s vs M per
+schedule, and simulated vs measured makespan) and one timeline PNG per schedule.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
+from peers import torch_pipelining  # noqa: E402
+from pipeline_prefill import single_device  # noqa: E402
+
+from eet_pipe.presets import resolve_model  # noqa: E402
+from eet_pipe.runtime import PipelineEngine  # noqa: E402
+from eet_pipe.runtime.trace import bubble_fraction, plot_timeline  # noqa: E402
+from eet_pipe.schedule import build, simulate  # noqa: E402
+
+DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
+            "seq": 512, "microbatches": ["1", "2", "4", "8", "16", "32"], "schedules": ["sequential", "gpipe",
+            "interleaved2", "interleaved4"], "warmup": 1, "repeats": 3, "peer": "yes",
+            "out": "bench_results/schedules"}
+QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
+         "microbatches": ["1", "2", "4"], "schedules": ["sequential", "gpipe", "interleaved2"], "warmup": 1,
+         "repeats": 1, "peer": "no"}
+FIELDS = ("system", "schedule", "virtual", "microbatches", "seconds", "tokens_per_s", "latency_s", "bubble_measured",
+          "bubble_simulated", "makespan_simulated_s", "simulated_over_measured")
+
+
+def predicted(events: list[dict], schedule: str, stages: int, m: int, v: int) -> tuple[float, float]:
+    """Simulated makespan and bubble for the schedule, with every chunk costing the measured median
+    compute time of one chunk-microbatch (transfers overlap; per-microbatch overhead is what the
+    difference to the measurement shows)."""
+    by_chunk: dict[str, list[float]] = {}
+    for e in events:
+        if e["kind"] == "compute":
+            by_chunk.setdefault(e["label"].split(" ", 1)[1], []).append(e["end"] - e["start"])
+    sched = build(schedule, stages, m if schedule != "sequential" else 1, v)
+    costs = [statistics.median(times) for times in by_chunk.values()] or [0.0]
+    result = simulate(sched, sum(costs) / len(costs))
+    return result.makespan, result.bubble
+
+
+def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -> list[dict]:
+    schedule, v = ("interleaved", int(name[len("interleaved"):])) if name.startswith("interleaved") else (name, 1)
+    rows = []
+    out = Path(opts["out"])
+    with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
+                        schedule=schedule, virtual=max(v, 2), plan="even", timeout=600, cpu_threads=1) as engine:
+        for m in ([1] if schedule == "sequential" else ms):
+            seconds = time_it(lambda: engine.forward(ids, output="none", microbatches=m), [], opts["warmup"],
+                              opts["repeats"])
+            engine.trace_path = str(out.parent / f"{out.name}_{name}_M{m}_trace.json")
+            engine.forward(ids, output="none", microbatches=m)
+            engine.trace_path = None
+            events = engine.last_trace
+            sim_makespan, sim_bubble = predicted(events, schedule, len(opts["devices"]), m, v)
+            measured = max(e["end"] for e in events) - min(e["start"] for e in events)
+            rows.append({"system": "eet_pipe", "schedule": schedule, "virtual": v, "microbatches": m,
+                         "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds,
+                         "bubble_measured": bubble_fraction(events, len(opts["devices"])),
+                         "bubble_simulated": sim_bubble, "makespan_simulated_s": sim_makespan,
+                         "simulated_over_measured": sim_makespan / measured if measured else None})
+            bar.update()
+        plot_timeline(events, out.parent / f"{out.name}_{name}_timeline.png", len(opts["devices"]),
+                      title=f"{name} M={rows[-1]['microbatches']}")
+    return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({(r["system"], r["schedule"], r["virtual"]) for r in rows}):
+        pts = sorted((r["microbatches"], r["tokens_per_s"]) for r in rows
+                     if (r["system"], r["schedule"], r["virtual"]) == key and r.get("tokens_per_s"))
+        if pts:
+            a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]} v{key[2]}")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("microbatches M")
+    a.set_ylabel("tokens/s")
+    a.legend(fontsize=7)
+    ours = [r for r in rows if r.get("makespan_simulated_s")]
+    b.scatter([r["seconds"] for r in ours], [r["makespan_simulated_s"] for r in ours], s=12)
+    hi = max([r["seconds"] for r in ours] + [1e-9])
+    b.plot([0, hi], [0, hi], "k--", lw=0.8)
+    b.set_xlabel("measured s")
+    b.set_ylabel("simulated makespan s")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    ms = [int(m) for m in opts["microbatches"]]
+    cfg = resolve_model(opts["model"], opts["weights"] or None).cfg
+    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))
+    Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
+    bar = progress(1 + sum(1 if s == "sequential" else len(ms) for s in opts["schedules"]), "schedules")
+    single = single_device(opts, ids)
+    bar.update()
+    rows = [{"system": "eet_pipe single device", "schedule": "none", "virtual": 1, "microbatches": 1,
+             "seconds": single, "tokens_per_s": ids.numel() / single, "latency_s": single}]
+    for name in opts["schedules"]:
+        rows += run_schedule(opts, ids, name, ms, bar)
+    if opts["peer"] == "yes":
+        for schedule in ("gpipe", "interleaved"):
+            peer = torch_pipelining({**opts, "microbatches": ms, "schedule": schedule})
+            rows += [{"system": "torch.distributed.pipelining", "schedule": schedule, "virtual": 2 if schedule ==
+                      "interleaved" else 1, **r, "tokens_per_s": ids.numel() / r["seconds"], "latency_s": r["seconds"]}
+                     for r in peer["results"]]
+            if not peer["ok"]:
+                rows.append({"system": "torch.distributed.pipelining", "schedule": schedule, "error": peer["error"][-2000:]})
+    bar.close()
+    for r in rows:
+        for f in FIELDS:
+            r.setdefault(f, None)
+    data = {"env": environment(), "config": {**opts, "microbatches": ms}, "results": rows}
+    write_json(Path(opts["out"] + ".json"), data)
+    plot(rows, opts["out"] + ".png", f"{opts['model']} {opts['batch']}x{opts['seq']} on {len(opts['devices'])} devices")
+    print(f"{'system':<30} {'schedule':<12} {'M':>3} {'tok/s':>10} {'bubble':>7} {'sim bubble':>10} {'sim/meas':>8}")
+    for r in rows:
+        if r.get("tokens_per_s"):
+            fmt = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+            print(f"{r['system']:<30} {r['schedule'] + ('' if r['virtual'] == 1 else str(r['virtual'])):<12} "
+                  f"{r['microbatches']:>3} {r['tokens_per_s']:>10.0f} {fmt(r['bubble_measured'], '7.1%')} "
+                  f"{fmt(r['bubble_simulated'], '10.1%')} {fmt(r['simulated_over_measured'], '8.2f')}")
+
+
+if __name__ == "__main__":
+    main()
