@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# GPU verification and figures in one go: build the kernels, run the GPU tests, run the pipeline
-# benchmarks on the first two GPUs. Usage: benchmarks/gpu_suite.sh OUTDIR
+# GPU verification and figures: build the kernels, run the GPU tests, run the benchmarks on the first
+# two GPUs. Usage: benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single]
+# (no part named = all). Every part has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
-OUT_DIR=${1:-bench_results}
+OUT_DIR=${1:-bench_results}; shift || true
+PARTS=${*:-tests prefill decode schedules partitions single}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export EET_PIPE_JIT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-LOG="$OUT_DIR/gpu_suite.log"
+XL="model=gpt2-xl weights=random dtype=fp16"
+TWO="devices=cuda:0,cuda:1"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   echo "== build kernels"; time python3 -c "import eet_pipe.ops as o; print('HAVE_EXT', o.HAVE_EXT, o.EXT_REASON)"
-  echo "== gpu tests"
-  timeout 300 python3 -m pytest -q -m "cuda or multigpu" -p no:cacheprovider -s \
-      tests/integration/test_gpu_parity.py tests/distributed/test_multigpu.py 2>&1 | grep -v "it/s"
-  echo "== pipeline prefill"
-  timeout 240 python3 benchmarks/pipeline_prefill.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
-      batch=32 seq=512 microbatches=4,8,16,32 warmup=1 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s"
-  echo "== pipeline decode"
-  timeout 180 python3 benchmarks/pipeline_decode.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
-      prompt=32 new=64 batch=32 repeats=2 out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s"
+  if has tests; then
+    echo "== gpu tests"
+    timeout 300 python3 -m pytest -q -m "cuda or multigpu" -p no:cacheprovider -s tests/distributed/test_multigpu.py \
+        tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py 2>&1 | grep -v "it/s" | tail -40
+  fi
+  has prefill && timeout 240 python3 benchmarks/pipeline_prefill.py $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
+      warmup=1 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
+  has decode && timeout 180 python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
+      out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
+  has schedules && timeout 300 python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
+      out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
+  has partitions && timeout 240 python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
+      out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
+  has single && timeout 420 python3 benchmarks/single_gpu.py $XL device=cuda:0 out="$OUT_DIR/single_gpu" 2>&1 \
+      | grep -v "it/s" | tail -25
   date -u
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee "$OUT_DIR/gpu_suite.log"

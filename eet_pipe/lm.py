@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from eet_pipe.cuda_graphs import GraphDecoder
 from eet_pipe.dtypes import parse_device, parse_dtype
-from eet_pipe.generation import GenerationResult, SamplingParams, check_prompts, generate_loop
+from eet_pipe.gemm_tuning import GemmTuning, enable_gemm_tuning, warm_up
+from eet_pipe.generation import GenerationResult, SamplingParams, StepFn, check_prompts, generate_loop
 from eet_pipe.loading import load_units, tokenizer_for
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.meta import StepMeta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
+from eet_pipe.models.quant import resolve_precision
 from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.tokenizer import Tokenizer
 
@@ -68,13 +72,32 @@ def check_forward_inputs(cfg: ArchConfig, ids: torch.Tensor, mask: torch.Tensor 
 
 
 class LanguageModel:
-    """A whole canonical model on one device."""
+    """A whole canonical model on one device.
 
-    def __init__(self, model: CanonicalModel, tokenizer: Tokenizer | None = None, spec: ModelSpec | None = None):
+    Args:
+        model: the canonical model (optionally int8-quantised by `quantize_model`).
+        tokenizer, spec: what `from_pretrained` resolved (optional).
+        tune_gemm: choose GEMM algorithms per shape with TunableOp (CUDA only; see `gemm_tuning`),
+            with a warm-up pass at start-up; results cached under `gemm_cache_dir`.
+        gemm_cache_dir: folder of the tuning results file (default ``~/.cache/eet_pipe/gemm_tuning``).
+    """
+
+    def __init__(self, model: CanonicalModel, tokenizer: Tokenizer | None = None, spec: ModelSpec | None = None,
+                 tune_gemm: bool = False, gemm_cache_dir: str | Path | None = None):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.cfg = model.cfg
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.gemm_tuning: GemmTuning | None = None
+        self._graphs = GraphDecoder(model)
+        if tune_gemm:
+            self.gemm_tuning = enable_gemm_tuning(self.device, gemm_cache_dir)
+            if self.gemm_tuning.enabled and self.cfg.is_decoder and model.has_head:
+                self.warm_up()
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,), prompt_len: int = 32) -> None:
+        """Run the model once per shape so GEMM tuning (if on) happens now, not on the first request."""
+        warm_up(self.model, self.device, batch_sizes, prompt_len, self.gemm_tuning)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -87,24 +110,54 @@ class LanguageModel:
     __call__ = forward
 
     @torch.inference_mode()
-    def generate(self, prompts: Prompts, **sampling: Any) -> list[GenerationResult]:
-        """Generate for each prompt (text or ids); keyword arguments are `SamplingParams` fields."""
+    def generate(self, prompts: Prompts, cuda_graphs: bool | None = None, **sampling: Any) -> list[GenerationResult]:
+        """Generate for each prompt (text or ids); keyword arguments are `SamplingParams` fields.
+
+        `cuda_graphs` replays decode steps from CUDA graphs (`eet_pipe.cuda_graphs`); default: on
+        for a CUDA model, off on CPU (where True runs the same steps eagerly).
+        """
         ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)
         max_len = max(len(p) for p in ids) + per_seq[0].max_new_tokens
-        cache = self.model.new_cache(len(ids), max_len)
-
-        def step(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
-            return self.model(x.to(self.device), meta.to(self.device), cache)[:, -1]
-
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        step = self._graph_step(len(ids), max_len) if use_graphs else self._eager_step(len(ids), max_len)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         return generate_loop(step, ids, per_seq, self.cfg.eos_ids, decode, pad)
 
+    def _eager_step(self, batch: int, max_len: int) -> StepFn:
+        cache = self.model.new_cache(batch, max_len)
+
+        def step(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+            return self.model(x.to(self.device), meta.to(self.device), cache)[:, -1]
+
+        return step
+
+    def _graph_step(self, batch: int, max_len: int) -> StepFn:
+        graphs = self._graphs.prepare(batch, max_len)
+
+        def step(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+            if x.shape[1] == 1:
+                return graphs(x, meta)
+            return self.model(x.to(self.device), meta.to(self.device), graphs.cache)[:, -1]
+
+        return step
+
 
 def from_pretrained(model: str, weights: str | None = None, dtype: str | torch.dtype | None = None,
-                    device: str = "cpu", seed: int = 0) -> LanguageModel:
-    """Load `model` (checkpoint directory, HF-cache name or preset) on one device."""
+                    device: str = "cpu", seed: int = 0, quantize: str | None = None,
+                    tune_gemm: bool = False) -> LanguageModel:
+    """Load `model` (checkpoint directory, HF-cache name or preset) on one device.
+
+    Args:
+        model, weights, seed: what to load (see `resolve_model`).
+        dtype: fp32 / fp16 / bf16 activations and weights, or "int8": int8 weights (as
+            quantize="int8-weight") with fp16 activations on CUDA and fp32 on CPU.
+        device: "cpu" or "cuda:N".
+        quantize: None or "int8-weight" (weight-only int8 for the layers' projections).
+        tune_gemm: per-shape GEMM selection with TunableOp (CUDA only), see `LanguageModel`.
+    """
     spec = resolve_model(model, weights, seed)
     dev = parse_device(device)
-    canonical = load_units(spec, None, parse_dtype(dtype), dev)
-    return LanguageModel(canonical, tokenizer_for(spec), spec)
+    act_dtype, quantize = resolve_precision(dtype, quantize, dev)
+    canonical = load_units(spec, None, parse_dtype(act_dtype), dev, quantize=quantize)
+    return LanguageModel(canonical, tokenizer_for(spec), spec, tune_gemm=tune_gemm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eet_pipe.models.model import CanonicalModel
+from eet_pipe.models.quant import check_quantize, quantize_model
 from eet_pipe.presets import ModelSpec
 from eet_pipe.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from eet_pipe.weights.loader import init_random, load_checkpoint
@@ -13,8 +14,19 @@ __all__ = ["load_units", "tokenizer_for", "spec_from_model", "prepare"]
 
 
 def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
-               device: torch.device | str) -> CanonicalModel:
-    """The slice `units` (None = whole model) with weights from the spec's source, on `device`."""
+               device: torch.device | str, quantize: str | None = None) -> CanonicalModel:
+    """The slice `units` (None = whole model) with weights from the spec's source, on `device`.
+
+    `quantize` ("int8-weight" or None) quantises the layers' projections after loading
+    (``eet_pipe.models.quant.quantize_model``); `dtype` stays the activation dtype.
+    """
+    check_quantize(quantize)
+    model = _load(spec, units, dtype, device)
+    return quantize_model(model) if quantize is not None else model
+
+
+def _load(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
+          device: torch.device | str) -> CanonicalModel:
     if spec.source == "dir":
         return load_checkpoint(spec.path, units, dtype=dtype, device=device)
     if spec.source == "state":

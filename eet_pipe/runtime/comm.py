@@ -33,6 +33,13 @@ class _BufferPool:
         self.device = device
         self._pool: dict[Spec, tuple[list[torch.Tensor], int]] = {}
 
+    def reserve(self, spec: Spec) -> None:
+        """Allocate both buffers of `spec` now (no allocation later, while messages are in flight)."""
+        bufs, turn = self._pool.get(spec, ([], 0))
+        while len(bufs) < 2:
+            bufs.append(torch.empty(spec[0], dtype=spec[1], device=self.device))
+        self._pool[spec] = (bufs, turn)
+
     def take(self, spec: Spec) -> torch.Tensor:
         bufs, turn = self._pool.get(spec, ([], 0))
         if len(bufs) < 2:
@@ -57,6 +64,8 @@ class P2P:
     def expect(self, recvs: Sequence[Action]) -> None:
         """The receives of this command, in schedule order; the first one is posted at once."""
         self._upcoming = deque(recvs)
+        for spec in {spec for action in recvs for spec in self.specs(action)}:
+            self.pool.reserve(spec)
         if self.early:
             self._post_next()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eet_pipe.models.config import ArchConfig
-from eet_pipe.weights.mapping import COPY, TRANSPOSE, ArchMapping, Rule
+from eet_pipe.weights.mapping import COPY, TRANSPOSE, ArchMapping, Rule, head_rule
 
 __all__ = ["GPT2"]
 
@@ -18,10 +18,7 @@ def _rules(cfg: ArchConfig) -> list[Rule]:
         rules.append(Rule(f"layers.{{i}}.{canon}.weight", (f"h.{{i}}.{hf}.weight",), TRANSPOSE if conv else COPY))
         rules.append(Rule(f"layers.{{i}}.{canon}.bias", (f"h.{{i}}.{hf}.bias",)))
     rules += [Rule("final_norm.weight", ("ln_f.weight",)), Rule("final_norm.bias", ("ln_f.bias",))]
-    if cfg.tie_embeddings:
-        rules.append(Rule("head.weight", ("wte.weight",)))
-    else:
-        rules.append(Rule("head.weight", ("lm_head.weight",), top_level=True))
+    rules.append(head_rule(cfg, "wte.weight"))
     return rules
 
 

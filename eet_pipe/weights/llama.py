@@ -7,7 +7,7 @@ concatenated into ``attn.qkv``; no permutation is needed.
 from __future__ import annotations
 
 from eet_pipe.models.config import ArchConfig
-from eet_pipe.weights.mapping import COPY, ArchMapping, Concat, Rule
+from eet_pipe.weights.mapping import COPY, ArchMapping, Concat, Rule, head_rule
 
 __all__ = ["LLAMA"]
 
@@ -35,10 +35,7 @@ def _rules(cfg: ArchConfig) -> list[Rule]:
         for part in ["weight"] + (["bias"] if cfg.mlp_bias else []):
             rules.append(Rule(f"layers.{{i}}.mlp.{name}.{part}", (layer + f"mlp.{name}_proj.{part}",), COPY))
     rules.append(Rule("final_norm.weight", ("norm.weight",)))
-    if cfg.tie_embeddings:
-        rules.append(Rule("head.weight", ("embed_tokens.weight",)))
-    else:
-        rules.append(Rule("head.weight", ("lm_head.weight",), top_level=True))
+    rules.append(head_rule(cfg, "embed_tokens.weight"))
     return rules
 
 

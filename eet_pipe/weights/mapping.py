@@ -16,7 +16,7 @@ import torch
 from eet_pipe.models.config import ArchConfig
 
 __all__ = ["Transform", "COPY", "TRANSPOSE", "Concat", "Rule", "ArchMapping", "MappingError",
-           "from_hf", "to_hf", "normalise_keys", "check_keys"]
+           "from_hf", "to_hf", "normalise_keys", "check_keys", "head_rule"]
 
 
 class MappingError(ValueError):
@@ -55,6 +55,13 @@ class Rule:
         if "{i}" in self.canonical:
             return self.canonical.format(i=i), tuple(h.format(i=i) for h in self.hf)
         return self.canonical, self.hf
+
+
+def head_rule(cfg: ArchConfig, token_embedding: str) -> Rule:
+    """The LM head: the token embedding when the config ties them, else the top-level ``lm_head``."""
+    if cfg.tie_embeddings:
+        return Rule("head.weight", (token_embedding,))
+    return Rule("head.weight", ("lm_head.weight",), top_level=True)
 
 
 @dataclass(frozen=True)

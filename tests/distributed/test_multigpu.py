@@ -25,7 +25,7 @@ def single():
 @pytest.mark.timeout(600)
 def test_fp16_pipeline_matches_single_gpu(single, schedule, virtual):
     with PipelineEngine("gpt2-medium", weights="random", dtype="fp16", devices=["cuda:0", "cuda:1"],
-                        schedule=schedule, virtual=virtual, plan="even") as engine:
+                        schedule=schedule, virtual=virtual, plan="even", timeout=45) as engine:
         ids, mask = pad_prompts(PROMPTS)
         for m in (1, 2, 4, 8):
             out = engine.forward(ids, mask, microbatches=m, output="last")

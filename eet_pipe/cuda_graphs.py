@@ -1,0 +1,178 @@
+"""CUDA graphs for decode steps: one captured graph per batch-size bucket.
+
+A decode step (one new token per sequence) launches a few hundred small kernels; replaying a
+captured CUDA graph removes their launch cost. Shapes must not change between replays, so:
+
+* every input lives in a static buffer of the bucket's size (`StaticDecodeInputs`); a batch of B
+  rows runs in the smallest bucket >= B, and rows B.. are padding that read and write only the
+  cache's **spare slot** (the last one, which generation never assigns), so their results are
+  ignored;
+* attention reads the full-length cache: the step's `StepMeta.kv_len` is ``cache.max_len`` and
+  ``lengths = write_index + 1`` bounds the work inside the decode-attention op.
+
+Graphs are captured lazily (first use of a bucket) after a warm-up on a side stream, all into one
+private memory pool; the logits are cloned out of the static output after each replay, so sharing
+the pool between buckets is safe. On CPU (or a batch above the largest bucket) the step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.meta import StepMeta
+from eet_pipe.models.model import CanonicalModel
+
+__all__ = ["DEFAULT_BUCKETS", "StaticDecodeInputs", "static_decode_step", "DecodeGraphs", "GraphDecoder",
+           "bucket_for"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Batch sizes that get a graph; a batch runs in the smallest bucket that holds it."""
+CACHE_LEN_ROUND = 64
+"""`GraphDecoder` rounds cache lengths up to a multiple of this so later calls can reuse the cache."""
+
+
+def bucket_for(batch: int, buckets: Sequence[int]) -> int | None:
+    """Smallest bucket >= batch, or None when the batch is larger than every bucket."""
+    fits = [b for b in buckets if b >= batch]
+    return min(fits) if fits else None
+
+
+class StaticDecodeInputs:
+    """Fixed-address inputs of one bucket: ids [b, 1], slots [b], write_index [b, 1], positions [b, 1],
+    valid [b, 1]. Rows past the real batch point at `spare_slot`, column 0."""
+
+    def __init__(self, batch: int, spare_slot: int, device: torch.device) -> None:
+        self.batch, self.spare_slot = batch, spare_slot
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slots = torch.full((batch,), spare_slot, dtype=torch.long, device=device)
+        self.write_index = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+
+    def load(self, ids: torch.Tensor, meta: StepMeta) -> int:
+        """Copy a decode step's inputs into rows 0..n-1 and reset the padding rows; returns n."""
+        n = ids.shape[0]
+        if n > self.batch or ids.shape[1] != 1:
+            raise ValueError(f"StaticDecodeInputs: ids {tuple(ids.shape)} do not fit the bucket [{self.batch}, 1]")
+        if meta.slots is None or meta.write_index is None:
+            raise ValueError("StaticDecodeInputs.load needs StepMeta.slots and write_index (a cached decode step)")
+        if meta.slots.device.type == "cpu" and n and int(meta.slots.max()) >= self.spare_slot:
+            raise ValueError(f"slot {int(meta.slots.max())} collides with the spare slot {self.spare_slot}: "
+                             f"allocate the cache with one slot more than the batch")
+        for dst, src in ((self.ids, ids), (self.slots, meta.slots), (self.write_index, meta.write_index),
+                         (self.positions, meta.positions), (self.valid, meta.valid)):
+            dst[:n].copy_(src.view(dst[:n].shape), non_blocking=True)
+        if n < self.batch:
+            self.ids[n:].zero_()
+            self.slots[n:].fill_(self.spare_slot)
+            self.write_index[n:].zero_()
+            self.positions[n:].zero_()
+            self.valid[n:].fill_(True)
+        return n
+
+    def meta(self, cache_len: int) -> StepMeta:
+        """StepMeta over the static buffers that attends over the whole cache (kv_len = cache_len)."""
+        return StepMeta(positions=self.positions, valid=self.valid, slots=self.slots,
+                        write_index=self.write_index, kv_len=cache_len)
+
+
+def static_decode_step(model: CanonicalModel, cache: KVCache, inputs: StaticDecodeInputs) -> torch.Tensor:
+    """One decode step over the static buffers and the full-length cache: logits [bucket, V]."""
+    return model(inputs.ids, inputs.meta(cache.max_len), cache)[:, -1]
+
+
+@dataclass
+class _Captured:
+    inputs: StaticDecodeInputs
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [bucket, V], static output of the graph
+
+
+class DecodeGraphs:
+    """Decode steps of `model` on `cache` through one CUDA graph per batch bucket (eager on CPU).
+
+    The cache's last slot is the spare slot for padding rows: allocate it with one slot more than
+    the largest batch. Call it as a step function: ``logits = graphs(ids [B, 1], meta)`` -> [B, V].
+    """
+
+    def __init__(self, model: CanonicalModel, cache: KVCache, max_batch_buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 warmup_steps: int = 2) -> None:
+        if cache.num_slots < 2:
+            raise ValueError(f"DecodeGraphs needs a cache with a spare slot (num_slots >= 2), got {cache.num_slots}")
+        if not max_batch_buckets or any(int(b) < 1 for b in max_batch_buckets):
+            raise ValueError(f"max_batch_buckets={tuple(max_batch_buckets)!r} is invalid: positive batch sizes")
+        self.model, self.cache = model, cache
+        self.device = cache.valid.device
+        self.spare_slot = cache.num_slots - 1
+        self.buckets = tuple(sorted({int(b) for b in max_batch_buckets}))
+        self.warmup_steps = warmup_steps
+        self.graphs: dict[int, _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        """True when steps replay CUDA graphs (the cache is on a CUDA device)."""
+        return self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def capture(self, bucket: int) -> _Captured:
+        """Warm up on a side stream, then capture the step of batch `bucket` (rows on the spare slot)."""
+        if not self.enabled:
+            raise RuntimeError(f"DecodeGraphs.capture needs a CUDA cache, this one is on {self.device}")
+        inputs = StaticDecodeInputs(bucket, self.spare_slot, self.device)
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_steps):
+                    static_decode_step(self.model, self.cache, inputs)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = static_decode_step(self.model, self.cache, inputs)
+        captured = _Captured(inputs, graph, logits)
+        self.graphs[bucket] = captured
+        log.debug("captured decode graph for batch bucket %d", bucket)
+        return captured
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        """Logits [B, V] of one decode step; ids [B, 1], meta with slots / write_index / positions / valid."""
+        bucket = bucket_for(ids.shape[0], self.buckets)
+        if not self.enabled or bucket is None or ids.shape[1] != 1:
+            return self.model(ids.to(self.device), meta.to(self.device), self.cache)[:, -1]
+        captured = self.graphs.get(bucket) or self.capture(bucket)
+        n = captured.inputs.load(ids, meta)
+        captured.graph.replay()
+        return captured.logits[:n].clone()
+
+
+class GraphDecoder:
+    """A KV cache with a spare slot and its `DecodeGraphs`, kept across generate calls that fit in it."""
+
+    def __init__(self, model: CanonicalModel, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+        self.model, self.buckets = model, tuple(buckets)
+        self.graphs: DecodeGraphs | None = None
+
+    def prepare(self, batch: int, max_len: int) -> DecodeGraphs:
+        """Graphs over a cleared cache with >= batch + 1 slots and >= max_len columns."""
+        g = self.graphs
+        if g is not None and g.spare_slot >= batch and g.cache.max_len >= max_len:
+            g.cache.valid.zero_()
+            return g
+        self.graphs = None  # free the old cache and graphs before allocating new ones
+        capacity = bucket_for(batch, self.buckets) or batch
+        length = math.ceil(max_len / CACHE_LEN_ROUND) * CACHE_LEN_ROUND
+        length = min(length, max(max_len, self.model.cfg.max_positions))
+        cache = self.model.new_cache(capacity + 1, length)
+        self.graphs = DecodeGraphs(self.model, cache, self.buckets)
+        return self.graphs

@@ -1,0 +1,120 @@
+"""Per-shape GEMM algorithm selection with PyTorch TunableOp, cached in a file per device and version.
+
+`enable_gemm_tuning` turns TunableOp on for this process: the first GEMM of each (dtype, layout,
+M, N, K) benchmarks the candidate algorithms and keeps the fastest; the choices are read from and
+written to ``<cache_dir>/tunableop_<device name>_torch<version>_cuda<version>.csv``, so a second
+run with the same GPU and software starts with every shape already tuned. Run a warm-up pass over
+the shapes you serve (`warm_up`) at start-up so no request pays for tuning. On CPU it does nothing
+(one log line). TunableOp state is process-wide in PyTorch; this module only configures it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["GemmTuning", "enable_gemm_tuning", "tuning_filename", "default_cache_dir", "save_tuning",
+           "warm_up"]
+
+log = logging.getLogger(__name__)
+
+MAX_TUNING_ITERATIONS = 20
+"""Timed runs per candidate algorithm (TunableOp's default is 100)."""
+MAX_TUNING_MS = 20
+"""Time budget per candidate algorithm in milliseconds."""
+
+
+@dataclass
+class GemmTuning:
+    """Where the tuning results of one device live, and whether tuning is on."""
+
+    device: torch.device
+    path: Path | None
+    """The results file, or None when tuning is off (CPU)."""
+    loaded: bool = False
+    """True if earlier results were read from `path`."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/eet_pipe/gemm_tuning``."""
+    return Path.home() / ".cache" / "eet_pipe" / "gemm_tuning"
+
+
+def tuning_filename(device_name: str) -> str:
+    """File name keyed by device name and the torch / CUDA versions (TunableOp rejects other versions)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() or "device"
+    torch_version = torch.__version__.split("+")[0]
+    return f"tunableop_{slug}_torch{torch_version}_cuda{torch.version.cuda}.csv"
+
+
+def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None = None,
+                       max_iterations: int = MAX_TUNING_ITERATIONS) -> GemmTuning:
+    """Turn on TunableOp GEMM selection for `device`, reading and writing the per-device results file.
+
+    Args:
+        device: the device the model runs on; a CPU device makes this a no-op.
+        cache_dir: folder of the results file (default `default_cache_dir()`).
+        max_iterations: timed runs per candidate algorithm (>= 1).
+    Returns:
+        a `GemmTuning` naming the results file (path None on CPU).
+    """
+    device = torch.device(device)
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations={max_iterations} is invalid: must be >= 1")
+    if device.type != "cuda":
+        log.info("GEMM tuning skipped: %s is not a CUDA device (TunableOp tunes CUDA/ROCm GEMMs only)", device)
+        return GemmTuning(device, None)
+    from torch.cuda import tunable
+
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / tuning_filename(torch.cuda.get_device_name(device))
+    tunable.set_filename(str(path), False)  # before the first tunable GEMM, which loads the file
+    tunable.set_max_tuning_iterations(max_iterations)
+    tunable.set_max_tuning_duration(MAX_TUNING_MS)
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    loaded = path.exists() and bool(tunable.read_file(str(path)))
+    log.info("GEMM tuning on for %s: results %s %s", device, "read from" if loaded else "will be written to", path)
+    return GemmTuning(device, path, loaded)
+
+
+def save_tuning(tuning: GemmTuning) -> None:
+    """Write the results now where this torch can (it also writes them when the process exits)."""
+    from torch.cuda import tunable
+
+    writer = getattr(tunable, "write_file", None)
+    if tuning.enabled and writer is not None:
+        writer(str(tuning.path))
+
+
+@torch.inference_mode()
+def warm_up(model: torch.nn.Module, device: torch.device, batch_sizes: Sequence[int] = (1,),
+            prompt_len: int = 32, tuning: GemmTuning | None = None) -> None:
+    """Run cache-free forwards at the given shapes so every GEMM they use is tuned before serving.
+
+    Args:
+        model: a whole canonical model (embed .. head) on `device`.
+        batch_sizes: batches to run; each runs a `prompt_len`-token and a 1-token forward.
+        prompt_len: prefill length of the warm-up pass.
+        tuning: results to save afterwards (where this torch can write them explicitly).
+    """
+    from eet_pipe.models.meta import prefill_meta
+
+    vocab = model.cfg.vocab_size
+    for batch in batch_sizes:
+        for length in (prompt_len, 1):
+            ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+            meta = prefill_meta(torch.ones(batch, length, dtype=torch.bool)).to(device)
+            model(ids.to(device), meta)
+    if tuning is not None:
+        save_tuning(tuning)
