@@ -80,3 +80,21 @@ def progress(total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
+
+
+def prefill_batch(opts: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
+    """The microbatch counts and a seeded random [batch, seq] id batch for the model in `opts`."""
+    from eet_pipe.presets import resolve_model
+
+    cfg = resolve_model(opts["model"], opts["weights"] or None).cfg
+    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))
+    return [int(m) for m in opts["microbatches"]], ids
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

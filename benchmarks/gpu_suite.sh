@@ -28,7 +28,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
   has partitions && timeout 240 python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
-  has single && timeout 420 python3 benchmarks/single_gpu.py $XL device=cuda:0 out="$OUT_DIR/single_gpu" 2>&1 \
+  has single && timeout 420 python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -25
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"

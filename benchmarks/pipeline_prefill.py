@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
+from common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json  # noqa: E402
 from peers import torch_pipelining  # noqa: E402
 
 import eet_pipe  # noqa: E402
@@ -85,16 +85,12 @@ def plot(data: dict, path: str) -> None:
     ax.set_title(f"{data['config']['model']} prefill {data['config']['batch']}x{data['config']['seq']}, "
                  f"{p} x {data['env']['gpus'][0] if data['env']['gpus'] else 'CPU'}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
-    ms = [int(m) for m in opts["microbatches"]]
-    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
-    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))
+    ms, ids = prefill_batch(opts)
     tokens = opts["batch"] * opts["seq"]
     bar = progress(1 + 2 * len(ms) + (1 if opts["peer"] == "yes" else 0), "pipeline_prefill")
     single = single_device(opts, ids)

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
+from common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json  # noqa: E402
 from peers import torch_pipelining  # noqa: E402
 from pipeline_prefill import single_device  # noqa: E402
 
-from eet_pipe.presets import resolve_model  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
 from eet_pipe.runtime.trace import bubble_fraction, plot_timeline  # noqa: E402
 from eet_pipe.schedule import build, simulate  # noqa: E402
@@ -102,16 +101,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     b.set_xlabel("measured s")
     b.set_ylabel("simulated makespan s")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
-    ms = [int(m) for m in opts["microbatches"]]
-    cfg = resolve_model(opts["model"], opts["weights"] or None).cfg
-    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))
+    ms, ids = prefill_batch(opts)
     Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
     bar = progress(1 + sum(1 if s == "sequential" else len(ms) for s in opts["schedules"]), "schedules")
     single = single_device(opts, ids)

@@ -17,6 +17,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated"],
     "partitions.py": ["method", "stage_ms_measured"],
     "serve_load.py": ["concurrency"],
+    "single_gpu.py": ["system"],
 }
 
 

@@ -59,3 +59,20 @@ def test_hf_cache_name_resolves_offline(gpt2_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     spec = resolve_model("acme/tiny-gpt2")
     assert spec.source == "dir" and spec.path == snap
+
+
+def test_tokenizer_is_read_from_the_model_directory(gpt2_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    dst = tmp_path / "with_tok"
+    shutil.copytree(gpt2_dir, dst)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "hello", "world", "pipe", "line"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>").save_pretrained(dst)
+    lm = from_pretrained(str(dst))
+    assert type(lm.tokenizer).__name__ == "HFTokenizer"
+    assert lm.tokenizer.encode("hello pipe line") == [2, 4, 5]
+    out = lm.generate("hello world", max_new_tokens=5, ignore_eos=True)[0]
+    assert out.prompt_ids == [2, 3] and len(out.token_ids) == 5 and isinstance(out.text, str)

@@ -1,0 +1,223 @@
+"""One GPU, one run: eet_pipe fp16 / bf16 / int8 (CUDA graphs + GEMM tuning) and fp16 eager, against
+HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 under torch.compile.
+
+    python benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0
+    python benchmarks/single_gpu.py --quick out=/tmp/x      # CPU smoke run (tiny, batch 1/2, 8 tokens)
+
+Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
+from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
+one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. Systems
+without tuning run first: TunableOp is process-wide once on. A failing system records its error.
+Writes <out>.json (env, config, rows) and <out>.png.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, sync, time_it, write_json  # noqa: E402
+from peer_static_gpt2 import prefill_seconds, run_peer  # noqa: E402
+
+import eet_pipe  # noqa: E402
+from eet_pipe.models.meta import prefill_meta  # noqa: E402
+
+DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
+            "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
+            "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu"}
+QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
+         "prefill": ["1x64", "2x64"], "repeats": 1}
+FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
+          "peak_mem_bytes", "cuda_graphs", "gemm_tuning", "compile_s", "error")
+
+
+def row(system: str, phase: str, **values: Any) -> dict[str, Any]:
+    """A result row with every field (None where it does not apply)."""
+    out = dict.fromkeys(FIELDS)
+    out.update(system=system, phase=phase, **values)
+    return out
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+
+
+def _shapes(opts: dict) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in opts["prefill"]]
+
+
+def measure(system: str, opts: dict, decode: Callable[[int, int], None] | None,
+            prefill: Callable[[int, int], None], extra: dict) -> list[dict]:
+    """Decode ms/step per batch and prefill tokens/s per shape of one system."""
+    rows, dev, steps = [], opts["device"], opts["new_tokens"]
+    for b in [int(x) for x in opts["batches"]]:
+        _reset_peak(dev)
+        full = time_it(lambda b=b: decode(b, steps), [dev], 1, opts["repeats"])
+        one = time_it(lambda b=b: decode(b, 1), [dev], 1, opts["repeats"])
+        ms = (full - one) / max(steps - 1, 1) * 1e3
+        rows.append(row(system, "decode", batch=b, seq=opts["prompt"], new_tokens=steps, ms_per_step=ms,
+                        tokens_per_s=b * 1e3 / ms if ms > 0 else None, seconds=full, peak_mem_bytes=_peak(dev),
+                        **extra))
+    for b, s in _shapes(opts):
+        _reset_peak(dev)
+        sec = time_it(lambda b=b, s=s: prefill(b, s), [dev], 1, opts["repeats"])
+        rows.append(row(system, "prefill", batch=b, seq=s, tokens_per_s=b * s / sec, seconds=sec,
+                        peak_mem_bytes=_peak(dev), **extra))
+    return rows
+
+
+def _ids(cfg: Any, b: int, s: int) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b * 7919 + s))
+
+
+def ours(opts: dict, dtype: str, graphs: bool, tune: bool) -> list[dict]:
+    lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=dtype,
+                                  device=opts["device"])
+    if tune:
+        lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
+        lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])
+
+    def decode(b: int, steps: int) -> None:
+        lm.generate(_ids(lm.cfg, b, opts["prompt"]), max_new_tokens=steps, ignore_eos=True, cuda_graphs=graphs)
+
+    def prefill(b: int, s: int) -> None:
+        with torch.inference_mode():
+            lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
+
+    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "")
+    return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune})
+
+
+def hf_sdpa(opts: dict) -> list[dict]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+                        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+                        layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
+                        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    dtype = torch.float16 if opts["device"].startswith("cuda") else torch.float32
+    hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dtype)
+    hf = hf.to(opts["device"]).eval()
+    if hf.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
+
+    def decode(b: int, steps: int) -> None:
+        with torch.inference_mode():
+            hf.generate(_ids(cfg, b, opts["prompt"]).to(opts["device"]), max_new_tokens=steps, min_new_tokens=steps,
+                        do_sample=False, pad_token_id=0, attention_mask=torch.ones(b, opts["prompt"], dtype=torch.long,
+                                                                                   device=opts["device"]))
+
+    def prefill(b: int, s: int) -> None:
+        with torch.inference_mode():
+            hf(_ids(cfg, b, s).to(opts["device"]), use_cache=False)
+
+    return measure("HF transformers eager+SDPA", opts, decode, prefill,
+                   {"dtype": str(dtype).removeprefix("torch."), "cuda_graphs": False, "gemm_tuning": False})
+
+
+def static_peer(opts: dict) -> list[dict]:
+    spec = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None)
+    dtype = torch.float16 if opts["device"].startswith("cuda") else torch.float32
+    model = eet_pipe.loading.load_units(spec, None, dtype, opts["device"])
+    state = {k: v for k, v in model.state_dict().items()}
+    compiled = not opts.get("quick")
+    name = "plain PyTorch static cache" + (" + torch.compile(reduce-overhead)" if compiled else " (eager, --quick)")
+    rows, dev = [], opts["device"]
+    for b in [int(x) for x in opts["batches"]]:
+        _reset_peak(dev)
+        got = run_peer(state, spec.cfg, b, opts["prompt"], opts["new_tokens"], compiled)
+        rows.append(row(name, "decode", dtype=str(dtype).removeprefix("torch."), batch=b, seq=opts["prompt"],
+                        new_tokens=opts["new_tokens"], ms_per_step=got["ms_per_step"],
+                        tokens_per_s=b * 1e3 / got["ms_per_step"], peak_mem_bytes=_peak(dev), cuda_graphs=compiled,
+                        gemm_tuning=False, compile_s=got["compile_s"]))
+    for b, s in _shapes(opts):
+        _reset_peak(dev)
+        sec = prefill_seconds(state, spec.cfg, b, s, opts["repeats"])
+        rows.append(row(name, "prefill", dtype=str(dtype).removeprefix("torch."), batch=b, seq=s,
+                        tokens_per_s=b * s / sec, seconds=sec, peak_mem_bytes=_peak(dev), cuda_graphs=False,
+                        gemm_tuning=False))
+    return rows
+
+
+def guarded(name: str, fn: Callable[[], list[dict]]) -> list[dict]:
+    """Run one system; a failure becomes one row with its error and the run goes on."""
+    start = time.perf_counter()
+    try:
+        rows = fn()
+    except Exception:  # noqa: BLE001 - recorded as this system's result; the other systems still run
+        rows = [row(name, "error", error=traceback.format_exc()[-3000:])]
+    print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return rows
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = [r for r in data["results"] if r["error"] is None]
+    for name in dict.fromkeys(r["system"] for r in rows):
+        dec = sorted((r["batch"], r["ms_per_step"]) for r in rows if r["system"] == name and r["phase"] == "decode")
+        pre = [(f"{r['batch']}x{r['seq']}", r["tokens_per_s"]) for r in rows
+               if r["system"] == name and r["phase"] == "prefill"]
+        if dec:
+            ax1.plot([p[0] for p in dec], [p[1] for p in dec], marker="o", label=name)
+        if pre:
+            ax2.plot([p[0] for p in pre], [p[1] for p in pre], marker="o", label=name)
+    ax1.set_xscale("log", base=2)
+    ax1.set(xlabel="batch", ylabel="decode ms / step", title="decode (lower is better)")
+    ax2.set(xlabel="prefill shape", ylabel="tokens / s", title="prefill (higher is better)")
+    gpu = data["env"]["gpus"][0] if data["env"]["gpus"] else "CPU"
+    fig.suptitle(f"{data['config']['model']} on {gpu}", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    systems: list[tuple[str, Callable[[], list[dict]]]] = [
+        ("eet_pipe fp16 eager", lambda: ours(opts, "fp16", graphs=False, tune=False)),
+        ("HF transformers eager+SDPA", lambda: hf_sdpa(opts)),
+        ("plain PyTorch static cache", lambda: static_peer(opts)),
+        ("eet_pipe fp16 graphs +tuning", lambda: ours(opts, "fp16", graphs=True, tune=True)),
+        ("eet_pipe bf16 graphs +tuning", lambda: ours(opts, "bf16", graphs=True, tune=True)),
+        ("eet_pipe int8 graphs +tuning", lambda: ours(opts, "int8", graphs=True, tune=True)),
+    ]
+    rows = []
+    for name, fn in systems:
+        rows += guarded(name, fn)
+        sync([opts["device"]])
+    data = {"env": environment(), "config": opts, "ext": eet_pipe.ops.EXT_REASON, "results": rows}
+    write_json(Path(opts["out"] + ".json"), data)
+    plot(data, opts["out"] + ".png")
+    print(f"{'system':<50} {'phase':<8} {'shape':>8} {'ms/step':>9} {'tok/s':>11} {'peak MiB':>9}")
+    for r in rows:
+        if r["error"]:
+            print(f"{r['system']:<50} failed: {r['error'].strip().splitlines()[-1][:200]}")
+            continue
+        ms = f"{r['ms_per_step']:.2f}" if r["ms_per_step"] is not None else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-"
+        print(f"{r['system']:<50} {r['phase']:<8} {r['batch']}x{r['seq']:<5} {ms:>9} {r['tokens_per_s']:>11.0f} {mem:>9}")
+
+
+if __name__ == "__main__":
+    main()

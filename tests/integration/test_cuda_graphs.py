@@ -1,0 +1,160 @@
+"""Decode through CUDA graphs equals eager decode. CPU tests cover the padded, full-cache static step
+(the exact computation a graph replays) and the eager fallback; `cuda` tests capture real graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from eet_pipe.cuda_graphs import DecodeGraphs, GraphDecoder, StaticDecodeInputs, bucket_for, static_decode_step
+from eet_pipe.generation import pad_prompts
+from eet_pipe.lm import LanguageModel
+from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.meta import decode_meta, prefill_meta
+from eet_pipe.models.quant import quantize_model
+from eet_pipe.weights.loader import init_random
+
+# GPT-2 shape with head dim 64 (the decode-attention kernel's case), weights large enough for varied tokens
+CFG = ArchConfig(model_type="gpt2", vocab_size=512, hidden_size=256, num_layers=3, num_heads=4,
+                 intermediate_size=1024, max_positions=256, eos_token_id=511)
+LENGTHS = [7, 2, 11, 5, 1, 9, 3, 13, 4, 6, 8, 2, 10, 12, 3, 5]
+
+
+def _prompts(batch: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return [torch.randint(0, CFG.vocab_size - 1, (LENGTHS[i % len(LENGTHS)],), generator=gen).tolist()
+            for i in range(batch)]
+
+
+def _model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    return init_random(CFG, seed=0, dtype=dtype, device=device, std=0.1)
+
+
+def _prefilled(model, prompts, spare: int = 1, extra: int = 8):
+    """A cache with `spare` unused slots after prefill; returns (cache, last tokens [B, 1], decode meta)."""
+    ids, mask = pad_prompts(prompts)
+    b, width = ids.shape
+    cache = model.new_cache(b + spare, width + extra)
+    device = cache.valid.device
+    logits = model(ids.to(device), prefill_meta(mask, torch.arange(b)).to(device), cache)[:, -1]
+    meta = decode_meta(torch.arange(b), torch.full((b,), width), mask.sum(-1))
+    return cache, logits.argmax(-1).view(b, 1).cpu(), meta
+
+
+def test_bucket_for():
+    assert bucket_for(1, (1, 2, 4)) == 1
+    assert bucket_for(3, (1, 2, 4)) == 4
+    assert bucket_for(5, (1, 2, 4)) is None
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_static_step_with_padding_equals_eager_step_cpu(batch):
+    model = _model()
+    cache, nxt, meta = _prefilled(model, _prompts(batch))
+    with torch.inference_mode():
+        eager = model(nxt, meta, cache)[:, -1]  # attends over the first kv_len columns only
+        inputs = StaticDecodeInputs(bucket_for(batch, (1, 2, 4, 8)), cache.num_slots - 1, torch.device("cpu"))
+        assert inputs.load(nxt, meta) == batch
+        static = static_decode_step(model, cache, inputs)  # padded batch, whole cache
+    assert static.shape[0] >= batch
+    torch.testing.assert_close(static[:batch], eager, atol=1e-5, rtol=1e-5)
+    assert (inputs.slots[batch:] == cache.num_slots - 1).all()
+
+
+def test_decode_graphs_fall_back_to_eager_on_cpu():
+    model = _model()
+    cache, nxt, meta = _prefilled(model, _prompts(3))
+    graphs = DecodeGraphs(model, cache, (1, 4))
+    assert not graphs.enabled and graphs.spare_slot == 3
+    with torch.inference_mode():
+        got = graphs(nxt, meta)
+    assert got.shape == (3, CFG.vocab_size) and not graphs.graphs
+
+
+def test_generate_with_cuda_graphs_flag_on_cpu_equals_eager():
+    lm = LanguageModel(_model())
+    prompts = _prompts(3)
+    want = lm.generate(prompts, max_new_tokens=12, cuda_graphs=False)
+    got = lm.generate(prompts, max_new_tokens=12, cuda_graphs=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert len({t for r in want for t in r.token_ids}) > 5
+
+
+def test_graph_decoder_reuses_a_cache_that_fits():
+    decoder = GraphDecoder(_model(), (1, 2, 4))
+    first = decoder.prepare(3, 40)
+    assert first.cache.num_slots == 5 and first.cache.max_len == 64
+    first.cache.valid.fill_(True)
+    again = decoder.prepare(2, 50)
+    assert again is first and not again.cache.valid.any()
+    assert decoder.prepare(4, 80) is not first
+
+
+def test_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="spare slot"):
+        DecodeGraphs(model, model.new_cache(1, 16))
+    cache, nxt, meta = _prefilled(model, _prompts(2), spare=1)
+    inputs = StaticDecodeInputs(4, 1, torch.device("cpu"))  # spare slot 1 is a real sequence's slot
+    with pytest.raises(ValueError, match="collides with the spare slot"):
+        inputs.load(nxt, meta)
+    with pytest.raises(ValueError, match="do not fit the bucket"):
+        StaticDecodeInputs(1, 2, torch.device("cpu")).load(nxt, meta)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _gpu_lm(quantize: bool = False) -> LanguageModel:
+    model = _model(torch.float16, "cuda:0")
+    return LanguageModel(quantize_model(model) if quantize else model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_graph_decode_equals_eager_decode_gpu(batch):
+    lm = _gpu_lm()
+    prompts = _prompts(batch)
+    want = lm.generate(prompts, max_new_tokens=24, ignore_eos=True, cuda_graphs=False)
+    got = lm.generate(prompts, max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert bucket_for(batch, lm._graphs.buckets) in lm._graphs.graphs.graphs  # a graph was replayed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_graph_step_logits_equal_eager_step_gpu(batch):
+    model = _model(torch.float16, "cuda:0")
+    cache, nxt, meta = _prefilled(model, _prompts(batch))
+    with torch.inference_mode():
+        eager = model(nxt.cuda(), meta.to("cuda:0"), cache)[:, -1]
+        graphs = DecodeGraphs(model, cache)
+        got = graphs(nxt, meta)
+        again = graphs(nxt, meta)  # second replay of the same (idempotent) step
+    torch.testing.assert_close(got, eager, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    assert set(graphs.graphs) == {bucket_for(batch, graphs.buckets)}
+
+
+@pytest.mark.cuda
+def test_sequences_finishing_at_different_steps_gpu():
+    lm = _gpu_lm()
+    prompts = _prompts(5)
+    free = lm.generate(prompts, max_new_tokens=16, ignore_eos=True, cuda_graphs=False)
+    eos = free[0].token_ids[3]  # row 0 stops early at its 4th token; other rows when they reach it
+    lm.cfg = dataclasses.replace(CFG, eos_token_id=eos)  # generation reads EOS from lm.cfg
+    want = lm.generate(prompts, max_new_tokens=16, cuda_graphs=False)
+    got = lm.generate(prompts, max_new_tokens=16, cuda_graphs=True)
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in want]
+    assert got[0].finish_reason == "stop" and len(got[0].token_ids) <= 3
+
+
+@pytest.mark.cuda
+def test_int8_graph_decode_equals_eager_gpu():
+    lm = _gpu_lm(quantize=True)
+    prompts = _prompts(3)
+    want = lm.generate(prompts, max_new_tokens=16, ignore_eos=True, cuda_graphs=False)
+    got = lm.generate(prompts, max_new_tokens=16, ignore_eos=True, cuda_graphs=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]

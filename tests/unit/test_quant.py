@@ -1,0 +1,109 @@
+"""Int8 weight-only quantisation on CPU: module, model swap, loading options and error messages."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import eet_pipe
+from eet_pipe import ops
+from eet_pipe.lm import LanguageModel
+from eet_pipe.loading import load_units
+from eet_pipe.models.quant import Int8Linear, check_quantize, quantize_model, resolve_precision
+from eet_pipe.presets import resolve_model
+from eet_pipe.weights.loader import from_torch
+from tests.hf_models import make_gpt2
+
+PROMPTS = [[5, 17, 33, 9, 41, 3, 77, 12, 5, 6, 90], [8, 13], [100, 3, 4, 5, 6, 44, 23]]
+# Bound of the int8 GPT-2-shaped model (6 layers, hidden 500, weights N(0, 0.08)) against fp32:
+# max |logit error| <= 5 % of max |logit| (measured 3.2 %), relative Frobenius error <= 5 % (measured 3.0 %).
+MAX_REL_ERR, FRO_REL_ERR = 0.05, 0.05
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair():
+    model = from_torch(make_gpt2())
+    return LanguageModel(model), LanguageModel(quantize_model(copy.deepcopy(model)))
+
+
+def test_int8_linear_matches_dequantised_weight():
+    lin = nn.Linear(37, 23)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(4, 5, 37)
+    want = nn.functional.linear(x, ops.dequantize_int8(q.qweight, q.scale), lin.bias)
+    torch.testing.assert_close(q(x), want, atol=1e-5, rtol=1e-5)
+    step = q.scale.unsqueeze(1)  # per-element error at most half a quantisation step
+    assert ((ops.dequantize_int8(q.qweight, q.scale) - lin.weight).abs() <= step / 2 + 1e-7).all()
+    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (23, 37) and q.scale.shape == (23,)
+
+
+def test_quantize_model_keeps_canonical_names(gpt2_pair):
+    _, quant = gpt2_pair
+    keys = set(quant.model.state_dict())
+    for name in ("attn.qkv", "attn.out", "mlp.up", "mlp.down"):
+        assert {f"layers.0.{name}.qweight", f"layers.0.{name}.scale", f"layers.0.{name}.bias"} <= keys
+        assert f"layers.0.{name}.weight" not in keys
+        assert isinstance(quant.model.layers["5"].get_submodule(name), Int8Linear)
+    assert isinstance(quant.model.head, nn.Linear) and quant.model.head.weight.dtype == torch.float32
+    assert isinstance(quant.model.embed.tok, nn.Embedding)
+    assert quantize_model(quant.model) is quant.model  # already quantised modules are left alone
+
+
+def test_quantized_logits_close_to_fp32(gpt2_pair):
+    ref, quant = gpt2_pair
+    ids = torch.randint(0, 211, (3, 20), generator=torch.Generator().manual_seed(0))
+    a, b = ref(ids), quant(ids)
+    assert (a - b).abs().max() <= MAX_REL_ERR * a.abs().max()
+    assert torch.linalg.norm(a - b) <= FRO_REL_ERR * torch.linalg.norm(a)
+
+
+def test_quantized_greedy_generation_runs(gpt2_pair):
+    ref, quant = gpt2_pair
+    want = ref.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    got = quant.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert all(len(r.token_ids) == 16 and all(0 <= t < 211 for t in r.token_ids) for r in got)
+    same = sum(x == y for r, s in zip(got, want, strict=True) for x, y in zip(r.token_ids, s.token_ids, strict=True))
+    assert same >= 0.5 * 16 * len(PROMPTS)
+
+
+def test_llama_gate_is_quantized():
+    spec = resolve_model("tinyllama-1.1b", "random")
+    spec.cfg = type(spec.cfg)(**{**vars(spec.cfg), "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                                 "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": 97})
+    model = load_units(spec, None, torch.float32, "cpu", quantize="int8-weight")
+    assert isinstance(model.layers["1"].mlp.gate, Int8Linear)
+    assert "layers.1.mlp.gate.qweight" in model.state_dict()
+
+
+def test_from_pretrained_int8_dtype_on_cpu():
+    lm = eet_pipe.from_pretrained("tiny", dtype="int8")
+    assert lm.dtype == torch.float32  # fp32 activations on CPU
+    assert lm.model.layers["0"].attn.qkv.qweight.dtype == torch.int8
+    same = eet_pipe.from_pretrained("tiny", quantize="int8-weight")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(lm(ids), same(ids))
+    assert lm.generate("Hello", max_new_tokens=4)[0].finish_reason in ("length", "stop")
+
+
+def test_error_messages():
+    with pytest.raises(ValueError, match="quantize='int4' is not supported; allowed: int8-weight"):
+        eet_pipe.from_pretrained("tiny", quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
+        check_quantize("int4")
+    with pytest.raises(ValueError, match="dtype='int4' is not supported"):
+        eet_pipe.from_pretrained("tiny", dtype="int4")
+    with pytest.raises(ValueError, match="quantize='fp8'"):
+        resolve_precision("int8", "fp8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="qweight must be an int8"):
+        Int8Linear(torch.zeros(3, 4), torch.ones(3))
+    with pytest.raises(ValueError, match="scale shape"):
+        Int8Linear(torch.zeros(3, 4, dtype=torch.int8), torch.ones(4))
+
+
+def test_resolve_precision():
+    assert resolve_precision("int8", None, torch.device("cpu")) == ("fp32", "int8-weight")
+    assert resolve_precision("INT8", "int8-weight", torch.device("cuda", 0)) == ("fp16", "int8-weight")
+    assert resolve_precision("bf16", None, torch.device("cpu")) == ("bf16", None)
