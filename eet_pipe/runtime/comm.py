@@ -108,11 +108,16 @@ class P2P:
             t = t.contiguous()
             self._sends.append((dist.isend(t, dst=action.peer, group=group), t))
 
-    def flush(self) -> None:
-        """Wait for every send of this command to complete."""
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
+    def release_sends(self) -> list[tuple[dist.Work, torch.Tensor]]:
+        """Hand over the sends still in flight (the caller waits on them later), after checking that
+        every expected receive was consumed."""
         if self._posted or self._upcoming:
             raise RuntimeError(f"stage {self.ctx.rank}: {len(self._posted) + len(self._upcoming)} receive(s) "
                                "posted but never consumed")
+        sends, self._sends = self._sends, []
+        return sends
+
+    def flush(self) -> None:
+        """Wait for every send of this command to complete."""
+        for work, _ in self.release_sends():
+            work.wait()

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from eet_pipe.generation import Sampler, SamplingParams, SequenceState
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
+from eet_pipe.runtime.comm import P2P
+from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
            "serve_command", "SERVE_COMMANDS"]
@@ -184,21 +186,24 @@ class ServeState:
         if self.sampler is not None:
             self.sampler.drop(slots)
 
-    def _post_recvs(self, cmd: StepCommand) -> dict[tuple[int, int], tuple[dist.Work, torch.Tensor]]:
-        """Post every receive of this step at once, in execution order (shapes come from the command)."""
-        posted = {}
+    def _comm(self, cmd: StepCommand) -> tuple[P2P, dict[tuple[int, int], Action]]:
+        """This step's receives, in execution order, through the shared point-to-point layer
+        (shapes come from the command)."""
+        hidden, dtype = self.stage.hidden, self.stage.dtype
+        comm = P2P(self.ctx, lambda a: [((*cmd.parts[a.mb].tokens.shape, hidden), dtype)])
+        recvs = {}
         for c in self.order:
             src = (c - 1) % self.world
             if c == 0 or src == self.rank:
                 continue
-            for i, part in enumerate(cmd.parts):
-                buf = torch.empty((*part.tokens.shape, self.stage.hidden), dtype=self.stage.dtype, device=self.ctx.device)
-                posted[(c, i)] = (dist.irecv(buf, src=src, group=self.ctx.link(src, self.rank)), buf)
-        return posted
+            for i in range(len(cmd.parts)):
+                recvs[(c, i)] = Action(Op.RECV, i, c, peer=src)
+        comm.expect(list(recvs.values()))
+        return comm, recvs
 
-    def _send(self, y: torch.Tensor, dst: int) -> None:
-        y = y.contiguous()
-        self.sends.append((dist.isend(y, dst=dst, group=self.ctx.link(self.rank, dst)), y))
+    def _retire(self, comm: P2P) -> None:
+        """Keep this step's sends in flight (at most MAX_PENDING_SENDS across steps)."""
+        self.sends.extend(comm.release_sends())
         while len(self.sends) > MAX_PENDING_SENDS:
             self.sends.popleft()[0].wait()
 
@@ -211,7 +216,7 @@ class ServeState:
         if self.sampler is not None:
             self.sampler.start(cmd.new)
         metas = [part_meta(p).to(self.ctx.device) for p in cmd.parts]
-        recvs = self._post_recvs(cmd)
+        comm, recvs = self._comm(cmd)
         local: dict[tuple[int, int], torch.Tensor] = {}
         out: dict[str, Any] = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {},
                                "logprobs": {}}
@@ -220,8 +225,7 @@ class ServeState:
                 if c == 0:
                     x = part.tokens.to(self.ctx.device)
                 elif (c, i) in recvs:
-                    work, x = recvs.pop((c, i))
-                    work.wait()
+                    x = comm.recv(recvs.pop((c, i)))[0]
                 else:
                     x = local.pop((c, i))
                 y = self.stage.chunks[c](x, metas[i], self.caches.get(c))
@@ -232,7 +236,8 @@ class ServeState:
                 elif (c + 1) % self.world == self.rank:
                     local[(c + 1, i)] = y
                 else:
-                    self._send(y, (c + 1) % self.world)
+                    comm.send(Action(Op.SEND, i, c + 1, peer=(c + 1) % self.world), [y])
+        self._retire(comm)
         self.busy += time.perf_counter() - began
         return out if self.sampler is not None else None
 
