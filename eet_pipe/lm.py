@@ -121,8 +121,7 @@ class LanguageModel:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         step = self._graph_step(len(ids), max_len) if use_graphs else self._eager_step(len(ids), max_len)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        return generate_loop(step, ids, per_seq, self.cfg.eos_ids, decode, pad)
+        return generate_loop(step, ids, per_seq, self.cfg.eos_ids, decode, self.cfg.pad_id)
 
     def _eager_step(self, batch: int, max_len: int) -> StepFn:
         cache = self.model.new_cache(batch, max_len)

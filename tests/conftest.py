@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # fixed thread split: CPU results reproducible bit for bit
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # and independent of buffer alignment (differs across processes)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

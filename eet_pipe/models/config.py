@@ -143,6 +143,11 @@ class ArchConfig:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @property
+    def pad_id(self) -> int:
+        """Token id used for left padding (the checkpoint's pad token, else 0; padded positions are masked)."""
+        return self.pad_token_id if self.pad_token_id is not None else 0
+
+    @property
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids as a list (possibly empty)."""
         if self.eos_token_id is None:

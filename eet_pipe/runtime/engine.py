@@ -177,18 +177,23 @@ class PipelineEngine:
         """Microbatches of one forward: requested, else the engine's, else up to 4 per stage."""
         return min(requested or self.microbatches or min(batch, 4 * self.num_stages), batch)
 
+    def _forward_command(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         token_type_ids: torch.Tensor | None, microbatches: int | None, **fields: Any) -> ForwardCommand:
+        """A validated forward command for this engine's schedule (`fields`: output, trace, capture)."""
+        mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
+        return ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule,
+                              microbatches=self._microbatches(input_ids.shape[0], microbatches), virtual=self.virtual,
+                              token_types=None if token_type_ids is None else token_type_ids.cpu(), **fields)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output: str = "all",
                 microbatches: int | None = None) -> torch.Tensor | None:
         """Logits [B, T, V] (decoders) or hidden states [B, T, H] (encoders); output='last' gives [B, V]."""
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is invalid; allowed: {', '.join(OUTPUTS)}")
-        mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
-        m = self._microbatches(input_ids.shape[0], microbatches)
-        cmd = ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule, microbatches=m,
-                             virtual=self.virtual, token_types=None if token_type_ids is None else token_type_ids.cpu(),
-                             output=output, trace=self.trace_path is not None)
-        return self._run(cmd, f"forward ({self.schedule}, {m} microbatches)")
+        cmd = self._forward_command(input_ids, attention_mask, token_type_ids, microbatches, output=output,
+                                    trace=self.trace_path is not None)
+        return self._run(cmd, f"forward ({self.schedule}, {cmd.microbatches} microbatches)")
 
     __call__ = forward
 
@@ -202,20 +207,14 @@ class PipelineEngine:
         Returns:
             (output as `forward` gives it, {key: tensor [B, ...] on CPU}); microbatches are concatenated.
         """
-        mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
-        m = self._microbatches(input_ids.shape[0], microbatches)
-        cmd = ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule, microbatches=m,
-                             virtual=self.virtual, token_types=None if token_type_ids is None else token_type_ids.cpu(),
-                             capture=list(points))
-        out, captured = self._run(cmd, f"forward with capture ({self.schedule}, {m} microbatches)")
-        return out, captured
+        cmd = self._forward_command(input_ids, attention_mask, token_type_ids, microbatches, capture=list(points))
+        return self._run(cmd, f"forward with capture ({self.schedule}, {cmd.microbatches} microbatches)")
 
     def generate(self, prompts: Any, microbatches: int | None = None, **sampling: Any) -> list[GenerationResult]:
         """Generate for each prompt with the decode schedule; keyword arguments are `SamplingParams` fields."""
         ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)
         groups = min(len(ids), microbatches or self.microbatches or self.num_stages)
-        pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        cmd = GenerateCommand(prompts=ids, params=per_seq, groups=groups, eos_ids=self.cfg.eos_ids, pad_id=pad,
+        cmd = GenerateCommand(prompts=ids, params=per_seq, groups=groups, eos_ids=self.cfg.eos_ids, pad_id=self.cfg.pad_id,
                               trace=self.trace_path is not None)
         return self._run(cmd, f"generate ({groups} groups in flight)")
 

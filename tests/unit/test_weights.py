@@ -84,33 +84,28 @@ def test_slice_with_head_but_no_embed_reads_tied_weight(gpt2_dir):
     assert torch.equal(model.head.weight, full.embed.tok.weight)
 
 
-def test_missing_key_is_named(gpt2_dir, tmp_path):
-    dst = tmp_path / "broken"
+def _break(name: str, sd: dict) -> None:
+    """One broken copy of the GPT-2 checkpoint per case."""
+    if name == "missing":
+        del sd["transformer.h.2.mlp.c_fc.weight"]
+    elif name == "unexpected":
+        sd["transformer.h.0.attn.surprise"] = torch.zeros(3)
+    else:
+        sd["transformer.h.1.ln_2.weight"] = torch.ones(7)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"missing keys.*transformer\.h\.2\.mlp\.c_fc\.weight"),
+    ("unexpected", r"unexpected keys.*transformer\.h\.0\.attn\.surprise"),
+    ("shape", r"shape mismatch for layers\.1\.mlp\.norm\.weight"),
+])
+def test_bad_keys_and_shapes_are_named(case, message, gpt2_dir, tmp_path):
+    dst = tmp_path / case
     shutil.copytree(gpt2_dir, dst)
     sd = load_file(str(dst / "model.safetensors"))
-    del sd["transformer.h.2.mlp.c_fc.weight"]
+    _break(case, sd)
     save_file(sd, str(dst / "model.safetensors"))
-    with pytest.raises(MappingError, match=r"missing keys.*transformer\.h\.2\.mlp\.c_fc\.weight"):
-        load_checkpoint(dst)
-
-
-def test_unexpected_key_is_named(gpt2_dir, tmp_path):
-    dst = tmp_path / "extra"
-    shutil.copytree(gpt2_dir, dst)
-    sd = load_file(str(dst / "model.safetensors"))
-    sd["transformer.h.0.attn.surprise"] = torch.zeros(3)
-    save_file(sd, str(dst / "model.safetensors"))
-    with pytest.raises(MappingError, match=r"unexpected keys.*transformer\.h\.0\.attn\.surprise"):
-        load_checkpoint(dst)
-
-
-def test_wrong_shape_is_named(gpt2_dir, tmp_path):
-    dst = tmp_path / "shape"
-    shutil.copytree(gpt2_dir, dst)
-    sd = load_file(str(dst / "model.safetensors"))
-    sd["transformer.h.1.ln_2.weight"] = torch.ones(7)
-    save_file(sd, str(dst / "model.safetensors"))
-    with pytest.raises(MappingError, match=r"shape mismatch for layers\.1\.mlp\.norm\.weight"):
+    with pytest.raises(MappingError, match=message):
         load_checkpoint(dst)
 
 
