@@ -38,6 +38,7 @@ class DecodeRun:
         self.caches: dict[int, KVCache] = {
             c: m.new_cache(self.batch, self.width + self.steps) for c, m in stage.chunks.items() if m.layer_ids}
         self.done_at: dict[int, int] = {}
+        self._metas: dict[int, tuple[int, StepMeta]] = {}
         self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
         self.flags = {v: torch.tensor([v], dtype=torch.long, device=self.device) for v in (0, 1)}
         self.is_last = ctx.is_last
@@ -47,11 +48,19 @@ class DecodeRun:
             self.states = [SequenceState(p, cmd.eos_ids, decode) for p in cmd.params]
 
     def meta(self, g: int, t: int) -> StepMeta:
+        """Metadata of group g at step t, built once even when this stage holds several chunks."""
+        cached = self._metas.get(g)
+        if cached is not None and cached[0] == t:
+            return cached[1]
         r = self.rows[g]
         slots = torch.arange(r.start, r.stop)
         if t == 0:
-            return prefill_meta(self.mask[r], slots).to(self.device)
-        return decode_meta(slots, torch.full((len(slots),), self.width + t - 1), self.lengths[r] + t - 1).to(self.device)
+            meta = prefill_meta(self.mask[r], slots).to(self.device)
+        else:
+            meta = decode_meta(slots, torch.full((len(slots),), self.width + t - 1),
+                               self.lengths[r] + t - 1).to(self.device)
+        self._metas[g] = (t, meta)
+        return meta
 
     def specs(self, a: Action) -> list[Spec]:
         size = self.rows[a.mb].stop - self.rows[a.mb].start

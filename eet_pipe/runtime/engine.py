@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from eet_pipe.dtypes import dtype_name, parse_device, parse_dtype
+from eet_pipe.dtypes import dtype_name, parse_dtype
 from eet_pipe.generation import GenerationResult
 from eet_pipe.lm import LanguageModel, check_forward_inputs, prepare_generation
 from eet_pipe.loading import prepare, spec_from_model, tokenizer_for
@@ -18,7 +18,7 @@ from eet_pipe.models.model import CanonicalModel
 from eet_pipe.partition.plan import Plan
 from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.runtime.commands import OUTPUTS, ForwardCommand, GenerateCommand
-from eet_pipe.runtime.placement import FORWARD_SCHEDULES, make_plan
+from eet_pipe.runtime.placement import FORWARD_SCHEDULES, make_plan, pipeline_devices
 from eet_pipe.runtime.supervisor import Supervisor, free_port
 from eet_pipe.runtime.torchrun import DistTransport, under_torchrun
 from eet_pipe.runtime.trace import plot_timeline, write_chrome_trace
@@ -42,21 +42,6 @@ def _spec(model: str | CanonicalModel | LanguageModel | ModelSpec, weights: str 
     if isinstance(model, (str, Path)):
         return resolve_model(str(model), weights, seed)
     raise TypeError(f"model must be a path, preset name, LanguageModel or CanonicalModel, not {type(model).__name__}")
-
-
-def _devices(devices: Sequence[str] | None, stages: int | None, allow_duplicates: bool) -> list[str]:
-    if devices is None or len(devices) == 0:
-        count = stages or 1
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        devices = [f"cuda:{i}" for i in range(count)] if gpus >= count else ["cpu"] * count
-    elif stages is not None and stages != len(devices):
-        raise ValueError(f"stages={stages} but {len(devices)} devices were given ({', '.join(devices)})")
-    parsed = [str(parse_device(d)) for d in devices]
-    dupes = sorted({d for d in parsed if parsed.count(d) > 1 and d != "cpu"})
-    if dupes and not allow_duplicates:
-        raise ValueError(f"device(s) {', '.join(dupes)} listed more than once; pass allow_duplicate_devices=True "
-                         "to put several stages on one GPU")
-    return parsed
 
 
 class PipelineEngine:
@@ -90,7 +75,7 @@ class PipelineEngine:
             raise ValueError(f"timeout={timeout} is invalid: must be > 0 seconds")
         self.spec = _spec(model, weights, seed)
         self.cfg = self.spec.cfg
-        self.devices = _devices(devices, stages, allow_duplicate_devices)
+        self.devices = pipeline_devices(devices, stages, allow_duplicate_devices)
         self.schedule, self.microbatches = schedule, microbatches
         self.virtual = virtual if schedule == "interleaved" else 1
         self.dtype = parse_dtype(dtype)

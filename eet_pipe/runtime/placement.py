@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from eet_pipe.dtypes import parse_device
 from eet_pipe.partition.plan import Plan
 from eet_pipe.presets import ModelSpec
 
-__all__ = ["FORWARD_SCHEDULES", "make_plan"]
+__all__ = ["FORWARD_SCHEDULES", "make_plan", "pipeline_devices"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
 FORWARD_SCHEDULES = ("sequential", "gpipe", "interleaved")
+
+
+def pipeline_devices(devices: Sequence[str] | None, stages: int | None, allow_duplicates: bool) -> list[str]:
+    """The devices along the pipeline: as given, else the first `stages` GPUs, else `stages` CPU processes.
+
+    Raises ValueError when `stages` disagrees with the devices, a device is not visible, or a GPU is
+    listed twice without `allow_duplicates` (several CPU stages are always fine)."""
+    if not devices:
+        count = stages or 1
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = [f"cuda:{i}" for i in range(count)] if gpus >= count else ["cpu"] * count
+    elif stages is not None and stages != len(devices):
+        raise ValueError(f"stages={stages} but {len(devices)} devices were given ({', '.join(devices)})")
+    parsed = [str(parse_device(d)) for d in devices]
+    dupes = sorted({d for d in parsed if parsed.count(d) > 1 and d != "cpu"})
+    if dupes and not allow_duplicates:
+        raise ValueError(f"device(s) {', '.join(dupes)} listed more than once; pass allow_duplicate_devices=True "
+                         "to put several stages on one GPU")
+    return parsed
 
 
 def make_plan(plan: str | Plan | None, spec: ModelSpec, devices: list[str], dtype: torch.dtype, schedule: str,

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from eet_pipe.dtypes import parse_device, parse_dtype
+from eet_pipe.dtypes import parse_dtype
 from eet_pipe.generation import SamplingParams
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.partition.plan import Plan
 from eet_pipe.presets import ModelSpec, resolve_model
-from eet_pipe.runtime.placement import make_plan
+from eet_pipe.runtime.placement import make_plan, pipeline_devices
 from eet_pipe.runtime.step import SeqInit, ServeInit, StepCommand, StepPart
 from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError, free_port
 from eet_pipe.runtime.worker import WorkerArgs
@@ -61,13 +61,9 @@ class PipelineSetup:
 
 
 def stage_devices(devices: list[str], stages: int) -> list[str]:
-    """The devices along the pipeline: as given, else the first `stages` GPUs, else `stages` CPU processes."""
-    if not devices:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        devices = [f"cuda:{i}" for i in range(stages)] if gpus >= stages else ["cpu"] * stages
-    elif stages not in (1, len(devices)):
-        raise ValueError(f"stages={stages} but {len(devices)} devices were given ({', '.join(devices)})")
-    return [str(parse_device(d)) for d in devices]
+    """The server's devices (`pipeline_devices`); its options' default stages=1 means "as many as the
+    devices given", and a GPU listed twice is accepted as before."""
+    return pipeline_devices(devices, None if devices and stages == 1 else stages, allow_duplicates=True)
 
 
 def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> PipelineSetup:

@@ -106,21 +106,14 @@ class Stage:
                 with self.tracer.span("compute", f"mb{a.mb} {self.label(a.chunk)}"):
                     y = self.chunks[a.chunk](x, metas[a.mb])
                 if a.chunk == last:
-                    outputs[a.mb] = _select(y, cmd.output)
+                    if cmd.output != "none":
+                        outputs[a.mb] = y[:, -1] if cmd.output == "last" else y
                 else:
                     inbox[(a.mb, a.chunk + 1)] = y
             self.tick()
         comm.flush()
         if self.ctx.device.type == "cuda":
             torch.cuda.current_stream(self.ctx.device).synchronize()
-        if not outputs or cmd.output == "none":
+        if not outputs:
             return None
         return torch.cat([outputs[m].cpu() for m in sorted(outputs)])
-
-
-def _select(y: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "last":
-        return y[:, -1]
-    if output == "none":
-        return y[:0]
-    return y
