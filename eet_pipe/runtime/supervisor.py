@@ -10,8 +10,10 @@ import atexit
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Iterator
@@ -64,6 +66,14 @@ def _without_main_module() -> Iterator[None]:
             setattr(main, k, v)
 
 
+def _main_thread_frames(dump: str, limit: int = 6) -> str:
+    """The innermost `limit` frames of the thread that was running the stage in a faulthandler dump."""
+    blocks = [b for b in dump.split("\n\n") if b.strip()]
+    main = next((b for b in blocks if "worker_main" in b), blocks[0] if blocks else "")
+    frames = [ln for ln in main.splitlines() if ln.strip().startswith("File ")]
+    return "\n".join(frames[:limit])
+
+
 def _reap(procs: list) -> None:
     for p in procs:
         if p.is_alive():
@@ -77,6 +87,9 @@ class Supervisor:
 
     def __init__(self, args: list[WorkerArgs], timeout: float) -> None:
         self.args, self.timeout = args, timeout
+        self._stacks = tempfile.TemporaryDirectory(prefix="eet_pipe-stacks-")
+        for a in args:
+            a.stack_file = os.path.join(self._stacks.name, f"stage{a.rank}.txt")
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in args]
@@ -153,7 +166,30 @@ class Supervisor:
             worst = max(range(len(stalls)), key=lambda r: stalls[r])
             self.fail(WorkerTimeoutError(
                 f"no stage made progress for {timeout:.0f} s while {what}; {self.describe(worst)} has been "
-                f"silent longest ({stalls[worst]:.0f} s): a hung peer or a deadlock"))
+                f"silent longest ({stalls[worst]:.0f} s): a hung peer or a deadlock\n{self.stacks()}"))
+
+    def stacks(self, wait: float = 1.0) -> str:
+        """Where every live worker is now: each one's innermost Python frames (asked for with SIGUSR1)."""
+        asked = []
+        for rank, p in enumerate(self.procs):
+            path = self.args[rank].stack_file
+            if p.is_alive() and path:
+                open(path, "w").close()
+                try:
+                    os.kill(p.pid, signal.SIGUSR1)
+                    asked.append(rank)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not all(os.path.getsize(self.args[r].stack_file) for r in asked):
+            time.sleep(0.05)
+        parts = []
+        for rank in asked:
+            with open(self.args[rank].stack_file) as f:
+                text = f.read()
+            main = _main_thread_frames(text)
+            parts.append(f"{self.describe(rank)} is at:\n{main or '  (no stack: not responding)'}")
+        return "\n".join(parts)
 
     def fail(self, err: Exception) -> None:
         """Stop every worker, then raise `err`."""
@@ -177,6 +213,7 @@ class Supervisor:
             for p in self.procs:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
         _reap(self.procs)
+        self._stacks.cleanup()
         for q in [*self.commands, self.results]:
             q.cancel_join_thread()
             q.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import threading
@@ -36,6 +37,9 @@ class WorkerArgs:
     parent_pid: int
     threads: int = 1
     """Intra-op CPU threads (the caller's count by default, so CPU results match the caller's bit for bit)."""
+    stack_file: str | None = None
+    """Where the worker writes the Python stacks of all its threads on SIGUSR1 (the supervisor asks
+    for them when the pipeline stalls, and puts them in the timeout error)."""
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -91,6 +95,9 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
     `ServeState` per worker (KV caches and per-slot samplers that outlive each step).
     """
     _die_with_parent(args.parent_pid)
+    if args.stack_file:
+        stack_out = open(args.stack_file, "w")  # noqa: SIM115 - open for the life of the process
+        faulthandler.register(signal.SIGUSR1, file=stack_out, all_threads=True)
     for key, value in NCCL_SAFE_ENV.items():
         os.environ[key] = value
     if args.device.startswith("cuda"):

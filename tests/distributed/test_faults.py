@@ -70,8 +70,12 @@ def test_hung_peer_times_out(monkeypatch):
     engine = PipelineEngine("tiny", devices=["cpu", "cpu"], plan="even", timeout=3)
     pids = [p.pid for p in engine._sup.procs]
     start = time.monotonic()
-    with pytest.raises(WorkerTimeoutError, match="no stage made progress for 3 s"):
+    with pytest.raises(WorkerTimeoutError, match="no stage made progress for 3 s") as err:
         engine.forward(_ids(), microbatches=4)
+    # the error says where each stage was: stage 0 inside the injected hang, stage 1 waiting for it
+    where = str(err.value).split("stage 0 (device cpu", 2)[-1]
+    assert "in hook" in where and "worker.py" in where, str(err.value)
+    assert "stage 1 (device cpu" in str(err.value)
     assert time.monotonic() - start < 20
     _assert_no_workers(pids)
 
