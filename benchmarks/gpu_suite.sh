@@ -17,12 +17,13 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   echo "== build kernels"; time python3 -c "import eet_pipe.ops as o; print('HAVE_EXT', o.HAVE_EXT, o.EXT_REASON)"
   if has tests; then
     echo "== gpu tests"
-    timeout 300 python3 -m pytest -q -m "cuda or multigpu" -p no:cacheprovider -s tests/distributed/test_multigpu.py \
-        tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py 2>&1 | grep -v "it/s" | tail -40
+    timeout ${TESTS_S:-300} python3 -m pytest -q -m "cuda or multigpu" -p no:cacheprovider -s --timeout 200 \
+        ${GPU_TESTS:-tests/distributed/test_multigpu.py tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py} \
+        2>&1 | grep -v "it/s" | tail -60
   fi
-  has prefill && timeout 240 python3 benchmarks/pipeline_prefill.py $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
-      warmup=1 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
-  has decode && timeout 180 python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
+  has prefill && timeout ${PREFILL_S:-240} python3 benchmarks/pipeline_prefill.py $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
+      warmup=2 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
+  has decode && timeout ${DECODE_S:-180} python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
   has schedules && timeout 300 python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25

@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
 
+from eet_pipe.cuda_graphs import graphed  # noqa: E402
 from eet_pipe.dtypes import dtype_name, parse_dtype  # noqa: E402
 from eet_pipe.loading import load_units  # noqa: E402
 from eet_pipe.models.meta import StepMeta, prefill_meta  # noqa: E402
@@ -115,7 +116,8 @@ def stage_times(spec: ModelSpec, plan: Plan, workload: Workload, opts: dict) -> 
             with torch.inference_mode():
                 model(x, meta)
 
-        out.append(time_it(run, [st.device], opts["warmup"], opts["repeats"]))
+        run()  # warm-up, then time it as the runtime runs it (a CUDA graph replay on GPU)
+        out.append(time_it(graphed(run, st.device), [st.device], opts["warmup"], opts["repeats"]))
         model = None
         _free(st.device)
     return out

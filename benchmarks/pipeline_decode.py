@@ -36,7 +36,8 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
 
 def timed_generate(gen, batch: list[list[int]], new: int, repeats: int, devices: list[str], **kw) -> float:
     """Median seconds per generated token step (whole generate / new tokens)."""
-    gen(batch[:1], max_new_tokens=4, ignore_eos=True, **kw)  # warm-up
+    # warm-up with the timed shapes: caches, CUDA graphs and GEMM choices are then the ones timed
+    gen(batch, max_new_tokens=new, ignore_eos=True, **kw)
     times = []
     for _ in range(repeats):
         sync(devices)

@@ -29,7 +29,7 @@ from eet_pipe.models.meta import StepMeta
 from eet_pipe.models.model import CanonicalModel
 
 __all__ = ["DEFAULT_BUCKETS", "StaticDecodeInputs", "static_decode_step", "DecodeGraphs", "GraphDecoder",
-           "bucket_for"]
+           "bucket_for", "GraphCache", "cache_length", "graphed"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,93 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Batch sizes that get a graph; a batch runs in the smallest bucket that holds it."""
 CACHE_LEN_ROUND = 64
 """`GraphDecoder` rounds cache lengths up to a multiple of this so later calls can reuse the cache."""
+
+
+def graphed(fn, device: torch.device | str):
+    """`fn` (no arguments, already warmed up) as the replay of a CUDA graph, which is how the runtime
+    runs stage forwards; `fn` itself on CPU or when it cannot be captured. For timing: the graph's
+    replay measures GPU time, not the host's kernel-launch time."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.device(device):
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                fn()
+    except RuntimeError as err:  # e.g. a host synchronisation inside fn
+        log.debug("timing eagerly, capture failed: %s", err)
+        return fn
+    return graph.replay
+
+
+def cache_length(max_len: int, max_positions: int) -> int:
+    """Cache columns for sequences of up to `max_len` tokens: rounded up to CACHE_LEN_ROUND (so later
+    calls of similar length reuse the cache and its graphs), but not past the model's positions."""
+    length = math.ceil(max_len / CACHE_LEN_ROUND) * CACHE_LEN_ROUND
+    return min(length, max(max_len, max_positions))
+
+
+class GraphCache:
+    """CUDA graphs of one device's module calls, one per call signature, sharing a memory pool.
+
+    ``run(key, fn, inputs)`` calls ``fn(*inputs)``. The first call of a signature (`key`, which must
+    determine every shape, dtype and non-tensor argument) runs eagerly — it is the warm-up; the
+    second captures a graph over static copies of the inputs; later calls copy the inputs into those
+    buffers and replay. The returned tensor is the graph's static output: it stays valid until the
+    next `run` on this cache, so a caller that keeps it (a send in flight, a later chunk) clones it.
+    At most `max_graphs` signatures are kept (least recently used go first). Calls must be issued
+    from one thread, on the device's current stream.
+    """
+
+    def __init__(self, device: torch.device, max_graphs: int = 64) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"GraphCache needs a CUDA device, got {device}")
+        self.device, self.max_graphs = device, max_graphs
+        self.pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._seen: set[object] = set()
+        self.captures = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph (call when a buffer they read, e.g. a KV cache, is replaced)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+    def run(self, key: object, fn, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        entry = self._graphs.pop(key, None)
+        if entry is None and key not in self._seen:
+            self._seen.add(key)
+            return fn(*inputs)
+        if entry is None:
+            entry = self._capture(fn, inputs)
+        else:
+            for dst, src in zip(entry[1], inputs, strict=True):
+                dst.copy_(src, non_blocking=True)
+        self._graphs[key] = entry  # most recently used last
+        while len(self._graphs) > self.max_graphs:
+            oldest = next(iter(self._graphs))
+            del self._graphs[oldest]
+            self._seen.discard(oldest)
+        entry[0].replay()
+        self.replays += 1
+        return entry[2]
+
+    def _capture(self, fn, inputs: Sequence[torch.Tensor]):
+        static = tuple(t.clone() for t in inputs)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.current_stream(self.device).synchronize()
+        # thread-local capture: the process group's watchdog thread keeps querying its events meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn(*static)
+        self.captures += 1
+        log.debug("captured a CUDA graph (%d on %s)", self.captures, self.device)
+        return graph, static, out
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int | None:
@@ -171,8 +258,6 @@ class GraphDecoder:
             return g
         self.graphs = None  # free the old cache and graphs before allocating new ones
         capacity = bucket_for(batch, self.buckets) or batch
-        length = math.ceil(max_len / CACHE_LEN_ROUND) * CACHE_LEN_ROUND
-        length = min(length, max(max_len, self.model.cfg.max_positions))
-        cache = self.model.new_cache(capacity + 1, length)
+        cache = self.model.new_cache(capacity + 1, cache_length(max_len, self.model.cfg.max_positions))
         self.graphs = DecodeGraphs(self.model, cache, self.buckets)
         return self.graphs

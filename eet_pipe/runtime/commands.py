@@ -42,6 +42,9 @@ class ForwardCommand:
     output: str = "all"
     """'all' positions, 'last' position only, or 'none' (timing runs)."""
     trace: bool = False
+    cuda_graphs: bool = True
+    """Replay each chunk's forward from a CUDA graph per microbatch shape (CUDA stages; ignored on CPU
+    and while capturing)."""
     capture: list[str] | None = None
     """Canonical capture keys (``eet_pipe.compare_points``: module output, or ``name:in`` for its input)
     to record with forward hooks; the last stage then returns ``(output, {key: tensor})`` gathered from
@@ -59,6 +62,8 @@ class GenerateCommand:
     eos_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     trace: bool = False
+    cuda_graphs: bool = True
+    """Replay decode steps (one token per sequence) from CUDA graphs, one per chunk and group size."""
 
 
 @dataclass

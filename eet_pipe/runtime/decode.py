@@ -35,8 +35,8 @@ class DecodeRun:
         self.schedule = build("decode", self.world, len(self.rows), virtual=stage.num_chunks // self.world,
                               steps=self.steps)
         self.last_chunk = stage.num_chunks - 1
-        self.caches: dict[int, KVCache] = {
-            c: m.new_cache(self.batch, self.width + self.steps) for c, m in stage.chunks.items() if m.layer_ids}
+        self.caches: dict[int, KVCache] = stage.decode_caches(self.batch, self.width + self.steps)
+        self.graphs = stage.graphs(cmd.cuda_graphs)
         self.done_at: dict[int, int] = {}
         self._metas: dict[int, tuple[int, StepMeta]] = {}
         self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
@@ -123,7 +123,7 @@ class DecodeRun:
             return
         x = self.input(g, t, c, msg)
         with self.stage.tracer.span("compute", f"g{g} t{t} {self.stage.label(c)}"):
-            y = self.stage.chunks[c](x, self.meta(g, t), self.caches.get(c))
+            y = self.stage.run_chunk(c, x, self.meta(g, t), self.graphs, self.caches.get(c))
         if c == self.last_chunk:
             self.sample(g, t, y[:, -1], inbox)
         else:

@@ -57,6 +57,8 @@ class PipelineEngine:
         virtual: chunks per device for the interleaved schedule.
         timeout: seconds without progress from any worker before the call fails.
         trace: path of a Chrome trace JSON written after each call (a PNG timeline beside it).
+        cuda_graphs: replay GPU stages' chunk forwards (per microbatch shape) and decode steps (per
+            group size) from CUDA graphs, removing per-kernel launch cost; no effect on CPU stages.
         cpu_threads: intra-op threads of each CPU stage (default: the caller's count, so results are
             bit-identical to the caller's; fewer threads avoid oversubscribing the cores).
     """
@@ -65,7 +67,7 @@ class PipelineEngine:
                  microbatches: int | None = None, plan: str | Plan | None = "auto", dtype: str | torch.dtype | None = None,
                  virtual: int = 2, weights: str | None = None, seed: int = 0, timeout: float = 60.0,
                  trace: str | None = None, stages: int | None = None, allow_duplicate_devices: bool = False,
-                 startup_timeout: float = 900.0, cpu_threads: int | None = None) -> None:
+                 startup_timeout: float = 900.0, cpu_threads: int | None = None, cuda_graphs: bool = True) -> None:
         if schedule not in FORWARD_SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a forward schedule; allowed: {', '.join(FORWARD_SCHEDULES)} "
                              "(generate() always uses the decode schedule)")
@@ -81,6 +83,7 @@ class PipelineEngine:
         self.dtype = parse_dtype(dtype)
         self.trace_path = trace
         self.cpu_threads = cpu_threads
+        self.cuda_graphs = bool(cuda_graphs)
         self.plan = make_plan(plan, self.spec, self.devices, self.dtype, self.schedule, self.virtual,
                               microbatches or 1)
         self.tokenizer = tokenizer_for(self.spec)
@@ -168,7 +171,8 @@ class PipelineEngine:
         mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
         return ForwardCommand(ids=input_ids.cpu().long(), mask=mask, schedule=self.schedule,
                               microbatches=self._microbatches(input_ids.shape[0], microbatches), virtual=self.virtual,
-                              token_types=None if token_type_ids is None else token_type_ids.cpu(), **fields)
+                              token_types=None if token_type_ids is None else token_type_ids.cpu(),
+                              cuda_graphs=self.cuda_graphs, **fields)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output: str = "all",
@@ -200,7 +204,7 @@ class PipelineEngine:
         ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)
         groups = min(len(ids), microbatches or self.microbatches or self.num_stages)
         cmd = GenerateCommand(prompts=ids, params=per_seq, groups=groups, eos_ids=self.cfg.eos_ids, pad_id=self.cfg.pad_id,
-                              trace=self.trace_path is not None)
+                              trace=self.trace_path is not None, cuda_graphs=self.cuda_graphs)
         return self._run(cmd, f"generate ({groups} groups in flight)")
 
     def summary(self) -> str:

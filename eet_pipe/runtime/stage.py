@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 
 from eet_pipe.compare_points import CaptureHooks
+from eet_pipe.cuda_graphs import GraphCache, cache_length
 from eet_pipe.loading import load_units, tokenizer_for
-from eet_pipe.models.meta import prefill_meta
+from eet_pipe.models.kv_cache import KVCache
+from eet_pipe.models.meta import StepMeta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.presets import ModelSpec
 from eet_pipe.runtime.comm import P2P, Spec
@@ -37,6 +39,62 @@ class Stage:
         self.hidden = spec.cfg.hidden_size
         self.tracer = Tracer(ctx.device, ctx.rank)
         self.tokenizer = tokenizer_for(spec) if ctx.is_last else None
+        self._graphs: GraphCache | None = None
+        self._caches: dict[int, KVCache] = {}
+        self._cache_room = (0, 0)  # (sequences, tokens) the held caches can take
+
+    def graphs(self, wanted: bool) -> GraphCache | None:
+        """This stage's CUDA graphs when `wanted` and the stage is on a GPU, else None (eager)."""
+        if not wanted or self.ctx.device.type != "cuda":
+            return None
+        if self._graphs is None:
+            self._graphs = GraphCache(self.ctx.device)
+        return self._graphs
+
+    def decode_caches(self, batch: int, max_len: int) -> dict[int, KVCache]:
+        """KV caches of this stage's chunks for `batch` sequences of up to `max_len` tokens, kept across
+        generate commands (so their CUDA graphs stay valid) while they are large enough; cleared."""
+        length = cache_length(max_len, self.spec.cfg.max_positions)
+        if self._cache_room[0] >= batch and self._cache_room[1] >= max_len:
+            for cache in self._caches.values():
+                cache.valid.zero_()
+            return self._caches
+        self._caches = {}
+        if self._graphs is not None:
+            self._graphs.clear()  # their graphs address the old caches
+        if self.ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._caches = {c: m.new_cache(batch, length) for c, m in self.chunks.items() if m.layer_ids}
+        self._cache_room = (batch, length)
+        return self._caches
+
+    def run_chunk(self, chunk: int, x: torch.Tensor, meta: StepMeta, graphs: GraphCache | None,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """One chunk's forward, replayed from a CUDA graph when `graphs` is given.
+
+        With a cache, only decode steps (one token per sequence) are graphed; they attend over the
+        whole cache (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph
+        serves every step. The result is the caller's own tensor (graph outputs are copied out).
+        """
+        model = self.chunks[chunk]
+        if graphs is None or (cache is not None and x.shape[1] != 1):
+            return model(x, meta, cache)
+        if cache is None:
+            types = () if meta.token_types is None else (meta.token_types,)
+
+            def fn(x, positions, valid, *token_types):
+                return model(x, StepMeta(positions=positions, valid=valid,
+                                         token_types=token_types[0] if token_types else None))
+
+            key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types))
+            return graphs.run(key, fn, (x, meta.positions, meta.valid, *types)).clone()
+
+        def step(x, positions, valid, slots, write_index):
+            return model(x, StepMeta(positions=positions, valid=valid, slots=slots, write_index=write_index,
+                                     kv_len=cache.max_len), cache)
+
+        key = ("decode", chunk, tuple(x.shape), x.dtype, id(cache))
+        return graphs.run(key, step, (x, meta.positions, meta.valid, meta.slots, meta.write_index)).clone()
 
     def execute(self, cmd: ForwardCommand | GenerateCommand) -> object:
         """Run one command; the last stage returns its result."""
@@ -87,6 +145,10 @@ class Stage:
         def specs(a: Action) -> list[Spec]:
             return [((rows[a.mb].stop - rows[a.mb].start, seq, self.hidden), self.dtype)]
 
+        graphs = self.graphs(cmd.cuda_graphs and cmd.capture is None)
+        # one copy of the ids for the whole command: a copy per microbatch from pageable memory would
+        # wait for the GPU each time and leave it idle while the next microbatch's kernels are launched
+        ids = cmd.ids.to(self.ctx.device) if 0 in self.chunks else None
         comm = P2P(self.ctx, specs)
         comm.expect([a for a in actions if a.op is Op.RECV])
         self.tracer.reset(cmd.trace)
@@ -101,10 +163,10 @@ class Stage:
                 with self.tracer.span("send", f"mb{a.mb} to stage {a.peer}"):
                     comm.send(a, [inbox.pop((a.mb, a.chunk))])
             else:
-                x = cmd.ids[rows[a.mb]].to(self.ctx.device) if a.chunk == 0 else inbox.pop((a.mb, a.chunk))
+                x = ids[rows[a.mb]] if a.chunk == 0 else inbox.pop((a.mb, a.chunk))
                 hooks.microbatch = a.mb
                 with self.tracer.span("compute", f"mb{a.mb} {self.label(a.chunk)}"):
-                    y = self.chunks[a.chunk](x, metas[a.mb])
+                    y = self.run_chunk(a.chunk, x, metas[a.mb], graphs)
                 if a.chunk == last:
                     if cmd.output != "none":
                         outputs[a.mb] = y[:, -1] if cmd.output == "last" else y

@@ -158,3 +158,33 @@ def test_int8_graph_decode_equals_eager_gpu():
     want = lm.generate(prompts, max_new_tokens=16, ignore_eos=True, cuda_graphs=False)
     got = lm.generate(prompts, max_new_tokens=16, ignore_eos=True, cuda_graphs=True)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_graph_cache_needs_cuda_and_graphed_is_identity_on_cpu():
+    from eet_pipe.cuda_graphs import GraphCache, cache_length, graphed
+
+    with pytest.raises(ValueError, match="GraphCache needs a CUDA device, got cpu"):
+        GraphCache(torch.device("cpu"))
+
+    def fn():
+        return 1
+
+    assert graphed(fn, "cpu") is fn
+    assert cache_length(96, 1024) == 128 and cache_length(1000, 1024) == 1024 and cache_length(1030, 1024) == 1030
+
+
+@pytest.mark.cuda
+def test_graph_cache_warms_up_eagerly_then_captures_and_replays():
+    from eet_pipe.cuda_graphs import GraphCache
+
+    cache = GraphCache(torch.device("cuda:0"), max_graphs=2)
+    w = torch.randn(64, 64, device="cuda:0")
+    outs = [cache.run(("mm", 8), lambda x: (x @ w).relu(), (torch.full((8, 64), float(i), device="cuda:0"),)).clone()
+            for i in range(4)]
+    assert cache.captures == 1 and cache.replays == 3
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, (torch.full((8, 64), float(i), device="cuda:0") @ w).relu())
+    for key in (("a",), ("b",), ("c",)):  # two uses each: captured; the oldest is evicted past max_graphs
+        for _ in range(2):
+            cache.run(key, lambda x: x * 2, (torch.ones(4, device="cuda:0"),))
+    assert len(cache) == 2
