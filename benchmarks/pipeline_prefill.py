@@ -5,7 +5,8 @@ all in one run on the same devices.
         batch=32 seq=512 microbatches=4,8,16,32
     python benchmarks/pipeline_prefill.py --quick        # CPU smoke run (tiny model, 2 gloo stages)
 
-Writes <out>.json (environment, config, every figure) and <out>.png (tokens/s vs microbatches, with the
+Our pipelines use `plan=auto` (profiled and balanced; `plan=even` splits layers evenly); the peer
+splits layers evenly. Writes <out>.json (environment, config, every figure) and <out>.png (tokens/s vs microbatches, with the
 GPipe bound P·M/(M+P−1) × our single-device figure), and a trace timeline of our gpipe run.
 """
 
@@ -25,7 +26,7 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
-            "seq": 512, "microbatches": ["4", "8", "16", "32"], "warmup": 2, "repeats": 5, "peer": "yes",
+            "seq": 512, "microbatches": ["4", "8", "16", "32"], "warmup": 2, "repeats": 5, "peer": "yes", "plan": "auto",
             "out": "bench_results/pipeline_prefill"}
 QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
          "microbatches": ["1", "2", "4"], "warmup": 1, "repeats": 2}
@@ -51,11 +52,12 @@ def single_device(opts: dict, ids: torch.Tensor) -> float:
 def ours(opts: dict, ids: torch.Tensor, schedule: str, ms: list[int], bar) -> list[dict]:
     rows = []
     with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
-                        schedule=schedule, virtual=2, plan="even", timeout=600, cpu_threads=1) as engine:
+                        schedule=schedule, virtual=2, plan=opts["plan"], timeout=600, cpu_threads=1) as engine:
+        chunks = [f"{c[0]}..{c[-1]}" for c in engine.plan.chunks()]
         for m in ms:
             seconds = time_it(lambda: engine.forward(ids, output="none", microbatches=m), [], opts["warmup"],
                               opts["repeats"])
-            rows.append({"system": f"eet_pipe {schedule}", "microbatches": m, "seconds": seconds})
+            rows.append({"system": f"eet_pipe {schedule}", "microbatches": m, "seconds": seconds, "chunks": chunks})
             bar.update()
         if schedule == "gpipe":
             engine.trace_path = opts["out"] + f"_trace_{schedule}_M{ms[len(ms) // 2]}.json"

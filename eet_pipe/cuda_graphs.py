@@ -94,6 +94,8 @@ class GraphCache:
         """Drop every graph (call when a buffer they read, e.g. a KV cache, is replaced)."""
         self._graphs.clear()
         self._seen.clear()
+        # the old pool is freed with its last graph, and a freed pool's handle cannot be captured into again
+        self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, key: object, fn, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         entry = self._graphs.pop(key, None)

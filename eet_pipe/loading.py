@@ -22,6 +22,8 @@ def load_units(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
     """
     check_quantize(quantize)
     model = _load(spec, units, dtype, device)
+    if torch.device(device).type == "cuda":
+        model.pad_vocab()
     return quantize_model(model) if quantize is not None else model
 
 

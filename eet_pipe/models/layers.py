@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eet_pipe import ops
@@ -12,7 +15,7 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
 
-__all__ = ["Norm", "Embedding", "Attention", "MLP", "TransformerLayer", "attention_mask"]
+__all__ = ["Norm", "Embedding", "Attention", "MLP", "TransformerLayer", "LMHead", "attention_mask"]
 
 
 class Norm(nn.Module):
@@ -106,7 +109,7 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
         if cache is None:
             q, k, v = self.project(x, meta, rope)
-            o = ops.attention(q, k, v, mask)  # [B, Hq, T, D]
+            o = ops.attention(q, k, v, mask, causal=self.cfg.causal)  # [B, Hq, T, D]
         else:
             o = self.cached(x, meta, mask, cache, rope)
         b, _, t, _ = o.shape
@@ -167,3 +170,37 @@ class TransformerLayer(nn.Module):
         h, _ = self.attn.norm.residual(a, x)
         out, _ = self.mlp.norm.residual(self.mlp(h), h)
         return out
+
+
+class LMHead(nn.Linear):
+    """The vocabulary projection (no bias), optionally computed with a row-padded weight.
+
+    A GEMM whose output width is odd (GPT-2's 50257) cannot use the aligned tensor-core kernels and
+    runs several times slower. After `pad`, the weight lives in the first V rows of a zero-padded
+    [ceil(V / multiple) * multiple, H] buffer: `weight` is a view of it (same shape, same state
+    dict, no extra memory) and forward multiplies by the whole buffer and returns a view of the
+    first V columns. Moving or casting the module drops the padding (call `pad` again after).
+    """
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        super().__init__(hidden, vocab, bias=False)
+        self.padded: torch.Tensor | None = None
+
+    def pad(self, multiple: int = 64) -> None:
+        vocab, hidden = self.weight.shape
+        rows = math.ceil(vocab / multiple) * multiple
+        if self.padded is not None or rows == vocab:
+            return
+        padded = torch.zeros(rows, hidden, dtype=self.weight.dtype, device=self.weight.device)
+        padded[:vocab].copy_(self.weight.detach())
+        self.weight = nn.Parameter(padded[:vocab], requires_grad=False)
+        self.padded = padded
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .half() give the weight new storage
+        self.padded = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded is None:
+            return super().forward(x)
+        return F.linear(x, self.padded)[..., : self.out_features]

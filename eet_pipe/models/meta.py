@@ -29,6 +29,9 @@ class StepMeta:
     """Number of cache columns attended over (max write index + 1)."""
     token_types: torch.Tensor | None = None
     """[B, T] int64 token type (segment) ids for models that have them."""
+    dense: bool = False
+    """Every token is valid (no padding) and positions are 0..T-1: a cache-free forward then needs no
+    attention mask. Set by `prefill_meta`; False when unknown."""
 
     def to(self, device: torch.device | str) -> StepMeta:
         """Copy every tensor to `device` (non-blocking)."""
@@ -45,7 +48,7 @@ class StepMeta:
         write = pick(self.write_index)
         kv_len = int(write.max()) + 1 if write is not None and write.numel() else self.kv_len
         return StepMeta(positions=self.positions[rows], valid=self.valid[rows], slots=pick(self.slots),
-                        write_index=write, kv_len=kv_len, token_types=pick(self.token_types))
+                        write_index=write, kv_len=kv_len, token_types=pick(self.token_types), dense=self.dense)
 
 
 def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,7 +68,8 @@ def prefill_meta(mask: torch.Tensor, slots: torch.Tensor | None = None,
     if slots is not None:
         write = torch.arange(seq, dtype=torch.long).expand(batch, seq).contiguous()
     return StepMeta(positions=positions_from_mask(mask), valid=mask, slots=slots,
-                    write_index=write, kv_len=seq if slots is not None else 0, token_types=token_types)
+                    write_index=write, kv_len=seq if slots is not None else 0, token_types=token_types,
+                    dense=bool(mask.all()))
 
 
 def decode_meta(slots: torch.Tensor, write_index: torch.Tensor, positions: torch.Tensor,

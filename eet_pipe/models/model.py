@@ -11,7 +11,7 @@ from torch import nn
 
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.layers import Embedding, Norm, TransformerLayer, attention_mask
+from eet_pipe.models.layers import Embedding, LMHead, Norm, TransformerLayer, attention_mask
 from eet_pipe.models.meta import StepMeta
 from eet_pipe.models.rotary import rotary_table
 
@@ -46,7 +46,7 @@ class CanonicalModel(nn.Module):
         self.embed = Embedding(cfg) if has_embed else None
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i) for i in layers})
         self.final_norm = Norm(cfg) if has_head and cfg.final_norm else None
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if has_head and cfg.lm_head else None
+        self.head = LMHead(cfg.hidden_size, cfg.vocab_size) if has_head and cfg.lm_head else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if has_head and cfg.pooler else None
         self.has_head = has_head
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -60,6 +60,16 @@ class CanonicalModel(nn.Module):
         """Share the token embedding with the LM head when both live here and the config ties them."""
         if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
             self.head.weight = self.embed.tok.weight
+
+    def pad_vocab(self, multiple: int = 64) -> None:
+        """Pad the LM head's rows to a multiple of `multiple` (see `LMHead.pad`); the tied embedding
+        keeps sharing the weight. Call after the weights are loaded, on their final device."""
+        if self.head is None:
+            return
+        tied = self.embed is not None and self.embed.tok.weight is self.head.weight
+        self.head.pad(multiple)
+        if tied:
+            self.embed.tok.weight = self.head.weight
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rotary cos/sin tables on `device` (built once)."""
@@ -86,7 +96,9 @@ class CanonicalModel(nn.Module):
                 cache.commit(meta)
             # decode steps with a cache use the decode-attention op, which needs no dense mask
             decode = cache is not None and x.shape[1] == 1
-            mask = None if decode else attention_mask(meta, self.cfg.causal, cache)
+            # an unpadded batch without a cache needs no mask: causal (or full) attention on the flash path
+            dense = cache is None and meta.dense
+            mask = None if decode or dense else attention_mask(meta, self.cfg.causal, cache)
             rope = self.rope(x.device)
             for layer in self.layers.values():
                 x = layer(x, meta, mask, cache, rope)

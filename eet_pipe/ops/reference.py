@@ -97,9 +97,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention. q: [B, Hq, T, D]; k, v: [B, Hkv, K, D]; mask: [B, 1, T, K] bool."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention. q: [B, Hq, T, D]; k, v: [B, Hkv, K, D]; mask: [B, 1, T, K] bool, or
+    None for unpadded batches: then `causal` selects causal or full attention (the fused flash path)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 _apply_rotary = rotary  # qkv_rotary_cache's `rotary` flag shadows the function's name

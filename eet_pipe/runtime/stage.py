@@ -83,10 +83,10 @@ class Stage:
             types = () if meta.token_types is None else (meta.token_types,)
 
             def fn(x, positions, valid, *token_types):
-                return model(x, StepMeta(positions=positions, valid=valid,
+                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense,
                                          token_types=token_types[0] if token_types else None))
 
-            key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types))
+            key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types), meta.dense)
             return graphs.run(key, fn, (x, meta.positions, meta.valid, *types)).clone()
 
         def step(x, positions, valid, slots, write_index):
