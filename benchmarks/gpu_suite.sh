@@ -27,9 +27,10 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
   has schedules && timeout 300 python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
-  has partitions && timeout 240 python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
+  has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
-  has single && timeout 420 python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 out="$OUT_DIR/single_gpu" 2>&1 \
+  has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
+      ${SINGLE_ARGS:-} out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -25
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"

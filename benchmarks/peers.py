@@ -23,12 +23,16 @@ class _Slice(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._metas: dict[tuple[int, ...], Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from eet_pipe.models.meta import prefill_meta
 
-        mask = torch.ones(x.shape[:2], dtype=torch.bool)
-        return self.model(x, prefill_meta(mask).to(x.device))
+        meta = self._metas.get(tuple(x.shape[:2]))
+        if meta is None:  # built once per shape, on the device: no host round trip per microbatch
+            meta = self._metas[tuple(x.shape[:2])] = prefill_meta(torch.ones(x.shape[:2], dtype=torch.bool)).to(x.device)
+        # the stage's declared output is a dense tensor (our head returns a view of a padded product)
+        return self.model(x, meta).contiguous()
 
 
 def _peer_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:

@@ -3,6 +3,7 @@ HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 unde
 
     python benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0
     python benchmarks/single_gpu.py --quick out=/tmp/x      # CPU smoke run (tiny, batch 1/2, 8 tokens)
+    python benchmarks/single_gpu.py systems=hf,static,fp16,int8 tune=no     # a subset, no GEMM tuning
 
 Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
 from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
@@ -31,7 +32,8 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
-            "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu"}
+            "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu",
+            "systems": ["eager", "hf", "static", "fp16", "bf16", "int8"], "tune": "yes"}
 QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
          "prefill": ["1x64", "2x64"], "repeats": 1}
 FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
@@ -194,16 +196,21 @@ def plot(data: dict, path: str) -> None:
 
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
-    systems: list[tuple[str, Callable[[], list[dict]]]] = [
-        ("eet_pipe fp16 eager", lambda: ours(opts, "fp16", graphs=False, tune=False)),
-        ("HF transformers eager+SDPA", lambda: hf_sdpa(opts)),
-        ("plain PyTorch static cache", lambda: static_peer(opts)),
-        ("eet_pipe fp16 graphs +tuning", lambda: ours(opts, "fp16", graphs=True, tune=True)),
-        ("eet_pipe bf16 graphs +tuning", lambda: ours(opts, "bf16", graphs=True, tune=True)),
-        ("eet_pipe int8 graphs +tuning", lambda: ours(opts, "int8", graphs=True, tune=True)),
-    ]
+    tune = opts["tune"] == "yes"
+    label = " +tuning" if tune else ""
+    systems: dict[str, tuple[str, Callable[[], list[dict]]]] = {
+        "eager": ("eet_pipe fp16 eager", lambda: ours(opts, "fp16", graphs=False, tune=False)),
+        "hf": ("HF transformers eager+SDPA", lambda: hf_sdpa(opts)),
+        "static": ("plain PyTorch static cache", lambda: static_peer(opts)),
+        "fp16": (f"eet_pipe fp16 graphs{label}", lambda: ours(opts, "fp16", graphs=True, tune=tune)),
+        "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),
+        "int8": (f"eet_pipe int8 graphs{label}", lambda: ours(opts, "int8", graphs=True, tune=tune)),
+    }
+    unknown = [k for k in opts["systems"] if k not in systems]
+    if unknown:
+        raise SystemExit(f"systems={','.join(unknown)} unknown; choose from {','.join(systems)}")
     rows = []
-    for name, fn in systems:
+    for name, fn in (systems[k] for k in opts["systems"]):
         rows += guarded(name, fn)
         sync([opts["device"]])
     data = {"env": environment(), "config": opts, "ext": eet_pipe.ops.EXT_REASON, "results": rows}

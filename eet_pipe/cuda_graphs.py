@@ -50,7 +50,8 @@ def graphed(fn, device: torch.device | str):
     try:
         with torch.cuda.device(device):
             torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # a capture stream of this device: torch.cuda.graph's default one lives on the first device it was used on
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
                 fn()
     except RuntimeError as err:  # e.g. a host synchronisation inside fn
         log.debug("timing eagerly, capture failed: %s", err)
@@ -86,6 +87,7 @@ class GraphCache:
         self._seen: set[object] = set()
         self.captures = 0
         self.replays = 0
+        self._stream: torch.cuda.Stream | None = None  # capture stream on this device
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -121,7 +123,9 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream(self.device).synchronize()
         # thread-local capture: the process group's watchdog thread keeps querying its events meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._stream, capture_error_mode="thread_local"):
             out = fn(*static)
         self.captures += 1
         log.debug("captured a CUDA graph (%d on %s)", self.captures, self.device)
@@ -226,7 +230,7 @@ class DecodeGraphs:
                     static_decode_step(self.model, self.cache, inputs)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 logits = static_decode_step(self.model, self.cache, inputs)
         captured = _Captured(inputs, graph, logits)
         self.graphs[bucket] = captured
