@@ -188,10 +188,13 @@ def generate_loop(step: StepFn, prompts: Sequence[Sequence[int]], params: Sequen
     ids, mask = pad_prompts(prompts, pad_id)
     batch, width = ids.shape
     slots = torch.arange(batch)
-    sampler = Sampler(params)
     states = [SequenceState(p, eos_ids, decode) for p in params]
     lengths = mask.sum(-1)
     logits = step(ids, prefill_meta(mask, slots))
+    if all(p.greedy for p in params):
+        _greedy_steps(step, logits, states, slots, lengths, width, max(p.max_new_tokens for p in params))
+        return results(prompts, states)
+    sampler = Sampler(params)
     for n in range(max(p.max_new_tokens for p in params)):
         nxt = sampler(logits)
         for s, tok in zip(states, nxt.tolist(), strict=True):
@@ -201,3 +204,46 @@ def generate_loop(step: StepFn, prompts: Sequence[Sequence[int]], params: Sequen
         meta = decode_meta(slots, torch.full((batch,), width + n), lengths + n)
         logits = step(nxt.view(batch, 1), meta)
     return results(prompts, states)
+
+
+def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceState], slots: torch.Tensor,
+                  lengths: torch.Tensor, width: int, steps: int) -> None:
+    """Greedy decoding that never makes the device wait for the host.
+
+    Each step's tokens are picked on the logits' device and fed straight into the next step; their
+    copy to the host (to record them and test EOS / stop strings / lengths) is read one step later,
+    while the device already runs the next step. A batch that finished therefore costs one extra
+    step, whose tokens `SequenceState` ignores; the tokens are those of the step-by-step loop.
+    """
+    device, batch = logits.device, logits.shape[0]
+    slots_d, lengths_d = slots.to(device), lengths.to(device)
+    valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def record(tokens: torch.Tensor, event: torch.cuda.Event | None) -> bool:
+        """Append one step's tokens; True when every sequence has finished."""
+        if event is not None:
+            event.synchronize()
+        for state, tok in zip(states, tokens.tolist(), strict=True):
+            state.append(tok)
+        return all(s.finished for s in states)
+
+    for n in range(steps):
+        nxt = logits.argmax(dim=-1)  # [B] on the device
+        host = nxt.to("cpu", non_blocking=device.type == "cuda")
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        if pending and record(*pending.pop()):
+            return
+        if n == steps - 1:
+            record(host, event)
+            return
+        pending.append((host, event))
+        write = torch.full((batch, 1), width + n, dtype=torch.long, device=device)
+        meta = StepMeta(positions=(lengths_d + n).view(batch, 1), valid=valid, slots=slots_d, write_index=write,
+                        kv_len=width + n + 1)
+        logits = step(nxt.view(batch, 1), meta)
+    for tokens, event in pending:
+        record(tokens, event)

@@ -12,7 +12,7 @@ import torch
 
 from eet_pipe.generation import GenerationResult, Sampler, SequenceState, pad_prompts, results
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
+from eet_pipe.models.meta import StepMeta, prefill_meta
 from eet_pipe.runtime.comm import P2P, Spec
 from eet_pipe.runtime.commands import GenerateCommand, split_rows
 from eet_pipe.schedule import Action, Op, build
@@ -42,10 +42,16 @@ class DecodeRun:
         self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
         self.flags = {v: torch.tensor([v], dtype=torch.long, device=self.device) for v in (0, 1)}
         self.is_last = ctx.is_last
+        # decode-step metadata is built on the device from these (no host-to-device copy per step)
+        self.lengths_d = self.lengths.to(self.device)
+        self.slots_d = [torch.arange(r.start, r.stop, device=self.device) for r in self.rows]
+        self.valid_d = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
         if self.is_last:
             decode = stage.tokenizer.decode if stage.tokenizer is not None else None
             self.sampler = Sampler(cmd.params)
             self.states = [SequenceState(p, cmd.eos_ids, decode) for p in cmd.params]
+            self.greedy = all(p.greedy for p in cmd.params)
+            self.pending: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
 
     def meta(self, g: int, t: int) -> StepMeta:
         """Metadata of group g at step t, built once even when this stage holds several chunks."""
@@ -53,12 +59,13 @@ class DecodeRun:
         if cached is not None and cached[0] == t:
             return cached[1]
         r = self.rows[g]
-        slots = torch.arange(r.start, r.stop)
         if t == 0:
-            meta = prefill_meta(self.mask[r], slots).to(self.device)
+            meta = prefill_meta(self.mask[r], torch.arange(r.start, r.stop)).to(self.device)
         else:
-            meta = decode_meta(slots, torch.full((len(slots),), self.width + t - 1),
-                               self.lengths[r] + t - 1).to(self.device)
+            n = r.stop - r.start
+            write = torch.full((n, 1), self.width + t - 1, dtype=torch.long, device=self.device)
+            meta = StepMeta(positions=(self.lengths_d[r] + (t - 1)).view(n, 1), valid=self.valid_d[r],
+                            slots=self.slots_d[g], write_index=write, kv_len=self.width + t)
         self._metas[g] = (t, meta)
         return meta
 
@@ -101,7 +108,11 @@ class DecodeRun:
         comm.flush()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return results(self.cmd.prompts, self.states) if self.is_last else None
+        if not self.is_last:
+            return None
+        for g in sorted(self.pending):
+            self.record(g, *self.pending.pop(g))
+        return results(self.cmd.prompts, self.states)
 
     def forward(self, a: Action, inbox: dict) -> None:
         g, t, c = a.mb, a.step, a.chunk
@@ -136,7 +147,24 @@ class DecodeRun:
             return self.ids[self.rows[g]].to(self.device)
         return msg[0][:-1].view(-1, 1).to(self.device)
 
+    def record(self, g: int, tokens: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        """Append one step's tokens (host tensor, ready once `event` has completed) to group g's states."""
+        if event is not None:
+            event.synchronize()
+        for state, tok in zip(self.states[self.rows[g]], tokens.tolist(), strict=True):
+            state.append(tok)
+
+    def feed_back(self, g: int, t: int, fb: torch.Tensor, inbox: dict) -> None:
+        """Tokens + done flag of group g for step t + 1, to stage 0 (or kept here with one stage)."""
+        if self.world == 1:
+            self.local_feedback[(g, t + 1)] = fb
+        else:
+            inbox[(g, 0, t + 1)] = [fb]
+
     def sample(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
+        if self.greedy:
+            self.sample_greedy(g, t, logits, inbox)
+            return
         r = self.rows[g]
         tokens = self.sampler(logits, range(r.start, r.stop))
         for state, tok in zip(self.states[r], tokens.tolist(), strict=True):
@@ -144,8 +172,27 @@ class DecodeRun:
         finished = all(s.finished for s in self.states[r]) or t == self.steps - 1
         if t == self.steps - 1:
             return
-        fb = torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device)
-        if self.world == 1:
-            self.local_feedback[(g, t + 1)] = fb
-        else:
-            inbox[(g, 0, t + 1)] = [fb]
+        self.feed_back(g, t, torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device), inbox)
+
+    def sample_greedy(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
+        """Greedy tokens picked on the device and fed back without waiting for the host.
+
+        The host reads a group's tokens one step late (their copy has long finished by then), so the
+        done flag sent with step t + 1 reflects the tokens up to step t - 1: a finished group runs
+        one extra step, whose tokens its states ignore.
+        """
+        tokens = logits.argmax(dim=-1)
+        host = tokens.to("cpu", non_blocking=self.device.type == "cuda")
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        previous = self.pending.pop(g, None)
+        if previous is not None:
+            self.record(g, *previous)
+        if t == self.steps - 1:
+            self.record(g, host, event)
+            return
+        self.pending[g] = (host, event)
+        finished = all(s.finished for s in self.states[self.rows[g]])
+        self.feed_back(g, t, torch.cat([tokens, self.flags[int(finished)]]), inbox)

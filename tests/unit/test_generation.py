@@ -94,3 +94,45 @@ def test_generate_input_errors():
         lm.generate("a" * 500, max_new_tokens=20)
     with pytest.raises(ValueError, match="temperature=-1"):
         lm.generate("a", temperature=-1)
+
+
+def _reference_greedy(lm, prompts, params, eos_ids):
+    """Step-by-step greedy decoding: record each step's tokens before running the next step."""
+    from eet_pipe.models.meta import decode_meta, prefill_meta
+
+    ids, mask = pad_prompts(prompts)
+    batch, width = ids.shape
+    cache = lm.model.new_cache(batch, width + max(p.max_new_tokens for p in params))
+    states = [SequenceState(p, eos_ids, lm.tokenizer.decode) for p in params]
+    slots, lengths = torch.arange(batch), mask.sum(-1)
+    logits = lm.model(ids, prefill_meta(mask, slots), cache)[:, -1]
+    for n in range(max(p.max_new_tokens for p in params)):
+        nxt = logits.argmax(-1)
+        for s, t in zip(states, nxt.tolist(), strict=True):
+            s.append(t)
+        if all(s.finished for s in states):
+            break
+        meta = decode_meta(slots, torch.full((batch,), width + n), lengths + n)
+        logits = lm.model(nxt.view(batch, 1), meta, cache)[:, -1]
+    return [(s.tokens, s.finish_reason, s.text) for s in states]
+
+
+def test_greedy_generation_reads_tokens_one_step_late_but_returns_the_step_by_step_result():
+    lm = from_pretrained("tiny")
+    prompts = ["ab", "the quick", "x"]
+    free = lm.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    eos = free[1].token_ids[4]  # sequence 1 meets this token as its 5th: EOS ends it there
+    stop = lm.tokenizer.decode(free[2].token_ids[2:4])  # sequence 2 stops on a string
+    params = [SamplingParams(max_new_tokens=5, ignore_eos=True), SamplingParams(max_new_tokens=12),
+              SamplingParams(max_new_tokens=12, stop=[stop], ignore_eos=True)]
+    want = _reference_greedy(lm, [lm.tokenizer.encode(p) for p in prompts], params, [eos])
+    lm.cfg.eos_token_id = eos
+    try:
+        got = lm.generate(prompts, max_new_tokens=12, stop=[stop])
+        got_mixed = [lm.generate([p], **vars(q))[0] for p, q in zip(prompts, params, strict=True)]
+    finally:
+        lm.cfg.eos_token_id = 257
+    assert [(r.token_ids, r.finish_reason) for r in got_mixed] == [(w[0], w[1]) for w in want]
+    assert got_mixed[1].finish_reason == "stop" and len(got_mixed[1].token_ids) < 12
+    assert got_mixed[2].finish_reason == "stop" and stop not in got_mixed[2].text
+    assert all(r.finish_reason == "stop" for r in got[1:])
