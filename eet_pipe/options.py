@@ -20,7 +20,7 @@ class ModelOptions:
     devices: list[str] = field(default_factory=list)
     """Devices along the pipeline (cuda:0,cuda:1 or cpu,cpu); default: the first `stages` GPUs, else CPU."""
     stages: int = 1
-    """Pipeline stages (one worker process each)."""
+    """Pipeline stages (one worker process each); with `devices` given, 1 means one stage per device."""
     schedule: str = "gpipe"
     """Schedule for forward passes: sequential, gpipe or interleaved (generation always uses decode)."""
 
@@ -43,6 +43,8 @@ class EngineOptions(ModelOptions):
     """Write a Chrome/Perfetto trace JSON (and a PNG timeline beside it) to this path."""
     timeout: float = 60.0
     """Seconds to wait for a worker before declaring it dead."""
+    allow_duplicate_devices: bool = False
+    """Allow a GPU to appear twice in `devices` (several stages on one GPU)."""
 
 
 @dataclass

@@ -54,7 +54,7 @@ def make_driver(opts: ServeOptions) -> StepDriver:
         from eet_pipe.serving.torchrun import TorchrunDriver
 
         return TorchrunDriver(opts)
-    setup = resolve_setup(opts, stage_devices(opts.devices, opts.stages))
+    setup = resolve_setup(opts, stage_devices(opts.devices, opts.stages, opts.allow_duplicate_devices))
     return ServingEngine(setup, timeout=opts.timeout, startup_timeout=opts.startup_timeout, threads=opts.threads)
 
 

@@ -96,9 +96,12 @@ class PipelineEngine:
     @classmethod
     def from_options(cls, opts: Any) -> PipelineEngine:
         """Build from `eet_pipe.options.EngineOptions`."""
-        return cls(opts.model, devices=opts.devices or None, stages=opts.stages, schedule=opts.schedule,
+        # as for the server and `eet-pipe plan`: with devices given, the default stages=1 means "one per device"
+        stages = None if opts.devices and opts.stages == 1 else opts.stages
+        return cls(opts.model, devices=opts.devices or None, stages=stages, schedule=opts.schedule,
                    microbatches=opts.microbatches or None, plan=opts.plan, dtype=opts.dtype, virtual=opts.virtual,
-                   weights=opts.weights, seed=opts.seed, timeout=opts.timeout, trace=opts.trace)
+                   weights=opts.weights, seed=opts.seed, timeout=opts.timeout, trace=opts.trace,
+                   allow_duplicate_devices=opts.allow_duplicate_devices)
 
     @property
     def num_stages(self) -> int:

@@ -60,10 +60,10 @@ class PipelineSetup:
         return list(self.cfg.eos_ids)
 
 
-def stage_devices(devices: list[str], stages: int) -> list[str]:
+def stage_devices(devices: list[str], stages: int, allow_duplicates: bool = False) -> list[str]:
     """The server's devices (`pipeline_devices`); its options' default stages=1 means "as many as the
-    devices given", and a GPU listed twice is accepted as before."""
-    return pipeline_devices(devices, None if devices and stages == 1 else stages, allow_duplicates=True)
+    devices given"; a GPU listed twice needs `allow_duplicates`."""
+    return pipeline_devices(devices, None if devices and stages == 1 else stages, allow_duplicates=allow_duplicates)
 
 
 def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> PipelineSetup:

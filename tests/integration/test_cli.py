@@ -11,8 +11,9 @@ import eet_pipe
 
 
 @pytest.mark.timeout(180)
-def test_generate_runs_two_worker_processes():
-    cmd = [sys.executable, "-m", "eet_pipe.cli", "generate", "--stages", "2", "model=tiny", "prompt=Hello",
+@pytest.mark.parametrize("where", [["--stages", "2"], ["devices=cpu,cpu"]])
+def test_generate_runs_two_worker_processes(where):
+    cmd = [sys.executable, "-m", "eet_pipe.cli", "generate", *where, "model=tiny", "prompt=Hello",
            "max_new_tokens=12"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-2000:]
