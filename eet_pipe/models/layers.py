@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 from torch import nn
 
 from eet_pipe import ops

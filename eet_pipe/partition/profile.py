@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from eet_pipe.cuda_graphs import graphed
-
 from eet_pipe.dtypes import dtype_name, parse_dtype
 from eet_pipe.loading import load_units
 from eet_pipe.models.config import ArchConfig
