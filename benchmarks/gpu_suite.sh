@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU verification and figures: build the kernels, run the GPU tests, run the benchmarks on the first
-# two GPUs. Usage: benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single]
+# two GPUs (DEVICES=cuda:0,cuda:1,cuda:2,cuda:3 for more). Usage:
+#   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [serve]
 # (no part named = all). Every part has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
-PARTS=${*:-tests prefill decode schedules partitions single}
+PARTS=${*:-tests prefill decode schedules partitions single serve}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export EET_PIPE_JIT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 XL="model=gpt2-xl weights=random dtype=fp16"
-TWO="devices=cuda:0,cuda:1"
+DEVICES=${DEVICES:-cuda:0,cuda:1}
+TWO="devices=$DEVICES"
+NSTAGES=$(awk -F, '{print NF}' <<< "$DEVICES")
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m
@@ -25,12 +28,15 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       warmup=2 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
   has decode && timeout ${DECODE_S:-180} python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
-  has schedules && timeout 300 python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
+  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
   has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
   has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
       ${SINGLE_ARGS:-} out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -25
+  has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
+      concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=256 max_tokens=64 prompt_len=64 \
+      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -12
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"
