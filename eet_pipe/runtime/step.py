@@ -11,6 +11,7 @@ and a `SequenceState` per slot across steps and returns the sampled tokens.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from eet_pipe.generation import Sampler, SamplingParams, SequenceState
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
@@ -26,7 +28,7 @@ from eet_pipe.runtime.comm import P2P
 from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
-           "serve_command", "SERVE_COMMANDS"]
+           "pad_part", "serve_command", "SERVE_COMMANDS", "PAD_ENV"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -35,6 +37,9 @@ STATS_INTERVAL_S = 1.0
 
 MAX_PENDING_SENDS = 8
 """Asynchronous sends kept in flight before the oldest is waited for."""
+
+PAD_ENV = "EET_PIPE_PAD_DECODE"
+"""'1' pads decode parts to batch buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
 
 
 @dataclass
@@ -85,6 +90,19 @@ class StepCommand:
 
 
 SERVE_COMMANDS = (ServeInit, StepCommand)
+
+
+def pad_part(part: StepPart, rows: int, spare_slot: int) -> StepPart:
+    """`part` with rows appended up to `rows`: one token each, on `spare_slot` (a cache row no sequence
+    uses), column 0. Their outputs are dropped; they give decode steps a fixed batch per bucket."""
+    extra = rows - part.slots.numel()
+    if extra <= 0:
+        return part
+    width = part.tokens.shape[1]
+    return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]),
+                    tokens=torch.cat([part.tokens, torch.zeros(extra, width, dtype=torch.long)]),
+                    lengths=torch.cat([part.lengths, torch.ones(extra, dtype=torch.long)]),
+                    start=torch.cat([part.start, torch.zeros(extra, dtype=torch.long)]))
 
 
 def part_meta(part: StepPart) -> StepMeta:
@@ -162,7 +180,13 @@ class ServeState:
         self.rank, self.world = stage.ctx.rank, stage.ctx.world
         self.order = sorted(stage.chunks)
         self.last_chunk = stage.num_chunks - 1
-        self.caches: dict[int, KVCache] = {c: m.new_cache(init.max_slots, init.max_len)
+        # decode parts are padded to batch buckets (rows on a spare cache row) so each bucket replays one
+        # CUDA graph per chunk; prefill parts run eagerly
+        self.graphs = stage.graphs(True)
+        self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
+        self.spare_slot = init.max_slots
+        rows = init.max_slots + (1 if self.pad else 0)
+        self.caches: dict[int, KVCache] = {c: m.new_cache(rows, init.max_len)
                                            for c, m in stage.chunks.items() if m.layer_ids}
         self.max_slots, self.max_len = init.max_slots, init.max_len
         self.sampler = SlotSampler(stage.tokenizer.decode if stage.tokenizer is not None else None) \
@@ -186,17 +210,17 @@ class ServeState:
         if self.sampler is not None:
             self.sampler.drop(slots)
 
-    def _comm(self, cmd: StepCommand) -> tuple[P2P, dict[tuple[int, int], Action]]:
+    def _comm(self, parts: list[StepPart]) -> tuple[P2P, dict[tuple[int, int], Action]]:
         """This step's receives, in execution order, through the shared point-to-point layer
         (shapes come from the command)."""
         hidden, dtype = self.stage.hidden, self.stage.dtype
-        comm = P2P(self.ctx, lambda a: [((*cmd.parts[a.mb].tokens.shape, hidden), dtype)])
+        comm = P2P(self.ctx, lambda a: [((*parts[a.mb].tokens.shape, hidden), dtype)])
         recvs = {}
         for c in self.order:
             src = (c - 1) % self.world
             if c == 0 or src == self.rank:
                 continue
-            for i in range(len(cmd.parts)):
+            for i in range(len(parts)):
                 recvs[(c, i)] = Action(Op.RECV, i, c, peer=src)
         comm.expect(list(recvs.values()))
         return comm, recvs
@@ -215,24 +239,28 @@ class ServeState:
         self._free([*cmd.free, *cmd.new])
         if self.sampler is not None:
             self.sampler.start(cmd.new)
-        metas = [part_meta(p).to(self.ctx.device) for p in cmd.parts]
-        comm, recvs = self._comm(cmd)
+        sizes = [p.slots.numel() for p in cmd.parts]
+        parts = [self._padded(p) for p in cmd.parts]
+        metas = [part_meta(p).to(self.ctx.device) for p in parts]
+        comm, recvs = self._comm(parts)
         local: dict[tuple[int, int], torch.Tensor] = {}
         out: dict[str, Any] = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {},
                                "logprobs": {}}
         for c in self.order:
-            for i, part in enumerate(cmd.parts):
+            for i, part in enumerate(parts):
                 if c == 0:
                     x = part.tokens.to(self.ctx.device)
                 elif (c, i) in recvs:
                     x = comm.recv(recvs.pop((c, i)))[0]
                 else:
                     x = local.pop((c, i))
-                y = self.stage.chunks[c](x, metas[i], self.caches.get(c))
+                y = self.stage.run_chunk(c, x, metas[i], self.graphs, self.caches.get(c))
                 self.stage.tick()
                 if c == self.last_chunk:
-                    rows = torch.arange(y.shape[0], device=y.device)
-                    self.sampler.sample(y[rows, (part.lengths - 1).to(y.device)], part.slots.tolist(), out)
+                    n = sizes[i]  # rows past n are bucket padding
+                    rows = torch.arange(n, device=y.device)
+                    last = y[rows, (part.lengths[:n] - 1).to(y.device)]
+                    self.sampler.sample(last, part.slots[:n].tolist(), out)
                 elif (c + 1) % self.world == self.rank:
                     local[(c + 1, i)] = y
                 else:
@@ -240,6 +268,13 @@ class ServeState:
         self._retire(comm)
         self.busy += time.perf_counter() - began
         return out if self.sampler is not None else None
+
+    def _padded(self, part: StepPart) -> StepPart:
+        """A decode part (one token per row) padded to its batch bucket when padding is on."""
+        if not self.pad or part.tokens.shape[1] != 1:
+            return part
+        rows = bucket_for(part.slots.numel(), DEFAULT_BUCKETS)
+        return part if rows is None else pad_part(part, rows, self.spare_slot)
 
     def stats(self) -> dict | None:
         """Busy seconds since the last report, at most every STATS_INTERVAL_S (else None)."""

@@ -15,6 +15,7 @@ import torch
 
 import eet_pipe
 from eet_pipe.runtime import PipelineEngine
+from eet_pipe.runtime.step import PAD_ENV
 from eet_pipe.runtime.worker import FAULT_ENV
 from eet_pipe.serving.process import ServerProcess
 
@@ -42,7 +43,8 @@ def _assert_gone(pids: list[int], within: float = 15.0) -> None:
 @pytest.fixture(scope="module")
 def served():
     """(server, client, references): the server starts while the reference engine computes its answers."""
-    server = ServerProcess(SERVER_ARGS).start()
+    # decode steps padded to batch buckets, as GPU stages run them for their CUDA graphs
+    server = ServerProcess(SERVER_ARGS, env={PAD_ENV: "1"}).start()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the engine's workers take the caller's count; 2 cores host 4 workers here
     try:

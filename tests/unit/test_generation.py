@@ -136,3 +136,14 @@ def test_greedy_generation_reads_tokens_one_step_late_but_returns_the_step_by_st
     assert got_mixed[1].finish_reason == "stop" and len(got_mixed[1].token_ids) < 12
     assert got_mixed[2].finish_reason == "stop" and stop not in got_mixed[2].text
     assert all(r.finish_reason == "stop" for r in got[1:])
+
+
+def test_pad_part_adds_spare_slot_rows():
+    from eet_pipe.runtime.step import StepPart, pad_part, part_meta
+
+    part = StepPart(slots=torch.tensor([3, 1]), tokens=torch.tensor([[7], [9]]), lengths=torch.tensor([1, 1]),
+                    start=torch.tensor([10, 4]))
+    padded = pad_part(part, 4, spare_slot=16)
+    assert padded.slots.tolist() == [3, 1, 16, 16] and padded.tokens.tolist() == [[7], [9], [0], [0]]
+    assert padded.start.tolist() == [10, 4, 0, 0] and padded.lengths.tolist() == [1, 1, 1, 1]
+    assert part_meta(padded).kv_len == 11 and pad_part(part, 2, 16) is part
