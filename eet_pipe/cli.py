@@ -1,4 +1,4 @@
-"""`eet-pipe` command line: generate, plan, models.
+"""`eet-pipe` command line: generate, plan, predict, models.
 
 Every command takes ``--flags`` for common options and ``key=value`` for any option field;
 ``eet-pipe <command> --help`` lists all fields.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from eet_pipe.config import build_config, describe, parse_overrides
 from eet_pipe.options import GenerateOptions
 from eet_pipe.partition.options import PlanOptions
+from eet_pipe.partition.predict import PredictOptions
 
 __all__ = ["main"]
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", help="comma-separated devices, e.g. cuda:0,cuda:1")
     plan.add_argument("--out", help="write the plan JSON to this file")
     plan.add_argument("overrides", nargs="*", help="key=value options")
+    pred = sub.add_parser("predict", help="extrapolate a measured profile to pipelines of more GPUs (simulator)",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="options (key=value):\n" + describe(PredictOptions))
+    pred.add_argument("overrides", nargs="*", help="key=value options")
     sub.add_parser("models", help="list the presets")
     return parser
 
@@ -86,6 +91,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from eet_pipe.partition.predict import run_predict
+
+    print(run_predict(build_config(PredictOptions, parse_overrides(args.overrides))))
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     from eet_pipe.presets import list_presets, load_preset
 
@@ -99,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    handlers = {"generate": _generate, "plan": _plan, "models": _models}
+    handlers = {"generate": _generate, "plan": _plan, "predict": _predict, "models": _models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as err:
