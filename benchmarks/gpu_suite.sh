@@ -30,6 +30,8 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
   has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
+  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO workload=decode batch=64 prompt=32 \
+      new=64 microbatches=1,2,4,8 out="$OUT_DIR/schedules/decode" 2>&1 | grep -v "it/s" | tail -8
   has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
   has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \

@@ -111,3 +111,75 @@ def torch_pipelining(cfg: dict[str, Any], timeout: float = 1800) -> dict[str, An
             p.kill()
     return {"ok": status == "ok", "results": payload if status == "ok" else [], "error": None if status == "ok" else payload}
 
+
+
+def fairscale_pipe(cfg: dict[str, Any], ms: list[int]) -> dict[str, Any]:
+    """fairscale's `Pipe` (GPipe in one process, one partition per device, even split) timed on the same
+    batch for each M; returns results or the error (fairscale is an optional benchmark peer)."""
+    try:
+        from fairscale.nn import Pipe
+    except ImportError as err:
+        return {"ok": False, "results": [], "error": f"fairscale not installed ({err})"}
+    from eet_pipe.dtypes import parse_dtype
+    from eet_pipe.loading import load_units
+    from eet_pipe.partition.plan import Plan
+    from eet_pipe.presets import resolve_model
+
+    devices = cfg["devices"]
+    results = []
+    try:
+        spec = resolve_model(cfg["model"], cfg["weights"] or None, 0)
+        chunks = Plan.even(spec.cfg.unit_names(), devices).chunks()
+        dtype = parse_dtype(cfg["dtype"])
+        seq = nn.Sequential(*[_Slice(load_units(spec, c, dtype, d)) for c, d in zip(chunks, devices, strict=True)])
+        ids = torch.randint(0, spec.cfg.vocab_size, (cfg["batch"], cfg["seq"]), device=devices[0])
+        for m in ms:
+            pipe = Pipe(seq, balance=[1] * len(devices), devices=devices, chunks=m, checkpoint="never")
+
+            def step(pipe: Any = pipe) -> None:
+                with torch.no_grad():
+                    pipe(ids)
+
+            results.append({"microbatches": m, "seconds": _timed(step, devices, cfg["warmup"], cfg["repeats"])})
+    except Exception:  # noqa: BLE001 - a peer's failure is a result
+        return {"ok": False, "results": results, "error": traceback.format_exc()}
+    return {"ok": True, "results": results, "error": None}
+
+
+def _timed(fn: Any, devices: list[str], warmup: int, repeats: int) -> float:
+    def sync() -> None:
+        for d in devices:
+            if str(d).startswith("cuda"):
+                torch.cuda.synchronize(d)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_gpt2(model: str, weights: str | None, device: str) -> nn.Module:
+    """HF transformers' GPT2LMHeadModel (SDPA attention, fp16 on GPU) with the preset's shape and random
+    weights: the reference implementation as users run it. GPT-2-family presets only."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from eet_pipe.presets import resolve_model
+
+    cfg = resolve_model(model, weights).cfg
+    if cfg.model_type != "gpt2":
+        raise ValueError(f"the HF peer builds GPT-2 models; {model!r} is {cfg.model_type}")
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+                        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+                        layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
+                        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dtype).to(device).eval()
+    if hf.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
+    return hf

@@ -1,10 +1,16 @@
 """Every schedule and microbatch count in one run: measured throughput, latency and bubble (from the
 engine's trace) next to the simulator's prediction for the same schedule and the measured per-chunk
-costs, plus our single device and torch.distributed.pipelining as peers.
+costs, plus the peers in the same run: our single device, HF transformers on one device,
+torch.distributed.pipelining (GPipe and interleaved) and fairscale `Pipe` (when installed).
 
     python benchmarks/schedules.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
         batch=32 seq=512 microbatches=1,2,4,8,16,32
+    python benchmarks/schedules.py workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
     python benchmarks/schedules.py --quick          # CPU smoke run (tiny model, 2 gloo stages)
+
+workload=decode runs `generate` with M sequence groups in flight (the decode schedule) against our
+single-device generate at the same batch; the simulator replays the decode schedule on the measured
+per-chunk step times.
 
 Writes <out>.json (environment, config, one row per schedule x M), <out>.png (tokens/s vs M per
 schedule, and simulated vs measured makespan) and one timeline PNG per schedule.
@@ -20,35 +26,46 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json  # noqa: E402
-from peers import torch_pipelining  # noqa: E402
+from peers import fairscale_pipe, hf_gpt2, torch_pipelining  # noqa: E402
 from pipeline_prefill import single_device  # noqa: E402
 
+import eet_pipe  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
 from eet_pipe.runtime.trace import bubble_fraction, plot_timeline  # noqa: E402
 from eet_pipe.schedule import build, simulate  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["1", "2", "4", "8", "16", "32"], "schedules": ["sequential", "gpipe",
-            "interleaved2", "interleaved4"], "warmup": 1, "repeats": 3, "peer": "yes",
-            "out": "bench_results/schedules"}
+            "interleaved2", "interleaved4"], "warmup": 1, "repeats": 3, "peers": ["hf", "torch", "fairscale"],
+            "workload": "prefill", "prompt": 32, "new": 64, "out": "bench_results/schedules"}
 QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
          "microbatches": ["1", "2", "4"], "schedules": ["sequential", "gpipe", "interleaved2"], "warmup": 1,
-         "repeats": 1, "peer": "no"}
+         "repeats": 1, "peers": ["hf", "fairscale"], "new": 8, "prompt": 8}
+PEERS = ("hf", "torch", "fairscale")
 FIELDS = ("system", "schedule", "virtual", "microbatches", "seconds", "tokens_per_s", "latency_s", "bubble_measured",
           "bubble_simulated", "makespan_simulated_s", "simulated_over_measured")
 
 
-def predicted(events: list[dict], schedule: str, stages: int, m: int, v: int) -> tuple[float, float]:
-    """Simulated makespan and bubble for the schedule, with every chunk costing the measured median
-    compute time of one chunk-microbatch (transfers overlap; per-microbatch overhead is what the
-    difference to the measurement shows)."""
+def chunk_labels(engine: PipelineEngine) -> list[str]:
+    """Trace labels of the engine's chunks in chunk order ('embed..layers.11', …)."""
+    return [c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in engine.plan.chunks()]
+
+
+def predicted(events: list[dict], labels: list[str], schedule: str, stages: int, m: int, v: int,
+              steps: int = 1) -> tuple[float, float]:
+    """Simulated makespan and bubble for the schedule, each chunk costing its own measured median compute
+    time per microbatch (transfers overlap compute and take microseconds on NVLink; what the simulation
+    misses is per-microbatch overhead, which the ratio to the measurement shows)."""
     by_chunk: dict[str, list[float]] = {}
     for e in events:
         if e["kind"] == "compute":
-            by_chunk.setdefault(e["label"].split(" ", 1)[1], []).append(e["end"] - e["start"])
-    sched = build(schedule, stages, m if schedule != "sequential" else 1, v)
-    costs = [statistics.median(times) for times in by_chunk.values()] or [0.0]
-    result = simulate(sched, sum(costs) / len(costs))
+            by_chunk.setdefault(e["label"].rsplit(" ", 1)[1], []).append(e["end"] - e["start"])
+    costs = [statistics.median(by_chunk[label]) if label in by_chunk else 0.0 for label in labels]
+    if schedule == "decode":
+        sched = build("decode", stages, m, v, steps)
+    else:
+        sched = build(schedule, stages, m if schedule != "sequential" else 1, v)
+    result = simulate(sched, costs)
     return result.makespan, result.bubble
 
 
@@ -65,7 +82,7 @@ def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -
             engine.forward(ids, output="none", microbatches=m)
             engine.trace_path = None
             events = engine.last_trace
-            sim_makespan, sim_bubble = predicted(events, schedule, len(opts["devices"]), m, v)
+            sim_makespan, sim_bubble = predicted(events, chunk_labels(engine), schedule, len(opts["devices"]), m, v)
             measured = max(e["end"] for e in events) - min(e["start"] for e in events)
             rows.append({"system": "eet_pipe", "schedule": schedule, "virtual": v, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds,
@@ -104,32 +121,120 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     save_figure(fig, path)
 
 
+def hf_row(opts: dict, ids: torch.Tensor) -> dict:
+    """HF transformers' forward of the whole batch on the first device."""
+    device = opts["devices"][0]
+    try:
+        hf = hf_gpt2(opts["model"], opts["weights"] or None, device)
+    except (ValueError, RuntimeError) as err:
+        return {"system": "HF transformers (1 device)", "schedule": "none", "error": str(err)}
+    x = ids.to(device)
+
+    def run() -> None:
+        with torch.inference_mode():
+            hf(x, use_cache=False)
+
+    seconds = time_it(run, [device], opts["warmup"], opts["repeats"])
+    hf = None
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"system": "HF transformers (1 device)", "schedule": "none", "virtual": 1, "microbatches": 1,
+            "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds}
+
+
+def peer_rows(opts: dict, ids: torch.Tensor, ms: list[int]) -> list[dict]:
+    rows = []
+    unknown = [p for p in opts["peers"] if p not in PEERS]
+    if unknown:
+        raise SystemExit(f"peers={','.join(unknown)} unknown; choose from {','.join(PEERS)}")
+    if "hf" in opts["peers"]:
+        rows.append(hf_row(opts, ids))
+    runs = []
+    if "torch" in opts["peers"]:
+        runs += [("torch.distributed.pipelining", s, torch_pipelining({**opts, "microbatches": ms, "schedule": s}))
+                 for s in ("gpipe", "interleaved")]
+    if "fairscale" in opts["peers"]:
+        runs.append(("fairscale Pipe", "gpipe", fairscale_pipe(opts, ms)))
+    for system, schedule, peer in runs:
+        rows += [{"system": system, "schedule": schedule, "virtual": 2 if schedule == "interleaved" else 1, **r,
+                  "tokens_per_s": ids.numel() / r["seconds"], "latency_s": r["seconds"]} for r in peer["results"]]
+        if not peer["ok"]:
+            rows.append({"system": system, "schedule": schedule, "error": peer["error"][-2000:]})
+    return rows
+
+
+def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
+    """The decode schedule with M groups in flight vs our single device, same prompts and lengths."""
+    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["prompt"]), generator=gen).tolist()
+    new = opts["new"]
+    tokens = opts["batch"] * new
+    lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"],
+                                  device=opts["devices"][0])
+    single = time_it(lambda: lm.generate(prompts, max_new_tokens=new, ignore_eos=True), opts["devices"][:1],
+                     max(opts["warmup"], 1), opts["repeats"])
+    lm = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    rows = [{"system": "eet_pipe single device", "schedule": "none", "virtual": 1, "microbatches": 1,
+             "seconds": single, "tokens_per_s": tokens / single, "latency_s": single / new}]
+    bar.update()
+    out = Path(opts["out"])
+    p = len(opts["devices"])
+    with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
+                        timeout=600, cpu_threads=1) as engine:
+        for m in [m for m in ms if m <= opts["batch"]]:
+            def run(m: int = m) -> None:
+                engine.generate(prompts, max_new_tokens=new, ignore_eos=True, microbatches=m)
+
+            seconds = time_it(run, [], max(opts["warmup"], 1), opts["repeats"])
+            engine.trace_path = str(out.parent / f"{out.name}_decode_M{m}_trace.json")
+            run()
+            engine.trace_path = None
+            events = engine.last_trace
+            # the first step is the prefill: simulate the decode steps only (steps >= 1)
+            steps_events = [e for e in events if " t0 " not in e["label"]]
+            sim_makespan, sim_bubble = predicted(steps_events, chunk_labels(engine), "decode", p, m, 1, new - 1)
+            measured = (max(e["end"] for e in steps_events) - min(e["start"] for e in steps_events)) if steps_events \
+                else 0.0
+            rows.append({"system": "eet_pipe", "schedule": "decode", "virtual": 1, "microbatches": m,
+                         "seconds": seconds, "tokens_per_s": tokens / seconds, "latency_s": seconds / new,
+                         "bubble_measured": bubble_fraction(steps_events, p), "bubble_simulated": sim_bubble,
+                         "makespan_simulated_s": sim_makespan,
+                         "simulated_over_measured": sim_makespan / measured if measured else None})
+            bar.update()
+        plot_timeline(events, out.parent / f"{out.name}_decode_timeline.png", p, title=f"decode M={m}")
+    return rows
+
+
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
     ms, ids = prefill_batch(opts)
     Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
-    bar = progress(1 + sum(1 if s == "sequential" else len(ms) for s in opts["schedules"]), "schedules")
-    single = single_device(opts, ids)
-    bar.update()
-    rows = [{"system": "eet_pipe single device", "schedule": "none", "virtual": 1, "microbatches": 1,
-             "seconds": single, "tokens_per_s": ids.numel() / single, "latency_s": single}]
-    for name in opts["schedules"]:
-        rows += run_schedule(opts, ids, name, ms, bar)
-    if opts["peer"] == "yes":
-        for schedule in ("gpipe", "interleaved"):
-            peer = torch_pipelining({**opts, "microbatches": ms, "schedule": schedule})
-            rows += [{"system": "torch.distributed.pipelining", "schedule": schedule, "virtual": 2 if schedule ==
-                      "interleaved" else 1, **r, "tokens_per_s": ids.numel() / r["seconds"], "latency_s": r["seconds"]}
-                     for r in peer["results"]]
-            if not peer["ok"]:
-                rows.append({"system": "torch.distributed.pipelining", "schedule": schedule, "error": peer["error"][-2000:]})
+    if opts["workload"] not in ("prefill", "decode"):
+        raise SystemExit(f"workload={opts['workload']!r} is invalid; allowed: prefill, decode")
+    if opts["workload"] == "decode":
+        bar = progress(1 + len(ms), "schedules (decode)")
+        rows = decode_rows(opts, ms, bar)
+    else:
+        bar = progress(1 + sum(1 if s == "sequential" else len(ms) for s in opts["schedules"]), "schedules")
+        single = single_device(opts, ids)
+        bar.update()
+        rows = [{"system": "eet_pipe single device", "schedule": "none", "virtual": 1, "microbatches": 1,
+                 "seconds": single, "tokens_per_s": ids.numel() / single, "latency_s": single}]
+        for name in opts["schedules"]:
+            rows += run_schedule(opts, ids, name, ms, bar)
+        rows += peer_rows(opts, ids, ms)
     bar.close()
     for r in rows:
         for f in FIELDS:
             r.setdefault(f, None)
     data = {"env": environment(), "config": {**opts, "microbatches": ms}, "results": rows}
     write_json(Path(opts["out"] + ".json"), data)
-    plot(rows, opts["out"] + ".png", f"{opts['model']} {opts['batch']}x{opts['seq']} on {len(opts['devices'])} devices")
+    shape = f"{opts['batch']}x{opts['seq']}" if opts["workload"] == "prefill" else \
+        f"decode {opts['batch']} seqs, {opts['prompt']}+{opts['new']} tokens"
+    plot(rows, opts["out"] + ".png", f"{opts['model']} {shape} on {len(opts['devices'])} devices")
     print(f"{'system':<30} {'schedule':<12} {'M':>3} {'tok/s':>10} {'bubble':>7} {'sim bubble':>10} {'sim/meas':>8}")
     for r in rows:
         if r.get("tokens_per_s"):

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, parse_args, sync, time_it, write_json  # noqa: E402
 from peer_static_gpt2 import prefill_seconds, run_peer  # noqa: E402
+from peers import hf_gpt2  # noqa: E402
 
 import eet_pipe  # noqa: E402
 from eet_pipe.models.meta import prefill_meta  # noqa: E402
@@ -104,18 +105,9 @@ def ours(opts: dict, dtype: str, graphs: bool, tune: bool) -> list[dict]:
 
 
 def hf_sdpa(opts: dict) -> list[dict]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
-                        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
-                        layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
-                        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-    dtype = torch.float16 if opts["device"].startswith("cuda") else torch.float32
-    hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dtype)
-    hf = hf.to(opts["device"]).eval()
-    if hf.config._attn_implementation != "sdpa":
-        raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
+    hf = hf_gpt2(opts["model"], opts["weights"] or None, opts["device"])
+    dtype = hf.dtype
 
     def decode(b: int, steps: int) -> None:
         with torch.inference_mode():
