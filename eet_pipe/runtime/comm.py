@@ -53,9 +53,11 @@ class _BufferPool:
 class P2P:
     """Sends and prefetched receives of one stage for one command."""
 
-    def __init__(self, ctx: StageContext, specs: Callable[[Action], Sequence[Spec]]) -> None:
+    def __init__(self, ctx: StageContext, specs: Callable[[Action], Sequence[Spec]], early: bool | None = None) -> None:
         self.ctx, self.specs = ctx, specs
-        self.early = ctx.device.type != "cuda"  # post receives ahead of time (gloo only)
+        # post receives ahead of time: gloo only by default (see the module doc); a caller that decides
+        # late which receives remain (decode) turns it off
+        self.early = ctx.device.type != "cuda" if early is None else early
         self.pool = _BufferPool(ctx.device)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self._upcoming: deque[Action] = deque()

@@ -2,8 +2,10 @@
 
 G groups of sequences are in flight; each group's tokens are sampled on the last stage as soon as
 its logits exist and fed back to stage 0 with a done flag. Every hidden-state message carries a
-one-element control tensor; when a group is done, a marker without compute travels once through
-the pipeline and every stage drops that group's remaining actions.
+one-element control tensor. When the last stage finds a group done, the next step of that group
+is its marker step: it travels once through the pipeline (stages that already know skip its
+compute) and every stage drops the group's later actions. Flags are read on the host one step
+late, so no stage waits for its GPU between steps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class DecodeRun:
         self.caches: dict[int, KVCache] = stage.decode_caches(self.batch, self.width + self.steps)
         self.graphs = stage.graphs(cmd.cuda_graphs)
         self.done_at: dict[int, int] = {}
+        self.flags_in: dict[int, list[tuple[int, torch.Tensor, torch.cuda.Event | None]]] = {}
         self._metas: dict[int, tuple[int, StepMeta]] = {}
         self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
         self.flags = {v: torch.tensor([v], dtype=torch.long, device=self.device) for v in (0, 1)}
@@ -79,26 +82,55 @@ class DecodeRun:
     def skipped(self, a: Action) -> bool:
         return a.mb in self.done_at and a.step > self.done_at[a.mb]
 
-    def finish_group(self, g: int, t: int, comm: P2P) -> None:
+    def finish_group(self, g: int, t: int) -> None:
+        """Group g ends with step t: its later actions are dropped on this stage."""
+        if g in self.done_at:
+            return
         self.done_at[g] = t
-        comm.drop(lambda a: not (a.mb == g and a.step > t))
+        self.comm.drop(lambda a: not (a.mb == g and a.step > t))
+
+    def note_flag(self, a: Action, flag: torch.Tensor) -> None:
+        """Start copying a received done flag to the host; it is read only before group a.mb's next step."""
+        # a copy: the flag lives in a receive buffer that later messages reuse (on CPU .to() would alias it)
+        host = flag.to("cpu", non_blocking=True) if self.device.type == "cuda" else flag.clone()
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.flags_in.setdefault(a.mb, []).append((a.step, host, event))
+
+    def resolve_flags(self, g: int, step: int) -> None:
+        """Read group g's done flags of steps before `step` (their copies finished a step ago)."""
+        waiting = self.flags_in.get(g, [])
+        while waiting and waiting[0][0] < step:
+            t, host, event = waiting.pop(0)
+            if event is not None:
+                event.synchronize()
+            if int(host[-1]) == 1:
+                self.finish_group(g, t)
 
     @torch.inference_mode()
     def run(self) -> list[GenerationResult] | None:
+        """Execute this stage's decode actions.
+
+        Done flags travel with every message and are read one step late, so no stage waits for its
+        GPU before launching the next step: a stage that learns late that a group ended computes that
+        group's marker step on whatever it received (harmless, the group's results are final) and
+        drops its later steps; the last stage, which decides, drops them at once.
+        """
         actions = self.schedule.actions[self.stage.ctx.rank]
-        comm = P2P(self.stage.ctx, self.specs)
+        self.comm = comm = P2P(self.stage.ctx, self.specs, early=False)
         comm.expect([a for a in actions if a.op is Op.RECV])
         self.stage.tracer.reset(self.cmd.trace)
         inbox: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         for a in actions:
+            self.resolve_flags(a.mb, a.step)
             if self.skipped(a):
                 continue
             if a.op is Op.RECV:
                 with self.stage.tracer.span("recv", f"g{a.mb} t{a.step} from stage {a.peer}"):
-                    msg = comm.recv(a, prefetch=False)
-                if int(msg[-1][-1]) == 1:  # done marker / done flag (one tiny copy to the host)
-                    self.finish_group(a.mb, a.step, comm)
-                comm.prefetch()
+                    msg = comm.recv(a)
+                self.note_flag(a, msg[-1][-1:])
                 inbox[(a.mb, a.chunk, a.step)] = msg
             elif a.op is Op.SEND:
                 comm.send(a, inbox.pop((a.mb, a.chunk, a.step)))
@@ -118,10 +150,7 @@ class DecodeRun:
         g, t, c = a.mb, a.step, a.chunk
         key_in = (g, c, t)
         if c == 0 and t > 0 and key_in not in inbox:  # one stage: feedback stays local
-            fb = self.local_feedback.pop((g, t))
-            if int(fb[-1]) == 1:
-                self.done_at[g] = t
-            inbox[key_in] = [fb]
+            inbox[key_in] = [self.local_feedback.pop((g, t))]
         msg = inbox.pop(key_in, None)
         done = self.done_at.get(g) == t
         out_key = (g, c + 1, t)
@@ -137,8 +166,9 @@ class DecodeRun:
             y = self.stage.run_chunk(c, x, self.meta(g, t), self.graphs, self.caches.get(c))
         if c == self.last_chunk:
             self.sample(g, t, y[:, -1], inbox)
-        else:
-            inbox[out_key] = [y, self.flags[0]]
+        else:  # pass on the flag that came in (still on the device: it is read a step later)
+            flag = self.flags[0] if msg is None else msg[-1][-1:].clone()  # its buffer is reused by later receives
+            inbox[out_key] = [y, flag]
 
     def input(self, g: int, t: int, c: int, msg: list[torch.Tensor] | None) -> torch.Tensor:
         if c > 0:
@@ -169,10 +199,12 @@ class DecodeRun:
         tokens = self.sampler(logits, range(r.start, r.stop))
         for state, tok in zip(self.states[r], tokens.tolist(), strict=True):
             state.append(tok)
-        finished = all(s.finished for s in self.states[r]) or t == self.steps - 1
         if t == self.steps - 1:
             return
+        finished = all(s.finished for s in self.states[r])
         self.feed_back(g, t, torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device), inbox)
+        if finished:  # this stage decides: the marker step t + 1 is the group's last
+            self.finish_group(g, t + 1)
 
     def sample_greedy(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
         """Greedy tokens picked on the device and fed back without waiting for the host.
@@ -196,3 +228,5 @@ class DecodeRun:
         self.pending[g] = (host, event)
         finished = all(s.finished for s in self.states[self.rows[g]])
         self.feed_back(g, t, torch.cat([tokens, self.flags[int(finished)]]), inbox)
+        if finished:  # this stage decides: the marker step t + 1 is the group's last
+            self.finish_group(g, t + 1)

@@ -11,10 +11,13 @@ from eet_pipe.runtime import PipelineEngine
 PROMPTS = ["the quick brown", "a", "hello there", "xyz", "pipeline"]
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=[(2, "gpipe"), (3, "gpipe"), (2, "interleaved")],
+                ids=["P2", "P3", "P2-virtual2"])
+def pair(request):
+    stages, schedule = request.param
     single = eet_pipe.from_pretrained("tiny")
-    engine = PipelineEngine("tiny", devices=["cpu", "cpu"], plan="even", timeout=120)
+    engine = PipelineEngine("tiny", devices=["cpu"] * stages, schedule=schedule, virtual=2, plan="even",
+                            timeout=120)
     yield single, engine
     engine.close()
 
