@@ -119,14 +119,28 @@ class GraphCache:
         return entry[2]
 
     def _capture(self, fn, inputs: Sequence[torch.Tensor]):
+        """Capture `fn` on this cache's side stream, ordered after the current stream's work.
+
+        Unlike `torch.cuda.graph`, nothing here waits for the device: a pipeline stage may have
+        point-to-point operations in flight that complete only when a peer stage, possibly capturing
+        at the same moment, gets further — a device-wide synchronisation could wait for each other.
+        Stream order is enough: the capture stream waits for the current stream, and the current
+        stream then waits for the capture stream. Thread-local capture mode lets the process group's
+        watchdog thread keep querying its events meanwhile.
+        """
+        current = torch.cuda.current_stream(self.device)
         static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.current_stream(self.device).synchronize()
-        # thread-local capture: the process group's watchdog thread keeps querying its events meanwhile
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.graph(graph, pool=self.pool, stream=self._stream, capture_error_mode="thread_local"):
-            out = fn(*static)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn(*static)
+            finally:
+                graph.capture_end()
+        current.wait_stream(self._stream)
         self.captures += 1
         log.debug("captured a CUDA graph (%d on %s)", self.captures, self.device)
         return graph, static, out
