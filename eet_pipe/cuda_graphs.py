@@ -74,17 +74,24 @@ class GraphCache:
     second captures a graph over static copies of the inputs; later calls copy the inputs into those
     buffers and replay. The returned tensor is the graph's static output: it stays valid until the
     next `run` on this cache, so a caller that keeps it (a send in flight, a later chunk) clones it.
-    At most `max_graphs` signatures are kept (least recently used go first). Calls must be issued
-    from one thread, on the device's current stream.
+
+    Memory: every graph keeps its static inputs and output. Signatures whose output is larger than
+    `max_output_bytes` always run eagerly (their kernels are large, launch cost does not matter), and
+    the least recently used graphs go once more than `max_graphs` are kept or their buffers exceed
+    `max_bytes`. A signature whose capture fails runs eagerly from then on. Calls must come from one
+    thread, on the device's current stream.
     """
 
-    def __init__(self, device: torch.device, max_graphs: int = 64) -> None:
+    def __init__(self, device: torch.device, max_graphs: int = 64, max_bytes: int = 2 << 30,
+                 max_output_bytes: int = 128 << 20) -> None:
         if device.type != "cuda":
             raise ValueError(f"GraphCache needs a CUDA device, got {device}")
         self.device, self.max_graphs = device, max_graphs
+        self.max_bytes, self.max_output_bytes = max_bytes, max_output_bytes
         self.pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor, int]] = {}
         self._seen: set[object] = set()
+        self._eager: set[object] = set()
         self.captures = 0
         self.replays = 0
         self._stream: torch.cuda.Stream | None = None  # capture stream on this device
@@ -92,25 +99,46 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the kept graphs' static inputs and outputs."""
+        return sum(entry[3] for entry in self._graphs.values())
+
     def clear(self) -> None:
         """Drop every graph (call when a buffer they read, e.g. a KV cache, is replaced)."""
         self._graphs.clear()
         self._seen.clear()
-        # the old pool is freed with its last graph, and a freed pool's handle cannot be captured into again
+        self._eager.clear()
+        self._renew_pool()
+
+    def _renew_pool(self) -> None:
+        # a pool is freed with its last graph, and a freed pool's handle cannot be captured into again
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, key: object, fn, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if key in self._eager:
+            return fn(*inputs)
         entry = self._graphs.pop(key, None)
         if entry is None and key not in self._seen:
             self._seen.add(key)
-            return fn(*inputs)
+            out = fn(*inputs)
+            if out.numel() * out.element_size() > self.max_output_bytes:
+                self._eager.add(key)
+            return out
         if entry is None:
-            entry = self._capture(fn, inputs)
+            try:
+                entry = self._capture(fn, inputs)
+            except RuntimeError as err:  # e.g. an operation that cannot be captured: stay eager
+                log.warning("CUDA graph capture failed on %s, running eagerly from now on: %s", self.device, err)
+                self._eager.add(key)
+                if not self._graphs:
+                    self._renew_pool()
+                return fn(*inputs)
         else:
             for dst, src in zip(entry[1], inputs, strict=True):
                 dst.copy_(src, non_blocking=True)
         self._graphs[key] = entry  # most recently used last
-        while len(self._graphs) > self.max_graphs:
+        while len(self._graphs) > 1 and (len(self._graphs) > self.max_graphs or self.nbytes > self.max_bytes):
             oldest = next(iter(self._graphs))
             del self._graphs[oldest]
             self._seen.discard(oldest)
@@ -138,12 +166,18 @@ class GraphCache:
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 out = fn(*static)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except RuntimeError:
+                    pass  # the capture is invalid anyway; report the original error
+                raise
+            graph.capture_end()
         current.wait_stream(self._stream)
         self.captures += 1
         log.debug("captured a CUDA graph (%d on %s)", self.captures, self.device)
-        return graph, static, out
+        size = sum(t.numel() * t.element_size() for t in (*static, out))
+        return graph, static, out, size
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int | None:

@@ -232,9 +232,9 @@ def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceS
         nxt = logits.argmax(dim=-1)  # [B] on the device
         host = nxt.to("cpu", non_blocking=device.type == "cuda")
         event = None
-        if device.type == "cuda":
+        if device.type == "cuda":  # on the logits' device, which need not be the current one
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(device))
         if pending and record(*pending.pop()):
             return
         if n == steps - 1:

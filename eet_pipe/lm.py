@@ -105,7 +105,7 @@ class LanguageModel:
         """Logits [B, T, V] (decoders) or hidden states [B, T, H] (encoders) of a padded batch."""
         mask = check_forward_inputs(self.cfg, input_ids, attention_mask)
         meta = prefill_meta(mask, token_types=token_type_ids).to(self.device)
-        return self.model(input_ids.to(self.device), meta)
+        return self.model(input_ids.to(self.device), meta).contiguous()  # the padded GPU head returns a view
 
     __call__ = forward
 

@@ -45,6 +45,8 @@ class EngineOptions(ModelOptions):
     """Seconds to wait for a worker before declaring it dead."""
     allow_duplicate_devices: bool = False
     """Allow a GPU to appear twice in `devices` (several stages on one GPU)."""
+    cuda_graphs: bool = True
+    """Replay GPU stages' forwards and decode steps from CUDA graphs."""
 
 
 @dataclass

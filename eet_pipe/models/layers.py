@@ -201,6 +201,8 @@ class LMHead(nn.Linear):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded is not None and self.weight.data_ptr() != self.padded.data_ptr():
+            self.padded = None  # the weight was replaced (e.g. load_state_dict(assign=True)): padding is stale
         if self.padded is None:
             return super().forward(x)
         return F.linear(x, self.padded)[..., : self.out_features]

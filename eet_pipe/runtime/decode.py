@@ -96,7 +96,7 @@ class DecodeRun:
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         self.flags_in.setdefault(a.mb, []).append((a.step, host, event))
 
     def resolve_flags(self, g: int, step: int) -> None:
@@ -218,7 +218,7 @@ class DecodeRun:
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
         previous = self.pending.pop(g, None)
         if previous is not None:
             self.record(g, *previous)

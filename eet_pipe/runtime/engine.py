@@ -101,7 +101,7 @@ class PipelineEngine:
         return cls(opts.model, devices=opts.devices or None, stages=stages, schedule=opts.schedule,
                    microbatches=opts.microbatches or None, plan=opts.plan, dtype=opts.dtype, virtual=opts.virtual,
                    weights=opts.weights, seed=opts.seed, timeout=opts.timeout, trace=opts.trace,
-                   allow_duplicate_devices=opts.allow_duplicate_devices)
+                   allow_duplicate_devices=opts.allow_duplicate_devices, cuda_graphs=opts.cuda_graphs)
 
     @property
     def num_stages(self) -> int:

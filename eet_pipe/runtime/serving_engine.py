@@ -46,6 +46,8 @@ class PipelineSetup:
     """KV-cache positions per sequence = the server's context length."""
     max_slots: int
     groups: int
+    cuda_graphs: bool = True
+    """Replay GPU stages' decode steps from CUDA graphs."""
 
     @property
     def cfg(self) -> ArchConfig:
@@ -87,7 +89,7 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
     resolved = make_plan(opts.plan if plan is None else plan, spec, devices, dtype, opts.schedule, virtual, groups)
     return PipelineSetup(spec=spec, plan=resolved, dtype=dtype, tokenizer=tokenizer,
                          max_len=opts.max_seq or spec.cfg.max_positions, max_slots=opts.max_slots,
-                         groups=max(1, min(groups, opts.max_slots)))
+                         groups=max(1, min(groups, opts.max_slots)), cuda_graphs=opts.cuda_graphs)
 
 
 class StepDriver:
@@ -128,7 +130,7 @@ class StepDriver:
     def init_serving(self) -> None:
         """Allocate every stage's KV caches, then run one prefill + decode step as a warm-up."""
         s = self.setup
-        self.send(ServeInit(max_slots=s.max_slots, max_len=s.max_len))
+        self.send(ServeInit(max_slots=s.max_slots, max_len=s.max_len, cuda_graphs=s.cuda_graphs))
         began = time.perf_counter()
         prompt = torch.arange(1, 5, dtype=torch.long) % s.cfg.vocab_size
         one = torch.zeros(1, dtype=torch.long)

@@ -48,6 +48,8 @@ class ServeInit:
 
     max_slots: int
     max_len: int
+    cuda_graphs: bool = True
+    """Replay decode steps from CUDA graphs (GPU stages)."""
 
 
 @dataclass
@@ -182,7 +184,7 @@ class ServeState:
         self.last_chunk = stage.num_chunks - 1
         # decode parts are padded to batch buckets (rows on a spare cache row) so each bucket replays one
         # CUDA graph per chunk; prefill parts run eagerly
-        self.graphs = stage.graphs(True)
+        self.graphs = stage.graphs(init.cuda_graphs)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
         self.spare_slot = init.max_slots
         rows = init.max_slots + (1 if self.pad else 0)
@@ -254,7 +256,9 @@ class ServeState:
                     x = comm.recv(recvs.pop((c, i)))[0]
                 else:
                     x = local.pop((c, i))
-                y = self.stage.run_chunk(c, x, metas[i], self.graphs, self.caches.get(c))
+                # decode parts only: prefill shapes vary with every admitted batch
+                graphs = self.graphs if part.tokens.shape[1] == 1 else None
+                y = self.stage.run_chunk(c, x, metas[i], graphs, self.caches.get(c))
                 self.stage.tick()
                 if c == self.last_chunk:
                     n = sizes[i]  # rows past n are bucket padding

@@ -188,3 +188,19 @@ def test_graph_cache_warms_up_eagerly_then_captures_and_replays():
         for _ in range(2):
             cache.run(key, lambda x: x * 2, (torch.ones(4, device="cuda:0"),))
     assert len(cache) == 2
+
+
+@pytest.mark.cuda
+def test_graph_cache_keeps_large_outputs_eager_and_bounds_its_memory():
+    from eet_pipe.cuda_graphs import GraphCache
+
+    x = torch.ones(256, 256, device="cuda:0")
+    big = GraphCache(torch.device("cuda:0"), max_output_bytes=1024)
+    for _ in range(3):
+        torch.testing.assert_close(big.run(("big",), lambda t: t * 3, (x,)), x * 3)
+    assert big.captures == 0 and len(big) == 0  # 256 KiB output > 1 KiB: never captured
+    small = GraphCache(torch.device("cuda:0"), max_bytes=3 * 2 * 256 * 256 * 4)  # room for ~3 graphs
+    for n in range(6):
+        for _ in range(2):
+            small.run(("k", n), lambda t, n=n: t + n, (x,))
+    assert len(small) <= 3 and small.nbytes <= small.max_bytes

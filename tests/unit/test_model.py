@@ -41,3 +41,16 @@ def test_unpadded_batches_take_the_maskless_path_with_the_same_result():
     assert dense.dense and not prefill_meta(torch.tensor([[0, 1, 1]], dtype=torch.bool)).dense
     masked = dataclasses.replace(dense, dense=False)
     torch.testing.assert_close(model(ids, dense), model(ids, masked), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_head_notices_a_replaced_weight():
+    cfg = ArchConfig(model_type="gpt2", vocab_size=509, hidden_size=64, num_layers=1, num_heads=4,
+                     intermediate_size=128, max_positions=64)
+    model = init_random(cfg, None, seed=5)
+    model.pad_vocab(64)
+    other = init_random(cfg, None, seed=6)
+    model.load_state_dict(other.state_dict(), assign=True)  # new storage: the padded buffer is stale
+    ids = torch.randint(0, 509, (1, 5))
+    meta = prefill_meta(torch.ones(1, 5, dtype=torch.bool))
+    torch.testing.assert_close(model(ids, meta), other(ids, meta))
+    assert model.head.padded is None
