@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -114,8 +115,11 @@ class Supervisor:
         """Send one command to every worker."""
         if self.closed:
             raise WorkerError("the pipeline is closed (a worker failed or close() was called); create a new engine")
+        # plain pickle bytes: tensors in commands travel by value, not as shared-memory file descriptors
+        # (which would keep a descriptor-server thread in this process and tie memory to worker lifetimes)
+        payload = pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
         for q in self.commands:
-            q.put(cmd)
+            q.put(payload)
 
     def collect(self, count: int, what: str, kinds: tuple[str, ...] = ("result",),
                 timeout: float | None = None) -> list[tuple]:

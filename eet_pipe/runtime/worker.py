@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import os
+import pickle
 import signal
 import threading
 import time
@@ -123,6 +124,8 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
         serving: ServeState | None = None
         while True:
             cmd = commands.get()
+            if isinstance(cmd, bytes):  # `Supervisor.broadcast` sends pickled commands
+                cmd = pickle.loads(cmd)
             if isinstance(cmd, Shutdown):
                 break
             tick()

@@ -80,6 +80,7 @@ class Scheduler:
                                      f"slot (max_queue={self.max_queue}); retry later")
             self.queued += count
             self.inbox.append(("submit", request))
+            self.metrics.queue_depth.set(self.queued)  # visible now, even while the scheduler waits on a step
         self.wake.set()
 
     def cancel(self, request: GenRequest) -> None:
