@@ -39,13 +39,18 @@ def test_quick_run_writes_json_and_plot(script, tmp_path):
         assert any(field in r and r[field] is not None for r in rows), field
 
 
+def _quick_schedules(out: Path, *args: str) -> list[dict]:
+    """Run `schedules.py --quick` with `args`; its result rows."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"), "--quick", *args, f"out={out}"],
+                          capture_output=True, text=True, timeout=230, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(Path(f"{out}.json").read_text())["results"]
+
+
 @pytest.mark.timeout(240)
 def test_schedules_decode_workload_and_peers(tmp_path):
     out = tmp_path / "result"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"), "--quick", "workload=decode",
-                           "microbatches=1,2", f"out={out}"], capture_output=True, text=True, timeout=230, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(Path(f"{out}.json").read_text())["results"]
+    rows = _quick_schedules(out, "workload=decode", "microbatches=1,2")
     decode = [r for r in rows if r["schedule"] == "decode"]
     assert [r["microbatches"] for r in decode] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and 0 <= r["bubble_simulated"] < 1 and r["simulated_over_measured"] > 0
@@ -53,12 +58,9 @@ def test_schedules_decode_workload_and_peers(tmp_path):
     assert Path(f"{out}_decode_timeline.png").stat().st_size > 1000
 
 
+@pytest.mark.timeout(240)
 def test_schedules_prefill_records_the_single_device_peers(tmp_path):
-    out = tmp_path / "result"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"), "--quick", "microbatches=2",
-                           "schedules=gpipe", f"out={out}"], capture_output=True, text=True, timeout=230, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(Path(f"{out}.json").read_text())["results"]
+    rows = _quick_schedules(tmp_path / "result", "microbatches=2", "schedules=gpipe")
     systems = {r["system"] for r in rows}
     assert {"eet_pipe single device", "eet_pipe", "HF transformers (1 device)", "fairscale Pipe"} <= systems
     hf = next(r for r in rows if r["system"] == "HF transformers (1 device)")
