@@ -6,13 +6,17 @@ all in one run on the same devices.
     python benchmarks/pipeline_prefill.py --quick        # CPU smoke run (tiny model, 2 gloo stages)
 
 Our pipelines use `plan=auto` (profiled and balanced; `plan=even` splits layers evenly); the peer
-splits layers evenly. Writes <out>.json (environment, config, every figure) and <out>.png (tokens/s vs microbatches, with the
+splits layers evenly. "of bound" compares with our single device running the whole batch at once; "same-M bound" with our
+single device running the same M microbatches one after another (graph-replayed), which separates the
+pipeline's efficiency from the smaller microbatches' GEMM efficiency.
+Writes <out>.json (environment, config, every figure) and <out>.png (tokens/s vs microbatches, with the
 GPipe bound P·M/(M+P−1) × our single-device figure), and a trace timeline of our gpipe run.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,8 +26,10 @@ from common import environment, parse_args, prefill_batch, progress, save_figure
 from peers import torch_pipelining  # noqa: E402
 
 import eet_pipe  # noqa: E402
-from eet_pipe.models.meta import prefill_meta  # noqa: E402
+from eet_pipe.cuda_graphs import graphed  # noqa: E402
+from eet_pipe.models.meta import StepMeta, prefill_meta  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
+from eet_pipe.runtime.commands import split_rows  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["4", "8", "16", "32"], "warmup": 2, "repeats": 5, "peer": "yes", "plan": "auto",
@@ -32,21 +38,38 @@ QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cp
          "microbatches": ["1", "2", "4"], "warmup": 1, "repeats": 2}
 
 
-def single_device(opts: dict, ids: torch.Tensor) -> float:
+def single_device(opts: dict, ids: torch.Tensor, ms: Sequence[int] = (1,)) -> dict[int, float]:
+    """Seconds of the batch on our single device, for each M run as M microbatches one after another.
+
+    M = 1 is the whole batch in one forward (the baseline of the GPipe bound); for M > 1 each
+    microbatch forward is replayed from a CUDA graph, as pipeline stages run theirs, so the ratio of a
+    pipeline to this figure isolates the pipeline's own efficiency from microbatch size effects.
+    """
     lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"],
                                   device=opts["devices"][0])
-    x = ids.to(lm.device)
-    meta = prefill_meta(torch.ones(ids.shape, dtype=torch.bool)).to(lm.device)
+    out = {}
+    for m in ms:
+        calls = []
+        for rows in split_rows(ids.shape[0], m):
+            x = ids[rows].to(lm.device)
+            meta = prefill_meta(torch.ones(x.shape, dtype=torch.bool)).to(lm.device)
 
-    def run() -> None:
-        with torch.inference_mode():
-            lm.model(x, meta)
+            def run(x: torch.Tensor = x, meta: StepMeta = meta) -> None:
+                with torch.inference_mode():
+                    lm.model(x, meta)
 
-    seconds = time_it(run, opts["devices"][:1], opts["warmup"], opts["repeats"])
+            calls.append(run)
+        if m > 1:
+            for run in calls:
+                run()  # warm-up, then capture
+            calls = [graphed(run, lm.device) for run in calls]
+        out[m] = time_it(lambda calls=calls: [run() for run in calls], opts["devices"][:1], opts["warmup"],
+                         opts["repeats"])
+        calls = None
     lm = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return seconds
+    return out
 
 
 def ours(opts: dict, ids: torch.Tensor, schedule: str, ms: list[int], bar) -> list[dict]:
@@ -95,7 +118,8 @@ def main() -> None:
     ms, ids = prefill_batch(opts)
     tokens = opts["batch"] * opts["seq"]
     bar = progress(1 + 2 * len(ms) + (1 if opts["peer"] == "yes" else 0), "pipeline_prefill")
-    single = single_device(opts, ids)
+    singles = single_device(opts, ids, [1, *ms])
+    single = singles[1]
     bar.update()
     rows = [{"system": "eet_pipe single device", "microbatches": 1, "seconds": single}]
     rows += ours(opts, ids, "gpipe", ms, bar)
@@ -117,16 +141,21 @@ def main() -> None:
             m = r["microbatches"]
             r["gpipe_bound"] = p * m / (m + p - 1)
             r["fraction_of_bound"] = r["speedup_vs_single"] / r["gpipe_bound"]
+            # against one device running the same M microbatches: the pipeline's own efficiency
+            r["single_same_microbatches_s"] = singles.get(m)
+            r["fraction_of_bound_same_microbatches"] = singles[m] / r["seconds"] / r["gpipe_bound"] \
+                if m in singles else None
     data = {"env": environment(), "config": {**opts, "microbatches": ms}, "single_tokens_per_s": tokens / single,
-            "results": rows}
+            "single_same_microbatches_s": {str(m): v for m, v in singles.items()}, "results": rows}
     write_json(Path(opts["out"] + ".json"), data)
     plot(data, opts["out"] + ".png")
     bar.close()
-    print(f"{'system':<40} {'M':>4} {'tok/s':>12} {'x single':>9} {'of bound':>9}")
+    print(f"{'system':<40} {'M':>4} {'tok/s':>12} {'x single':>9} {'of bound':>9} {'same-M bound':>12}")
     for r in rows:
         if r.get("seconds"):
+            same = r.get("fraction_of_bound_same_microbatches")
             print(f"{r['system']:<40} {r['microbatches']:>4} {r['tokens_per_s']:>12.0f} {r['speedup_vs_single']:>9.2f} "
-                  f"{r['fraction_of_bound']:>9.1%}")
+                  f"{r['fraction_of_bound']:>9.1%} {format(same, '12.1%') if same is not None else '-':>12}")
         else:
             print(f"{r['system']:<40} failed: {r.get('error', '')[-300:]}")
 

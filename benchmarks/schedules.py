@@ -219,7 +219,7 @@ def main() -> None:
         rows = decode_rows(opts, ms, bar)
     else:
         bar = progress(1 + sum(1 if s == "sequential" else len(ms) for s in opts["schedules"]), "schedules")
-        single = single_device(opts, ids)
+        single = single_device(opts, ids)[1]
         bar.update()
         rows = [{"system": "eet_pipe single device", "schedule": "none", "virtual": 1, "microbatches": 1,
                  "seconds": single, "tokens_per_s": ids.numel() / single, "latency_s": single}]
