@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import time_it
 from torch import nn
 
 
@@ -140,28 +141,10 @@ def fairscale_pipe(cfg: dict[str, Any], ms: list[int]) -> dict[str, Any]:
                 with torch.no_grad():
                     pipe(ids)
 
-            results.append({"microbatches": m, "seconds": _timed(step, devices, cfg["warmup"], cfg["repeats"])})
+            results.append({"microbatches": m, "seconds": time_it(step, devices, cfg["warmup"], cfg["repeats"])})
     except Exception:  # noqa: BLE001 - a peer's failure is a result
         return {"ok": False, "results": results, "error": traceback.format_exc()}
     return {"ok": True, "results": results, "error": None}
-
-
-def _timed(fn: Any, devices: list[str], warmup: int, repeats: int) -> float:
-    def sync() -> None:
-        for d in devices:
-            if str(d).startswith("cuda"):
-                torch.cuda.synchronize(d)
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def hf_gpt2(model: str, weights: str | None, device: str) -> nn.Module:

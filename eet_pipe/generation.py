@@ -15,7 +15,7 @@ import torch
 
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 
-__all__ = ["SamplingParams", "Sampler", "SequenceState", "GenerationResult", "pad_prompts", "generate_loop",
+__all__ = ["SamplingParams", "Sampler", "SequenceState", "GenerationResult", "HostCopy", "pad_prompts", "generate_loop",
            "check_prompts", "StepFn"]
 
 StepFn = Callable[[torch.Tensor, StepMeta], torch.Tensor]
@@ -206,6 +206,29 @@ def generate_loop(step: StepFn, prompts: Sequence[Sequence[int]], params: Sequen
     return results(prompts, states)
 
 
+class HostCopy:
+    """A copy of a tensor to the host, started now and read later without making the device wait.
+
+    On CUDA the copy is asynchronous (pinned memory) and an event on the tensor's device marks its
+    end; `tolist` waits for that event only. On CPU it is a clone, since the tensor may live in a
+    buffer that is reused before it is read.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if tensor.is_cuda:
+            self.tensor = tensor.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self.tensor = tensor.clone()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.tolist()
+
+
 def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceState], slots: torch.Tensor,
                   lengths: torch.Tensor, width: int, steps: int) -> None:
     """Greedy decoding that never makes the device wait for the host.
@@ -218,32 +241,24 @@ def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceS
     device, batch = logits.device, logits.shape[0]
     slots_d, lengths_d = slots.to(device), lengths.to(device)
     valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+    pending: list[HostCopy] = []
 
-    def record(tokens: torch.Tensor, event: torch.cuda.Event | None) -> bool:
+    def record(tokens: HostCopy) -> bool:
         """Append one step's tokens; True when every sequence has finished."""
-        if event is not None:
-            event.synchronize()
         for state, tok in zip(states, tokens.tolist(), strict=True):
             state.append(tok)
         return all(s.finished for s in states)
 
     for n in range(steps):
         nxt = logits.argmax(dim=-1)  # [B] on the device
-        host = nxt.to("cpu", non_blocking=device.type == "cuda")
-        event = None
-        if device.type == "cuda":  # on the logits' device, which need not be the current one
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-        if pending and record(*pending.pop()):
+        host = HostCopy(nxt)
+        if pending and record(pending.pop()):
             return
         if n == steps - 1:
-            record(host, event)
+            record(host)
             return
-        pending.append((host, event))
-        write = torch.full((batch, 1), width + n, dtype=torch.long, device=device)
-        meta = StepMeta(positions=(lengths_d + n).view(batch, 1), valid=valid, slots=slots_d, write_index=write,
-                        kv_len=width + n + 1)
-        logits = step(nxt.view(batch, 1), meta)
-    for tokens, event in pending:
-        record(tokens, event)
+        pending.append(host)
+        write = torch.full((batch,), width + n, dtype=torch.long, device=device)
+        logits = step(nxt.view(batch, 1), decode_meta(slots_d, write, lengths_d + n, valid, kv_len=width + n + 1))
+    for tokens in pending:
+        record(tokens)

@@ -73,9 +73,16 @@ def prefill_meta(mask: torch.Tensor, slots: torch.Tensor | None = None,
 
 
 def decode_meta(slots: torch.Tensor, write_index: torch.Tensor, positions: torch.Tensor,
-                valid: torch.Tensor | None = None) -> StepMeta:
-    """Metadata for one new token per sequence. slots, write_index, positions: [B] int64."""
+                valid: torch.Tensor | None = None, kv_len: int | None = None) -> StepMeta:
+    """Metadata for one new token per sequence. slots, write_index, positions: [B] int64 (on any device).
+
+    `kv_len` (max write index + 1) is computed from `write_index` when not given; callers that know it
+    pass it, so device tensors need no copy to the host.
+    """
     batch = slots.shape[0]
-    valid = torch.ones(batch, 1, dtype=torch.bool) if valid is None else valid.view(batch, 1)
-    return StepMeta(positions=positions.view(batch, 1), valid=valid, slots=slots,
-                    write_index=write_index.view(batch, 1), kv_len=int(write_index.max()) + 1 if batch else 0)
+    if valid is None:
+        valid = torch.ones(batch, 1, dtype=torch.bool, device=slots.device)
+    if kv_len is None:
+        kv_len = int(write_index.max()) + 1 if batch else 0
+    return StepMeta(positions=positions.view(batch, 1), valid=valid.view(batch, 1), slots=slots,
+                    write_index=write_index.view(batch, 1), kv_len=kv_len)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from eet_pipe.generation import GenerationResult, Sampler, SequenceState, pad_prompts, results
+from eet_pipe.generation import GenerationResult, HostCopy, Sampler, SequenceState, pad_prompts, results
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.runtime.comm import P2P, Spec
 from eet_pipe.runtime.commands import GenerateCommand, split_rows
 from eet_pipe.schedule import Action, Op, build
@@ -40,7 +40,7 @@ class DecodeRun:
         self.caches: dict[int, KVCache] = stage.decode_caches(self.batch, self.width + self.steps)
         self.graphs = stage.graphs(cmd.cuda_graphs)
         self.done_at: dict[int, int] = {}
-        self.flags_in: dict[int, list[tuple[int, torch.Tensor, torch.cuda.Event | None]]] = {}
+        self.flags_in: dict[int, list[tuple[int, HostCopy]]] = {}
         self._metas: dict[int, tuple[int, StepMeta]] = {}
         self.local_feedback: dict[tuple[int, int], torch.Tensor] = {}
         self.flags = {v: torch.tensor([v], dtype=torch.long, device=self.device) for v in (0, 1)}
@@ -54,7 +54,7 @@ class DecodeRun:
             self.sampler = Sampler(cmd.params)
             self.states = [SequenceState(p, cmd.eos_ids, decode) for p in cmd.params]
             self.greedy = all(p.greedy for p in cmd.params)
-            self.pending: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+            self.pending: dict[int, HostCopy] = {}
 
     def meta(self, g: int, t: int) -> StepMeta:
         """Metadata of group g at step t, built once even when this stage holds several chunks."""
@@ -65,10 +65,9 @@ class DecodeRun:
         if t == 0:
             meta = prefill_meta(self.mask[r], torch.arange(r.start, r.stop)).to(self.device)
         else:
-            n = r.stop - r.start
-            write = torch.full((n, 1), self.width + t - 1, dtype=torch.long, device=self.device)
-            meta = StepMeta(positions=(self.lengths_d[r] + (t - 1)).view(n, 1), valid=self.valid_d[r],
-                            slots=self.slots_d[g], write_index=write, kv_len=self.width + t)
+            write = torch.full((r.stop - r.start,), self.width + t - 1, dtype=torch.long, device=self.device)
+            meta = decode_meta(self.slots_d[g], write, self.lengths_d[r] + (t - 1), self.valid_d[r],
+                               kv_len=self.width + t)
         self._metas[g] = (t, meta)
         return meta
 
@@ -91,22 +90,14 @@ class DecodeRun:
 
     def note_flag(self, a: Action, flag: torch.Tensor) -> None:
         """Start copying a received done flag to the host; it is read only before group a.mb's next step."""
-        # a copy: the flag lives in a receive buffer that later messages reuse (on CPU .to() would alias it)
-        host = flag.to("cpu", non_blocking=True) if self.device.type == "cuda" else flag.clone()
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-        self.flags_in.setdefault(a.mb, []).append((a.step, host, event))
+        self.flags_in.setdefault(a.mb, []).append((a.step, HostCopy(flag)))
 
     def resolve_flags(self, g: int, step: int) -> None:
         """Read group g's done flags of steps before `step` (their copies finished a step ago)."""
         waiting = self.flags_in.get(g, [])
         while waiting and waiting[0][0] < step:
-            t, host, event = waiting.pop(0)
-            if event is not None:
-                event.synchronize()
-            if int(host[-1]) == 1:
+            t, flag = waiting.pop(0)
+            if flag.tolist()[-1] == 1:
                 self.finish_group(g, t)
 
     @torch.inference_mode()
@@ -143,7 +134,7 @@ class DecodeRun:
         if not self.is_last:
             return None
         for g in sorted(self.pending):
-            self.record(g, *self.pending.pop(g))
+            self.record(g, self.pending.pop(g))
         return results(self.cmd.prompts, self.states)
 
     def forward(self, a: Action, inbox: dict) -> None:
@@ -177,10 +168,8 @@ class DecodeRun:
             return self.ids[self.rows[g]].to(self.device)
         return msg[0][:-1].view(-1, 1).to(self.device)
 
-    def record(self, g: int, tokens: torch.Tensor, event: torch.cuda.Event | None) -> None:
-        """Append one step's tokens (host tensor, ready once `event` has completed) to group g's states."""
-        if event is not None:
-            event.synchronize()
+    def record(self, g: int, tokens: HostCopy) -> None:
+        """Append one step's tokens to group g's states."""
         for state, tok in zip(self.states[self.rows[g]], tokens.tolist(), strict=True):
             state.append(tok)
 
@@ -214,18 +203,14 @@ class DecodeRun:
         one extra step, whose tokens its states ignore.
         """
         tokens = logits.argmax(dim=-1)
-        host = tokens.to("cpu", non_blocking=self.device.type == "cuda")
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+        host = HostCopy(tokens)
         previous = self.pending.pop(g, None)
         if previous is not None:
-            self.record(g, *previous)
+            self.record(g, previous)
         if t == self.steps - 1:
-            self.record(g, host, event)
+            self.record(g, host)
             return
-        self.pending[g] = (host, event)
+        self.pending[g] = host
         finished = all(s.finished for s in self.states[self.rows[g]])
         self.feed_back(g, t, torch.cat([tokens, self.flags[int(finished)]]), inbox)
         if finished:  # this stage decides: the marker step t + 1 is the group's last
