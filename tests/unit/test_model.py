@@ -11,9 +11,13 @@ from eet_pipe.models.meta import prefill_meta
 from eet_pipe.weights.loader import init_random
 
 
+def _gpt2(vocab: int, layers: int) -> ArchConfig:
+    return ArchConfig(model_type="gpt2", vocab_size=vocab, hidden_size=64, num_layers=layers, num_heads=4,
+                      intermediate_size=128, max_positions=64)
+
+
 def test_padded_lm_head_gives_the_same_logits_and_keeps_shapes_and_tying():
-    cfg = ArchConfig(model_type="gpt2", vocab_size=509, hidden_size=64, num_layers=2, num_heads=4,
-                     intermediate_size=128, max_positions=64)
+    cfg = _gpt2(vocab=509, layers=2)
     model = init_random(cfg, None, seed=3)
     ids = torch.randint(0, 509, (2, 7))
     meta = prefill_meta(torch.ones(2, 7, dtype=torch.bool))
@@ -33,8 +37,7 @@ def test_padded_lm_head_gives_the_same_logits_and_keeps_shapes_and_tying():
 
 
 def test_unpadded_batches_take_the_maskless_path_with_the_same_result():
-    cfg = ArchConfig(model_type="gpt2", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
-                     intermediate_size=128, max_positions=64)
+    cfg = _gpt2(vocab=128, layers=2)
     model = init_random(cfg, None, seed=4)
     ids = torch.randint(0, 128, (3, 9))
     dense = prefill_meta(torch.ones(3, 9, dtype=torch.bool))
@@ -44,8 +47,7 @@ def test_unpadded_batches_take_the_maskless_path_with_the_same_result():
 
 
 def test_padded_head_notices_a_replaced_weight():
-    cfg = ArchConfig(model_type="gpt2", vocab_size=509, hidden_size=64, num_layers=1, num_heads=4,
-                     intermediate_size=128, max_positions=64)
+    cfg = _gpt2(vocab=509, layers=1)
     model = init_random(cfg, None, seed=5)
     model.pad_vocab(64)
     other = init_random(cfg, None, seed=6)
