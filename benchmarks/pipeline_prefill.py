@@ -76,7 +76,7 @@ def ours(opts: dict, ids: torch.Tensor, schedule: str, ms: list[int], bar) -> li
     rows = []
     with PipelineEngine(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"], devices=opts["devices"],
                         schedule=schedule, virtual=2, plan=opts["plan"], timeout=600, cpu_threads=1) as engine:
-        chunks = [f"{c[0]}..{c[-1]}" for c in engine.plan.chunks()]
+        chunks = engine.plan.chunk_labels()
         for m in ms:
             seconds = time_it(lambda: engine.forward(ids, output="none", microbatches=m), [], opts["warmup"],
                               opts["repeats"])

@@ -46,11 +46,6 @@ FIELDS = ("system", "schedule", "virtual", "microbatches", "seconds", "tokens_pe
           "bubble_simulated", "makespan_simulated_s", "simulated_over_measured")
 
 
-def chunk_labels(engine: PipelineEngine) -> list[str]:
-    """Trace labels of the engine's chunks in chunk order ('embed..layers.11', …)."""
-    return [c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in engine.plan.chunks()]
-
-
 def predicted(events: list[dict], labels: list[str], schedule: str, stages: int, m: int, v: int,
               steps: int = 1) -> tuple[float, float]:
     """Simulated makespan and bubble for the schedule, each chunk costing its own measured median compute
@@ -82,7 +77,7 @@ def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -
             engine.forward(ids, output="none", microbatches=m)
             engine.trace_path = None
             events = engine.last_trace
-            sim_makespan, sim_bubble = predicted(events, chunk_labels(engine), schedule, len(opts["devices"]), m, v)
+            sim_makespan, sim_bubble = predicted(events, engine.plan.chunk_labels(), schedule, len(opts["devices"]), m, v)
             measured = max(e["end"] for e in events) - min(e["start"] for e in events)
             rows.append({"system": "eet_pipe", "schedule": schedule, "virtual": v, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds,
@@ -195,7 +190,7 @@ def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
             events = engine.last_trace
             # the first step is the prefill: simulate the decode steps only (steps >= 1)
             steps_events = [e for e in events if " t0 " not in e["label"]]
-            sim_makespan, sim_bubble = predicted(steps_events, chunk_labels(engine), "decode", p, m, 1, new - 1)
+            sim_makespan, sim_bubble = predicted(steps_events, engine.plan.chunk_labels(), "decode", p, m, 1, new - 1)
             measured = (max(e["end"] for e in steps_events) - min(e["start"] for e in steps_events)) if steps_events \
                 else 0.0
             rows.append({"system": "eet_pipe", "schedule": "decode", "virtual": 1, "microbatches": m,

@@ -18,11 +18,16 @@ from typing import Any
 
 from .costs import GIB, DeviceSpec, UnitCost
 
-__all__ = ["PLAN_FORMAT", "Partition", "Plan", "StagePlan"]
+__all__ = ["PLAN_FORMAT", "Partition", "Plan", "StagePlan", "unit_range"]
 
 PLAN_FORMAT = 1
 """Version written into plan JSON files."""
 _LAYER = re.compile(r"^layers\.(\d+)$")
+
+
+def unit_range(units: list[str]) -> str:
+    """A chunk's canonical unit range as traces and tables show it, e.g. 'embed..layers.5' or 'head'."""
+    return units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}"
 
 
 def _name(x: str | DeviceSpec | UnitCost) -> str:
@@ -137,6 +142,10 @@ class Plan:
         per_stage = [s.chunk_units() for s in self.stages]
         p = len(self.stages)
         return [per_stage[c % p][c // p] for c in range(p * self.virtual)]
+
+    def chunk_labels(self) -> list[str]:
+        """`unit_range` of every global chunk, in model order (the labels of trace spans)."""
+        return [unit_range(units) for units in self.chunks()]
 
     # ---- construction ----
 

@@ -13,6 +13,7 @@ from eet_pipe.loading import load_units, tokenizer_for
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
+from eet_pipe.partition.plan import unit_range
 from eet_pipe.presets import ModelSpec
 from eet_pipe.runtime.comm import P2P, Spec
 from eet_pipe.runtime.commands import ForwardCommand, GenerateCommand, split_rows
@@ -104,8 +105,7 @@ class Stage:
 
     def label(self, chunk: int) -> str:
         """Canonical unit range of a chunk, e.g. 'embed..layers.5'."""
-        units = self.chunk_units[chunk]
-        return units[0] if len(units) == 1 else f"{units[0]}..{units[-1]}"
+        return unit_range(self.chunk_units[chunk])
 
     @torch.inference_mode()
     def forward(self, cmd: ForwardCommand) -> torch.Tensor | tuple | None:
