@@ -2,7 +2,8 @@
 # GPU verification and figures: build the kernels, run the GPU tests, run the benchmarks on the first
 # two GPUs (DEVICES=cuda:0,cuda:1,cuda:2,cuda:3 for more). Usage:
 #   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [serve]
-# (no part named = all). Every part has its own time limit, so one hang cannot eat the others.
+# (no part named = all). Knobs: DEVICES, GPU_TESTS, <PART>_S time limits, SCHEDULES_ARGS, SCHEDULES_DECODE=0,
+# SINGLE_ARGS, SERVE_LEVELS, SERVE_REQUESTS. Every part has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
 PARTS=${*:-tests prefill decode schedules partitions single serve}
@@ -28,9 +29,9 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       warmup=2 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
   has decode && timeout ${DECODE_S:-180} python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
-  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 microbatches=1,4,16,32 \
+  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 ${SCHEDULES_ARGS:-microbatches=1,4,16,32} \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
-  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO workload=decode batch=64 prompt=32 \
+  has schedules && [[ ${SCHEDULES_DECODE:-1} == 1 ]] && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO workload=decode batch=64 prompt=32 \
       new=64 microbatches=1,2,4,8 out="$OUT_DIR/schedules/decode" 2>&1 | grep -v "it/s" | tail -8
   has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
