@@ -3,9 +3,12 @@
     python benchmarks/serve_load.py url=http://127.0.0.1:8000 concurrency=1,4,16,64,256 requests=256 max_tokens=64
     python benchmarks/serve_load.py --quick      # starts a tiny 2-stage CPU server itself (concurrency 1,4,16)
 
-Every request streams (SSE) with ignore_eos, so each produces exactly max_tokens tokens. TTFT is the
-time from sending to the first token, TPOT the mean time between a request's later tokens, throughput
-the generated tokens of a level divided by its wall time. Writes <out>.json (environment, config,
+Every request streams (SSE) with ignore_eos and return_token_ids, so each produces exactly max_tokens
+tokens and every token arrives in its own chunk (a token whose text is still incomplete, or empty as with
+random weights, would otherwise be held back). TTFT is the time from sending to the first token, TPOT the
+mean time between a request's later tokens, throughput the generated tokens of a level divided by its
+wall time. Each level sends max(requests, waves x concurrency) requests, so it is measured in steady
+state rather than as one burst. Writes <out>.json (environment, config,
 per-level figures, the server's /metrics) and <out>.png.
 """
 
@@ -26,10 +29,10 @@ from common import environment, parse_args, write_json  # noqa: E402
 
 from eet_pipe.serving.process import ServerProcess  # noqa: E402
 
-DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "max_tokens": 64,
+DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
             "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2,
             "server_args": "", "out": "bench_results/serve_load"}
-QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "max_tokens": 16, "prompt_len": 16}
+QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -45,9 +48,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 async def one_request(client: httpx.AsyncClient, prompt: str, opts: dict) -> dict:
     """Send one streaming completion; returns its timings and token count (or the error)."""
     body = {"prompt": prompt, "max_tokens": opts["max_tokens"], "temperature": opts["temperature"], "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, tokens, error = None, 0, None
+    first, tokens, streamed, error = None, 0, 0, None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
@@ -59,11 +62,16 @@ async def one_request(client: httpx.AsyncClient, prompt: str, opts: dict) -> dic
                 error = chunk["error"]["message"]
             elif chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter()
+            else:
+                got = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
+                if got and first is None:
+                    first = time.perf_counter()
+                streamed += got
     end = time.perf_counter()
     if error or first is None:
         return {"error": error or "no tokens"}
+    if streamed != tokens:
+        return {"error": f"{streamed} tokens streamed but usage says {tokens}"}
     tpot = (end - first) / (tokens - 1) if tokens > 1 else None
     return {"ttft": first - start, "tpot": tpot, "latency": end - start, "tokens": tokens}
 
@@ -131,7 +139,8 @@ def main() -> None:
     levels = []
     try:
         for c in (int(x) for x in opts["concurrency"]):
-            level = asyncio.run(run_level(opts["url"], headers, c, max(opts["requests"], c), prompts, opts))
+            count = max(opts["requests"], opts["waves"] * c)
+            level = asyncio.run(run_level(opts["url"], headers, c, count, prompts, opts))
             levels.append(level)
             print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, TTFT p50 "
                   f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.1f} ms, "
