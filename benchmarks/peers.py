@@ -162,7 +162,8 @@ def hf_gpt2(model: str, weights: str | None, device: str) -> nn.Module:
                         layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
                         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the device itself: minutes on the host for GPT-2 XL
+        hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).eval()
     if hf.config._attn_implementation != "sdpa":
         raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
     return hf

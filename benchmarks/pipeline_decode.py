@@ -68,6 +68,10 @@ def main() -> None:
         pipe_b1 = timed_generate(engine.generate, data_prompts[:1], opts["new"], opts["repeats"], [], microbatches=1)
         bar.update()
         pipe_groups = timed_generate(engine.generate, data_prompts, opts["new"], opts["repeats"], [], microbatches=p)
+        engine.trace_path = opts["out"] + f"_trace_{p}x{opts['batch']}.json"  # where the grouped decode spends time
+        engine.generate(data_prompts, max_new_tokens=opts["new"], ignore_eos=True, microbatches=p)
+        engine.trace_path = None
+        bubble = engine.last_bubble
         bar.update()
     bar.close()
     rows = {
@@ -77,6 +81,7 @@ def main() -> None:
         f"single_b{opts['batch']}_tokens_per_s": opts["batch"] / single_b,
         f"pipeline_{p}x{opts['batch']}_tokens_per_s": opts["batch"] * p / pipe_groups,
         "throughput_ratio": (opts["batch"] * p / pipe_groups) / (opts["batch"] / single_b),
+        f"pipeline_{p}x{opts['batch']}_trace_bubble": bubble,
     }
     data = {"env": environment(), "config": opts, "results": rows}
     write_json(Path(opts["out"] + ".json"), data)
