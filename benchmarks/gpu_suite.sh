@@ -40,6 +40,6 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       | grep -v "it/s" | tail -25
   has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
       concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
-      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -12
+      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -40
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"

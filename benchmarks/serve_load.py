@@ -50,6 +50,13 @@ async def one_request(client: httpx.AsyncClient, prompt: str, opts: dict) -> dic
     body = {"prompt": prompt, "max_tokens": opts["max_tokens"], "temperature": opts["temperature"], "stream": True,
             "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
+    try:
+        return await _stream_one(client, body, start)
+    except httpx.HTTPError as err:  # a dropped connection is a failed request, not the end of the sweep
+        return {"error": f"{type(err).__name__} after {time.perf_counter() - start:.1f} s: {err}"}
+
+
+async def _stream_one(client: httpx.AsyncClient, body: dict, start: float) -> dict:
     first, tokens, streamed, error = None, 0, 0, None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -145,10 +152,15 @@ def main() -> None:
             print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, TTFT p50 "
                   f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.1f} ms, "
                   f"{level['failed']} failed", file=sys.stderr)
+            for message in level["errors"]:
+                print(f"    error: {message}", file=sys.stderr)
         metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
     finally:
         if server is not None:
             server.stop()
+            log_copy = Path(opts["out"] + "_server.log")
+            log_copy.write_text(server.log_path.read_text(errors="replace"))
+            print(f"server log: {log_copy}", file=sys.stderr)
     out = Path(opts["out"])
     config = {k: v for k, v in opts.items() if k != "api_key"}
     write_json(out.with_suffix(".json"), {"env": environment(), "config": config, "results": levels,
