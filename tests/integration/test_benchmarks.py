@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {  # script -> fields every result row (or the results dict) must have
     "pipeline_prefill.py": ["system", "microbatches", "seconds", "tokens_per_s", "speedup_vs_single", "gpipe_bound"],
+    "decode_profile.py": ["batch", "wall_ms_per_step", "busy_ms_per_step", "kernels_per_step", "top"],
     "pipeline_decode.py": ["single_b1_ms_per_token", "pipeline_b1_ms_per_token", "throughput_ratio"],
     "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated"],
     "partitions.py": ["method", "stage_ms_measured"],

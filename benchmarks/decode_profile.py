@@ -1,0 +1,98 @@
+"""Where one decode step's time goes: kernels per step, GPU busy time per step against the wall time per
+step, and the kernels that take the most time (torch.profiler over a greedy `generate`, after warm-up).
+
+    python benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,64
+    python benchmarks/decode_profile.py --quick          # CPU smoke run (tiny model; CPU ops instead of kernels)
+
+Writes <out>.json and <out>.png: per batch size, wall ms per step, device-busy ms per step, kernels per step and the top
+kernels (name, calls per step, ms per step). A step whose busy time is far below its wall time is bound
+by launches or the host; one whose busy time is near its wall time is bound by the kernels listed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, save_figure, sync, write_json  # noqa: E402
+
+import eet_pipe  # noqa: E402
+
+DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "device": "cuda:0", "batches": ["1", "64"],
+            "prompt": 32, "new": 32, "top": 12, "out": "bench_results/decode_profile"}
+QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "device": "cpu", "batches": ["1", "4"], "prompt": 8,
+         "new": 8, "top": 5}
+
+
+def profile_batch(lm, batch: int, opts: dict) -> dict:
+    """Profile one greedy generate of `new` tokens at `batch` rows (after one identical warm-up)."""
+    gen = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, min(lm.cfg.vocab_size, 250), (batch, opts["prompt"]), generator=gen).tolist()
+    devices = [opts["device"]]
+
+    def run() -> None:
+        lm.generate(prompts, max_new_tokens=opts["new"], ignore_eos=True)
+
+    run()  # warm-up: caches, CUDA graphs and GEMM choices are then the ones profiled
+    sync(devices)
+    start = time.perf_counter()
+    run()
+    sync(devices)
+    wall = time.perf_counter() - start
+    cuda = opts["device"].startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        run()
+        sync(devices)
+    steps = opts["new"]
+    rows = []
+    for e in prof.key_averages():
+        total = e.device_time_total if cuda else e.self_cpu_time_total  # microseconds
+        if total > 0 and e.count > 0:
+            rows.append({"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": total / 1e3 / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    busy = sum(r["ms_per_step"] for r in rows)
+    return {"batch": batch, "wall_ms_per_step": wall / steps * 1e3, "busy_ms_per_step": busy,
+            "busy_fraction": busy / (wall / steps * 1e3), "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+            "top": rows[: opts["top"]]}
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [f"batch {r['batch']}" for r in results]
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [r["wall_ms_per_step"] for r in results], 0.4, label="wall")
+    ax.bar([x + 0.2 for x in xs], [r["busy_ms_per_step"] for r in results], 0.4, label="device busy")
+    ax.set_xticks(list(xs), labels)
+    ax.set(ylabel="ms per step", title=title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=opts["dtype"],
+                                  device=opts["device"])
+    results = [profile_batch(lm, int(b), opts) for b in opts["batches"]]
+    write_json(Path(opts["out"] + ".json"), {"env": environment(), "config": opts, "results": results})
+    plot(results, opts["out"] + ".png", f"{opts['model']} {opts['dtype']} decode on {opts['device']}")
+    for r in results:
+        print(f"batch {r['batch']:>3}: wall {r['wall_ms_per_step']:.3f} ms/step (includes the prefill), busy "
+              f"{r['busy_ms_per_step']:.3f} ms/step ({r['busy_fraction']:.0%}), {r['kernels_per_step']:.0f} "
+              "kernels/step", file=sys.stderr)
+        for k in r["top"]:
+            print(f"    {k['ms_per_step']:7.3f} ms  {k['calls_per_step']:6.1f}x  {k['name']}", file=sys.stderr)
+    print(f"wrote {opts['out']}.json and {opts['out']}.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
