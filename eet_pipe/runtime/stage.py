@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -139,8 +140,9 @@ class Stage:
         actions = sched.actions[self.ctx.rank]
         rows = split_rows(cmd.ids.shape[0], cmd.microbatches)
         seq = cmd.ids.shape[1]
-        metas = [prefill_meta(cmd.mask[r], token_types=None if cmd.token_types is None else cmd.token_types[r])
-                 .to(self.ctx.device) for r in rows]
+        # one host-to-device copy per metadata tensor for the whole command; microbatches are row views
+        full = prefill_meta(cmd.mask, token_types=cmd.token_types).to(self.ctx.device)
+        metas = [replace(full.select(r), dense=bool(cmd.mask[r].all())) for r in rows]
 
         def specs(a: Action) -> list[Spec]:
             return [((rows[a.mb].stop - rows[a.mb].start, seq, self.hidden), self.dtype)]
