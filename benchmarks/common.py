@@ -36,7 +36,8 @@ def parse_args(defaults: dict[str, Any], quick: dict[str, Any], argv: list[str] 
         if not sep or key not in defaults:
             raise SystemExit(f"unknown argument {arg!r}; allowed: {', '.join(sorted(defaults))} and --quick")
         kind = type(defaults[key])
-        opts[key] = value.split(",") if kind is list else (value if kind is str else kind(value))
+        # a list may be empty ("peers=" runs no peer)
+        opts[key] = [v for v in value.split(",") if v] if kind is list else (value if kind is str else kind(value))
     return opts
 
 
