@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import pickle
 import queue
 import signal
 import socket
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.worker import WorkerArgs, worker_main
 
@@ -115,9 +115,9 @@ class Supervisor:
         """Send one command to every worker."""
         if self.closed:
             raise WorkerError("the pipeline is closed (a worker failed or close() was called); create a new engine")
-        # plain pickle bytes: tensors in commands travel by value, not as shared-memory file descriptors
-        # (which would keep a descriptor-server thread in this process and tie memory to worker lifetimes)
-        payload = pickle.dumps(cmd, protocol=pickle.HIGHEST_PROTOCOL)
+        # bytes: tensors in commands travel by value, not as shared-memory file descriptors (which would
+        # keep a descriptor-server thread in this process and tie memory to worker lifetimes)
+        payload = wire.dumps(cmd)
         for q in self.commands:
             q.put(payload)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import os
-import pickle
 import signal
 import threading
 import time
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from eet_pipe.presets import ModelSpec
+from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed
 from eet_pipe.runtime.step import SERVE_COMMANDS, ServeState, serve_command
@@ -125,7 +125,7 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
         while True:
             cmd = commands.get()
             if isinstance(cmd, bytes):  # `Supervisor.broadcast` sends pickled commands
-                cmd = pickle.loads(cmd)
+                cmd = wire.loads(cmd)
             if isinstance(cmd, Shutdown):
                 break
             tick()
