@@ -41,4 +41,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias);
 
+// gemv.cu -- x: [M <= 8, K]; weight: [N, K]; bias: [N]; returns [M, N] (x @ weight.T + bias)
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 }  // namespace eet

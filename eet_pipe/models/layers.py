@@ -79,6 +79,14 @@ def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None) -> torch
     return (allowed | (k_idx == q_idx)).unsqueeze(1)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) computed by `eet_pipe.ops.linear`, which runs decode-sized
+    inputs on GPU through the GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Fused q/k/v projection, optional rotary, softmax attention, output projection."""
 
@@ -86,8 +94,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.index = cfg, index
         self.norm = Norm(cfg)
-        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
+        self.qkv = Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.out = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
 
     def project(self, x: torch.Tensor, meta: StepMeta,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
@@ -139,9 +147,9 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = cfg.activation
         self.norm = Norm(cfg)
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias) if cfg.gated else None
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias) if cfg.gated else None
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] (normed)
         if self.gate is not None:

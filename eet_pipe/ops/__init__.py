@@ -9,6 +9,7 @@ reference. Shapes: B batch, T tokens, H hidden, D head dim, S cache slots, L cac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 
 from eet_pipe.ops import _ext, reference
 from eet_pipe.ops.quant import dequantize_int8, quantize_int8
@@ -19,6 +20,7 @@ __all__ = [
     "EXT_REASON",
     "DECODE_MAX_HEAD_DIM",
     "INT8_GEMV_MAX_ROWS",
+    "GEMV_MAX_ROWS",
     "activation",
     "attention",
     "bias_activation",
@@ -26,6 +28,7 @@ __all__ = [
     "dequantize_int8",
     "gated_activation",
     "int8_linear",
+    "linear",
     "layer_norm",
     "qkv_rotary_cache",
     "quantize_int8",
@@ -44,6 +47,8 @@ DECODE_MAX_HEAD_DIM = 256
 """Largest head dim of the decode_attention kernel (which also needs D % 8 == 0)."""
 INT8_GEMV_MAX_ROWS = 16
 """Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul."""
+GEMV_MAX_ROWS = 8
+"""Up to this many rows `linear` (fp16/bf16 on CUDA) runs the GEMV kernel; above, cuBLAS."""
 
 if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes
@@ -156,6 +161,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if _kernel(q) and q.shape[-1] % 8 == 0 and q.shape[-1] <= DECODE_MAX_HEAD_DIM:
         return torch.ops.eet_pipe.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
     return reference.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (`torch.nn.functional.linear`).
+
+    Args:
+        x: [..., K]; weight: [N, K]; bias: [N] or None, all of one dtype.
+    Returns:
+        [..., N]. On CUDA in fp16/bf16, inputs of at most GEMV_MAX_ROWS rows (decode steps) run the GEMV
+        kernel, which streams the weight once near the memory bandwidth; everything else is F.linear.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (_kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
+        y = torch.ops.eet_pipe.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

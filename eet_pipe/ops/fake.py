@@ -66,6 +66,10 @@ def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N]
 
 
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
+
+
 _FAKES = {
     "layer_norm": _norm,
     "rms_norm": _rms,
@@ -77,6 +81,7 @@ _FAKES = {
     "qkv_rotary_cache": _qkv_rotary_cache,
     "decode_attention": _decode_attention,
     "int8_linear": _int8_linear,
+    "gemv": _gemv,
 }
 
 

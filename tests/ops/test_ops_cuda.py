@@ -37,6 +37,7 @@ TOL = {  # op -> dtype -> (atol, rtol)
     "rotary": {F32: (1e-5, 1e-5), F16: (1e-3, 1e-3), BF16: (8e-3, 8e-3)},
     "attention": {F32: (5e-5, 5e-5), F16: (1e-3, 1e-3), BF16: (8e-3, 8e-3)},
     "int8": {F32: (1e-4, 1e-4), F16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)},
+    "gemv": {F32: (1e-4, 1e-4), F16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)},
 }
 POISON_BYTES = 64 << 20
 
@@ -284,6 +285,47 @@ def test_int8_linear_dispatch_by_rows() -> None:
         close(ops.int8_linear(x, qweight, scale), want, "int8")
 
 
+# ---------------------------------------------------------------- dense GEMV (decode linears)
+
+GEMV_SHAPES = [(100, 104), (1600, 1600), (4800, 1600), (1600, 6400), (6400, 1600), (50304, 1600), (1601, 1000),
+               (33, 72), (7, 13)]
+
+
+def _gemv_want(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return (y if b is None else y + b.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize(("n", "k"), GEMV_SHAPES)
+def test_gemv(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
+    case = (n, k, rows, dtype)
+    w = rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02)
+    x, bias = rand(rows, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
+    with poisoned() as _pool:
+        got = [torch.ops.eet_pipe.gemv(x, w, bias), torch.ops.eet_pipe.gemv(x, w, None)]
+    for g, b in zip(got, (bias, None), strict=True):
+        close(g, _gemv_want(x, w, b), "gemv")
+
+
+def test_gemv_unaligned_and_strided_inputs() -> None:
+    n, k = 300, 256
+    flat = rand(n * k + 1, dtype=F16, seed="flat", scale=0.02)
+    w = flat[1:].view(n, k)  # contiguous but 2-byte aligned: the scalar path
+    x = rand(3, k + 8, dtype=F16, seed="xs")[:, 8:]  # strided rows
+    close(torch.ops.eet_pipe.gemv(x, w, None), _gemv_want(x, w, None), "gemv")
+
+
+def test_linear_dispatch_by_rows_and_dtype() -> None:
+    w, b = rand(300, 256, dtype=F16, seed="lw", scale=0.02), rand(300, dtype=F16, seed="lb")
+    for shape in [(1, 1, 256), (2, 4, 256), (9, 256), (3, 32, 256)]:  # kernel (<= 8 rows), then cuBLAS
+        x = rand(*shape, dtype=F16, seed=shape)
+        close(ops.linear(x, w, b), _gemv_want(x.reshape(-1, 256), w, b).view(*shape[:-1], 300), "gemv")
+    x32 = rand(2, 256, seed="f32")
+    assert torch.equal(ops.linear(x32, w.float(), b.float()), torch.nn.functional.linear(x32, w.float(), b.float()))
+
+
 # ---------------------------------------------------------------- dispatch, errors, tracing
 
 
@@ -315,6 +357,12 @@ def test_bad_arguments_raise_clear_errors() -> None:
     qweight, scale = ops.quantize_int8(rand(8, 64, dtype=F16))
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         torch.ops.eet_pipe.int8_linear(rand(17, 64, dtype=F16), qweight, scale, None)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        torch.ops.eet_pipe.gemv(rand(9, 64, dtype=F16), rand(8, 64, dtype=F16), None)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.eet_pipe.gemv(rand(2, 64, dtype=F16), rand(8, 63, dtype=F16), None)
+    with pytest.raises(RuntimeError, match="bias has dtype"):
+        torch.ops.eet_pipe.gemv(rand(2, 64, dtype=F16), rand(8, 64, dtype=F16), rand(8))
 
 
 def _decode_step(x, residual, w, qkv, cos, sin, k_cache, v_cache, slots, write, positions, lengths, valid):

@@ -295,3 +295,19 @@ def test_extension_detection_is_quiet() -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == "", done.stderr
+
+
+# ---------------------------------------------------------------- linear
+
+
+def test_linear_layer_is_a_drop_in_for_nn_linear() -> None:
+    """The model's Linear has nn.Linear's parameters (checkpoints load unchanged) and, on CPU, its output."""
+    from eet_pipe.models.layers import Linear
+
+    ref = torch.nn.Linear(24, 10)
+    ours = Linear(24, 10)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"] and isinstance(ours, torch.nn.Linear)
+    x = _randn(2, 3, 24, seed=4)
+    assert torch.equal(ours(x), ref(x))
+    assert torch.equal(ops.linear(x, ref.weight, None), torch.nn.functional.linear(x, ref.weight))
