@@ -8,6 +8,8 @@ reference. Shapes: B batch, T tokens, H hidden, D head dim, S cache slots, L cac
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 
@@ -21,6 +23,7 @@ __all__ = [
     "DECODE_MAX_HEAD_DIM",
     "INT8_GEMV_MAX_ROWS",
     "GEMV_MAX_ROWS",
+    "GEMV_ENABLED",
     "activation",
     "attention",
     "bias_activation",
@@ -48,7 +51,10 @@ DECODE_MAX_HEAD_DIM = 256
 INT8_GEMV_MAX_ROWS = 16
 """Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul."""
 GEMV_MAX_ROWS = 8
-"""Up to this many rows `linear` (fp16/bf16 on CUDA) runs the GEMV kernel; above, cuBLAS."""
+"""Up to this many rows `linear` (fp16/bf16 on CUDA) may run the GEMV kernel; above, cuBLAS."""
+GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "0") == "1"
+"""`linear` uses the GEMV kernel only when EET_PIPE_GEMV=1: the kernel passes its CPU build checks but
+has not yet been measured against cuBLAS on a GPU (docs/PERF.md), so cuBLAS stays the default."""
 
 if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes
@@ -169,11 +175,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Args:
         x: [..., K]; weight: [N, K]; bias: [N] or None, all of one dtype.
     Returns:
-        [..., N]. On CUDA in fp16/bf16, inputs of at most GEMV_MAX_ROWS rows (decode steps) run the GEMV
-        kernel, which streams the weight once near the memory bandwidth; everything else is F.linear.
+        [..., N]. With GEMV_ENABLED, on CUDA in fp16/bf16, inputs of at most GEMV_MAX_ROWS rows (decode
+        steps) run the GEMV kernel, which streams each weight once; everything else is F.linear.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (_kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+    if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
         y = torch.ops.eet_pipe.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -317,7 +317,8 @@ def test_gemv_unaligned_and_strided_inputs() -> None:
     close(torch.ops.eet_pipe.gemv(x, w, None), _gemv_want(x, w, None), "gemv")
 
 
-def test_linear_dispatch_by_rows_and_dtype() -> None:
+def test_linear_dispatch_by_rows_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "GEMV_ENABLED", True)
     w, b = rand(300, 256, dtype=F16, seed="lw", scale=0.02), rand(300, dtype=F16, seed="lb")
     for shape in [(1, 1, 256), (2, 4, 256), (9, 256), (3, 32, 256)]:  # kernel (<= 8 rows), then cuBLAS
         x = rand(*shape, dtype=F16, seed=shape)
