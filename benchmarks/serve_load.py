@@ -35,6 +35,12 @@ DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests":
 QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
+def prompts_for(length: int, count: int = 64) -> list[str]:
+    """`count` fixed random prompts of `length` lowercase letters and spaces."""
+    rng = random.Random(0)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length)) for _ in range(count)]
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     """p50 / p90 / p99 (None for an empty list)."""
     if not values:
@@ -140,9 +146,7 @@ def main() -> None:
         server = ServerProcess(args).start()
         server.wait_ready(300)
         opts["url"] = server.url
-    rng = random.Random(0)
-    prompts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(opts["prompt_len"]))
-               for _ in range(64)]
+    prompts = prompts_for(opts["prompt_len"])
     levels = []
     try:
         for c in (int(x) for x in opts["concurrency"]):

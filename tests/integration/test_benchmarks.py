@@ -18,6 +18,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated"],
     "partitions.py": ["method", "stage_ms_measured"],
     "serve_load.py": ["concurrency"],
+    "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token"],
     "single_gpu.py": ["system"],
 }
 
