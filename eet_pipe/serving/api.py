@@ -153,23 +153,32 @@ class Handler:
             choice.finish_reason = ev.finish_reason or choice.finish_reason
 
     async def stream(self, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder, usage: bool) -> Any:
+        """SSE chunks of a request. Events that queued up while earlier ones were being written go out in
+        one write (each still its own SSE event): a loaded server then spends its per-write cost on
+        several tokens instead of falling further behind."""
         try:
             if builder.chat:
-                for seq in req.sequences:
-                    yield builder.role_chunk(seq.index)
-            while True:
-                ev: Event = await events.get()
-                if ev.kind == "error":
-                    yield sse(error_body(ev.message, "service_unavailable", ev.status))
-                    break
-                if ev.kind == "done":
-                    if usage:
-                        yield builder.usage_chunk(ev.usage or req.usage())
-                    break
-                chunk = builder.event_chunk(ev)
-                if chunk is not None:
-                    yield chunk
-            yield SSE_DONE
+                yield "".join(builder.role_chunk(seq.index) for seq in req.sequences)
+            ended = False
+            while not ended:
+                pending: list[Event] = [await events.get()]
+                while not events.empty():
+                    pending.append(events.get_nowait())
+                out: list[str] = []
+                for ev in pending:
+                    if ev.kind in ("error", "done"):
+                        if ev.kind == "error":
+                            out.append(sse(error_body(ev.message, "service_unavailable", ev.status)))
+                        elif usage:
+                            out.append(builder.usage_chunk(ev.usage or req.usage()))
+                        out.append(SSE_DONE)
+                        ended = True
+                        break
+                    chunk = builder.event_chunk(ev)
+                    if chunk is not None:
+                        out.append(chunk)
+                if out:
+                    yield "".join(out)
         finally:
             if not req.closed:
                 self.rt.scheduler.cancel(req)
