@@ -10,7 +10,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask"]
+__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask", "to_device"]
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy `t` to `device` without stalling the host: a CPU tensor bound for a GPU is staged in pinned
+    memory first. (A copy from pageable memory makes the host wait until the stream has finished all
+    earlier work, so a stage could not queue its next step while the current one runs.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -34,11 +44,11 @@ class StepMeta:
     attention mask. Set by `prefill_meta`; False when unknown."""
 
     def to(self, device: torch.device | str) -> StepMeta:
-        """Copy every tensor to `device` (non-blocking)."""
+        """Copy every tensor to `device` (`to_device`: without stalling the host)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            moved[f.name] = to_device(value, device) if isinstance(value, torch.Tensor) else value
         return StepMeta(**moved)
 
     def select(self, rows: slice) -> StepMeta:

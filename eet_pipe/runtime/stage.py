@@ -12,7 +12,7 @@ from eet_pipe.compare_points import CaptureHooks
 from eet_pipe.cuda_graphs import GraphCache, cache_length
 from eet_pipe.loading import load_units, tokenizer_for
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.models.meta import StepMeta, prefill_meta, to_device
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.partition.plan import unit_range
 from eet_pipe.presets import ModelSpec
@@ -150,7 +150,7 @@ class Stage:
         graphs = self.graphs(cmd.cuda_graphs and cmd.capture is None)
         # one copy of the ids for the whole command: a copy per microbatch from pageable memory would
         # wait for the GPU each time and leave it idle while the next microbatch's kernels are launched
-        ids = cmd.ids.to(self.ctx.device) if 0 in self.chunks else None
+        ids = to_device(cmd.ids, self.ctx.device) if 0 in self.chunks else None
         comm = P2P(self.ctx, specs)
         comm.expect([a for a in actions if a.op is Op.RECV])
         self.tracer.reset(cmd.trace)

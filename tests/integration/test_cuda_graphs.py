@@ -204,3 +204,31 @@ def test_graph_cache_keeps_large_outputs_eager_and_bounds_its_memory():
         for _ in range(2):
             small.run(("k", n), lambda t, n=n: t + n, (x,))
     assert len(small) <= 3 and small.nbytes <= small.max_bytes
+
+
+def test_to_device_leaves_cpu_tensors_alone_on_cpu():
+    from eet_pipe.models.meta import to_device
+
+    t = torch.arange(5)
+    assert to_device(t, "cpu") is t
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_to_device_copies_do_not_wait_for_queued_gpu_work():
+    """A stage builds its next step's inputs while the current step runs: the copy must not stall the host."""
+    import time
+
+    from eet_pipe.models.meta import to_device
+
+    meta = prefill_meta(torch.ones(4, 9, dtype=torch.bool))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued on the current stream
+    began = time.perf_counter()
+    ids = to_device(torch.arange(36).view(4, 9), "cuda")
+    moved = meta.to("cuda")
+    host_s = time.perf_counter() - began
+    torch.cuda.synchronize()
+    assert host_s < 0.2, f"the copies waited {host_s:.2f} s for queued GPU work"
+    assert torch.equal(ids.cpu(), torch.arange(36).view(4, 9))
+    assert torch.equal(moved.positions.cpu(), meta.positions) and moved.positions.is_cuda
