@@ -6,6 +6,7 @@ pipeline stages, so each stage can rebuild its own attention mask from its own K
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,6 +43,15 @@ class StepMeta:
     dense: bool = False
     """Every token is valid (no padding) and positions are 0..T-1: a cache-free forward then needs no
     attention mask. Set by `prefill_meta`; False when unknown."""
+    cache_lengths: torch.Tensor | None = None
+    """[B] int64 cache columns each sequence attends over after a decode step's write (write index + 1).
+    Derived once per forward by the model (`with_cache_lengths`) instead of once per layer."""
+
+    def with_cache_lengths(self) -> StepMeta:
+        """This metadata with `cache_lengths` filled in from `write_index` (a decode step)."""
+        if self.cache_lengths is not None or self.write_index is None:
+            return self
+        return dataclasses.replace(self, cache_lengths=self.write_index[:, -1] + 1)
 
     def to(self, device: torch.device | str) -> StepMeta:
         """Copy every tensor to `device` (`to_device`: without stalling the host)."""
@@ -58,7 +68,8 @@ class StepMeta:
         write = pick(self.write_index)
         kv_len = int(write.max()) + 1 if write is not None and write.numel() else self.kv_len
         return StepMeta(positions=self.positions[rows], valid=self.valid[rows], slots=pick(self.slots),
-                        write_index=write, kv_len=kv_len, token_types=pick(self.token_types), dense=self.dense)
+                        write_index=write, kv_len=kv_len, token_types=pick(self.token_types), dense=self.dense,
+                        cache_lengths=pick(self.cache_lengths))
 
 
 def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:

@@ -96,6 +96,8 @@ class CanonicalModel(nn.Module):
                 cache.commit(meta)
             # decode steps with a cache use the decode-attention op, which needs no dense mask
             decode = cache is not None and x.shape[1] == 1
+            if decode:
+                meta = meta.with_cache_lengths()  # one add per step, not one per layer
             # an unpadded batch without a cache needs no mask: causal (or full) attention on the flash path
             dense = cache is None and meta.dense
             mask = None if decode or dense else attention_mask(meta, self.cfg.causal, cache)
