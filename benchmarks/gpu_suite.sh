@@ -22,7 +22,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   if has tests; then
     echo "== gpu tests"
     timeout ${TESTS_S:-300} python3 -m pytest -q -m "cuda or multigpu" -p no:cacheprovider -s --timeout 200 \
-        ${GPU_TESTS:-tests/distributed/test_multigpu.py tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py tests/integration/test_serve_gpu.py} \
+        ${GPU_TESTS:-tests/ops/test_ops_cuda.py tests/distributed/test_multigpu.py tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py tests/integration/test_serve_gpu.py} \
         2>&1 | grep -v "it/s" | tail -60
   fi
   has prefill && timeout ${PREFILL_S:-240} python3 benchmarks/pipeline_prefill.py $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
