@@ -4,7 +4,7 @@
 // a reduce kernel) reach about half of the memory bandwidth there. Here one warp owns one output
 // channel n: each lane streams 16 bytes of w's row per iteration (read-only, non-coherent loads,
 // four iterations unrolled so that several loads are in flight), multiplies them into all M rows of x
-// (x is a few KiB and stays in L1), accumulates in fp32, and the warp sums once at the end. The bias is
+// (every warp re-reads x, which is small and served from L1/L2), accumulates in fp32, and the warp sums once at the end. The bias is
 // added in fp32 before the single rounding, as cuBLASLt's bias epilogue does.
 #include "common.h"
 #include "ops.h"

@@ -16,12 +16,16 @@ __all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask", "to
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Copy `t` to `device` without stalling the host: a CPU tensor bound for a GPU is staged in pinned
-    memory first. (A copy from pageable memory makes the host wait until the stream has finished all
-    earlier work, so a stage could not queue its next step while the current one runs.)"""
+    memory and copied asynchronously. (A copy from pageable memory makes the host wait until the stream
+    has finished all earlier work.)
+
+    Call it only where no point-to-point message is in flight on this GPU, e.g. at the start of a
+    command: a new page-locked allocation can synchronise the device, and a device-wide wait behind an
+    NCCL kernel that waits for a peer can deadlock a pipeline (docs/ARCHITECTURE.md, "NCCL links")."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -48,17 +52,20 @@ class StepMeta:
     Derived once per forward by the model (`with_cache_lengths`) instead of once per layer."""
 
     def with_cache_lengths(self) -> StepMeta:
-        """This metadata with `cache_lengths` filled in from `write_index` (a decode step)."""
-        if self.cache_lengths is not None or self.write_index is None:
+        """A copy with `cache_lengths` derived from `write_index` (a decode step); always recomputed, so
+        a stale value can never be used."""
+        if self.write_index is None:
             return self
         return dataclasses.replace(self, cache_lengths=self.write_index[:, -1] + 1)
 
-    def to(self, device: torch.device | str) -> StepMeta:
-        """Copy every tensor to `device` (`to_device`: without stalling the host)."""
+    def to(self, device: torch.device | str, pin: bool = False) -> StepMeta:
+        """Copy every tensor to `device`; with `pin`, through pinned memory (`to_device`, same caveat)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = to_device(value, device) if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor):
+                value = to_device(value, device) if pin else value.to(device, non_blocking=True)
+            moved[f.name] = value
         return StepMeta(**moved)
 
     def select(self, rows: slice) -> StepMeta:

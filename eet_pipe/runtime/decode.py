@@ -14,7 +14,7 @@ import torch
 
 from eet_pipe.generation import GenerationResult, HostCopy, Sampler, SequenceState, pad_prompts, results
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta, to_device
+from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.runtime.comm import P2P, Spec
 from eet_pipe.runtime.commands import GenerateCommand, split_rows
 from eet_pipe.schedule import Action, Op, build
@@ -191,7 +191,7 @@ class DecodeRun:
         if t == self.steps - 1:
             return
         finished = all(s.finished for s in self.states[r])
-        self.feed_back(g, t, to_device(torch.cat([tokens, torch.tensor([int(finished)])]), self.device), inbox)
+        self.feed_back(g, t, torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device), inbox)
         if finished:  # this stage decides: the marker step t + 1 is the group's last
             self.finish_group(g, t + 1)
 

@@ -141,7 +141,8 @@ class Stage:
         rows = split_rows(cmd.ids.shape[0], cmd.microbatches)
         seq = cmd.ids.shape[1]
         # one host-to-device copy per metadata tensor for the whole command; microbatches are row views
-        full = prefill_meta(cmd.mask, token_types=cmd.token_types).to(self.ctx.device)
+        # (pinned copies are safe here: the previous command has finished and no message has moved yet)
+        full = prefill_meta(cmd.mask, token_types=cmd.token_types).to(self.ctx.device, pin=True)
         metas = [replace(full.select(r), dense=bool(cmd.mask[r].all())) for r in rows]
 
         def specs(a: Action) -> list[Spec]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from eet_pipe.generation import Sampler, SamplingParams, SequenceState
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, to_device
+from eet_pipe.models.meta import StepMeta
 from eet_pipe.runtime.comm import P2P
 from eet_pipe.schedule import Action, Op
 
@@ -251,7 +251,7 @@ class ServeState:
         for c in self.order:
             for i, part in enumerate(parts):
                 if c == 0:
-                    x = to_device(part.tokens, self.ctx.device)
+                    x = part.tokens.to(self.ctx.device)
                 elif (c, i) in recvs:
                     x = comm.recv(recvs.pop((c, i)))[0]
                 else:

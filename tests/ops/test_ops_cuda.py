@@ -309,22 +309,40 @@ def test_gemv(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
         close(g, _gemv_want(x, w, b), "gemv")
 
 
-def test_gemv_unaligned_and_strided_inputs() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_unaligned_inputs(dtype: torch.dtype) -> None:
     n, k = 300, 256
-    flat = rand(n * k + 1, dtype=F16, seed="flat", scale=0.02)
-    w = flat[1:].view(n, k)  # contiguous but 2-byte aligned: the scalar path
-    x = rand(3, k + 8, dtype=F16, seed="xs")[:, 8:]  # strided rows
-    close(torch.ops.eet_pipe.gemv(x, w, None), _gemv_want(x, w, None), "gemv")
+    w_flat = rand(n * k + 1, dtype=dtype, seed=("w", dtype), scale=0.02)
+    x_flat = rand(3 * k + 1, dtype=dtype, seed=("x", dtype))
+    w_al, x_al = w_flat[: n * k].view(n, k), x_flat[: 3 * k].view(3, k)
+    w_un, x_un = w_flat[1:].view(n, k), x_flat[1:].view(3, k)  # contiguous, not 16-byte aligned
+    for x, w in [(x_un, w_al), (x_al, w_un), (x_un, w_un)]:
+        close(torch.ops.eet_pipe.gemv(x, w, None), _gemv_want(x, w, None), "gemv")
+
+
+def _kernel_names(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
 
 
 def test_linear_dispatch_by_rows_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "GEMV_ENABLED", True)
     w, b = rand(300, 256, dtype=F16, seed="lw", scale=0.02), rand(300, dtype=F16, seed="lb")
-    for shape in [(1, 1, 256), (2, 4, 256), (9, 256), (3, 32, 256)]:  # kernel (<= 8 rows), then cuBLAS
+    for shape, kernel in [((1, 1, 256), True), ((2, 4, 256), True), ((9, 256), False), ((3, 32, 256), False)]:
         x = rand(*shape, dtype=F16, seed=shape)
         close(ops.linear(x, w, b), _gemv_want(x.reshape(-1, 256), w, b).view(*shape[:-1], 300), "gemv")
+        ran = any("gemv_kernel" in name for name in _kernel_names(lambda x=x: ops.linear(x, w, b)))
+        assert ran == kernel, (shape, ran)
     x32 = rand(2, 256, seed="f32")
     assert torch.equal(ops.linear(x32, w.float(), b.float()), torch.nn.functional.linear(x32, w.float(), b.float()))
+    wg = w.clone().requires_grad_()  # anything that needs gradients takes F.linear
+    assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), wg)))
+    monkeypatch.setattr(ops, "GEMV_ENABLED", False)  # the default: cuBLAS
+    assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), w)))
 
 
 # ---------------------------------------------------------------- dispatch, errors, tracing
