@@ -34,6 +34,9 @@ class ServeOptions(EngineOptions):
     """Largest `n` (choices per prompt) a request may ask for."""
     max_body_bytes: int = 1048576
     """Largest request body in bytes (larger gets 413)."""
+    keep_alive: int = 75
+    """Seconds an idle keep-alive connection stays open. Longer than clients' own idle expiry (httpx: 5 s),
+    so a client never sends a request on a connection the server is closing at that moment."""
     drain_timeout: float = 30.0
     """On SIGINT/SIGTERM, seconds to let running requests finish before stopping the workers."""
     startup_timeout: float = 900.0
@@ -52,6 +55,7 @@ class ServeOptions(EngineOptions):
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("max_n", self.max_n >= 1, ">= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
+            ("keep_alive", self.keep_alive >= 1, ">= 1 (seconds)"),
             ("drain_timeout", self.drain_timeout >= 0, ">= 0 seconds"),
             ("startup_timeout", self.startup_timeout > 0, "> 0 seconds"),
             ("timeout", self.timeout > 0, "> 0 seconds"),

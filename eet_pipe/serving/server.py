@@ -136,6 +136,7 @@ def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     rt = Runtime(opts, driver)
     config = uvicorn.Config(create_app(rt), host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
                             timeout_graceful_shutdown=max(opts.drain_timeout, 0.1), lifespan="on",
+                            timeout_keep_alive=opts.keep_alive,
                             access_log=opts.log_level.lower() == "debug")
     rt.server = _Server(config)
     with _children_ignore_sigint():

@@ -229,6 +229,29 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(served):
 
 
 @pytest.mark.timeout(120)
+def test_idle_keep_alive_connection_outlives_client_expiry(served):
+    """A connection left idle longer than clients' own keep-alive expiry (httpx: 5 s) still serves the
+    next request: a server that closed it sooner would race with a client reusing it (reset, lost request)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    server, _, _ = served
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        assert first.status == 200 and first.read()
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/health")  # raises RemoteDisconnected if the server closed the connection
+        second = conn.getresponse()
+        assert second.status == 200 and second.read()
+        assert conn.sock is sock  # the same connection, not a new one
+    finally:
+        conn.close()
+
+
 def test_models_health_metrics_and_disconnect(served):
     server, client, _ = served
     card = client.get("/v1/models").json()["data"][0]
