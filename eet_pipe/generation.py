@@ -15,8 +15,8 @@ import torch
 
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 
-__all__ = ["SamplingParams", "Sampler", "SequenceState", "GenerationResult", "HostCopy", "pad_prompts", "generate_loop",
-           "check_prompts", "StepFn"]
+__all__ = ["SamplingParams", "Sampler", "SequenceState", "IncrementalDecoder", "GenerationResult", "HostCopy",
+           "pad_prompts", "generate_loop", "check_prompts", "StepFn"]
 
 StepFn = Callable[[torch.Tensor, StepMeta], torch.Tensor]
 
@@ -126,6 +126,45 @@ class Sampler:
         return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
 
 
+class IncrementalDecoder:
+    """The text of a growing token list, decoding a short window per update instead of the whole list
+    (which costs O(n) per token, O(n^2) per sequence).
+
+    The window starts at the first token not yet turned into final text (`prefix`); the text of its
+    already-read part (`tokens[prefix:read]`) is subtracted from the window's text. A window whose text
+    ends in an incomplete UTF-8 sequence waits for more tokens. `text` is the final text so far: the
+    full decode, less a trailing incomplete character.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.text = ""
+        self.pending = ""
+        """Complete characters decoded after `text` that wait for an incomplete one behind them."""
+        self.prefix = 0
+        self.read = 0
+
+    def update(self, tokens: list[int]) -> str:
+        """Take the tokens so far (the previous ones plus new ones); returns the text they added."""
+        window = self.decode(tokens[self.prefix:])
+        done = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        self.pending = ""
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence may still become a character
+            head = window.rstrip("\ufffd")
+            self.pending = head[len(done):] if head.startswith(done) else ""
+            return ""
+        before = len(self.text)
+        if len(window) > len(done) and window.startswith(done):
+            self.text += window[len(done):]
+            self.prefix, self.read = self.read, len(tokens)
+        elif not window.startswith(done):  # the window's start decodes differently now: resynchronise
+            full = self.decode(tokens)
+            if full.startswith(self.text):
+                self.text = full
+            self.prefix = self.read = len(tokens)
+        return self.text[before:]
+
+
 @dataclass
 class SequenceState:
     """Progress of one sequence: generated ids, finish reason, stop-string handling."""
@@ -136,6 +175,8 @@ class SequenceState:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None
+    _detok: IncrementalDecoder | None = field(default=None, init=False, repr=False)
+    _searched: int = field(default=0, init=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -150,11 +191,17 @@ class SequenceState:
             return
         self.tokens.append(token)
         if self.params.stop and self.decode is not None:
-            text = self.decode(self.tokens)
-            hits = [text.find(s) for s in self.params.stop if s in text]
-            if hits:
-                self.text, self.finish_reason = text[: min(hits)], "stop"
-                return
+            if self._detok is None:
+                self._detok = IncrementalDecoder(self.decode)
+            self._detok.update(self.tokens)
+            text = self._detok.text + self._detok.pending
+            if len(text) > self._searched:  # a stop string not found before can only end in the new text
+                start = max(0, self._searched - max(len(s) for s in self.params.stop) + 1)
+                self._searched = len(text)
+                hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+                if hits:
+                    self.text, self.finish_reason = text[: min(hits)], "stop"
+                    return
         if len(self.tokens) >= self.params.max_new_tokens:
             self.finish_reason = "length"
 

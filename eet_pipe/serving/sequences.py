@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation import IncrementalDecoder, SamplingParams
 
 __all__ = ["Event", "GenRequest", "Sequence", "TextStream", "Logprob"]
 
@@ -40,39 +40,19 @@ class Event:
 
 
 class TextStream:
-    """Incremental detokenization: `update` gives the new, final part of the text only.
-
-    Each update decodes a short window of tokens, not the whole output (which would cost O(n) per token,
-    O(n^2) per sequence): the window starts at the first token not yet turned into final text
-    (`prefix`), and the text of its already-read part (`tokens[prefix:read]`) is subtracted from it.
-    A window whose text ends in an incomplete UTF-8 sequence waits for more tokens.
-    """
+    """Incremental detokenization for a stream: `update` gives the new, final part of the text only,
+    holding back what could still become a stop string (`IncrementalDecoder` decodes a short window of
+    tokens per update, not the whole output)."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
-        self.decode = decode
+        self.detok = IncrementalDecoder(decode)
         self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may be forming at the end
         self.emitted = ""
-        self.text = ""  # final text so far (may be ahead of `emitted` by the held-back tail)
-        self.prefix = 0
-        self.read = 0
 
     def update(self, tokens: list[int]) -> str:
-        window = self.decode(tokens[self.prefix:])
-        if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence may still become a character
-            return self._release()
-        done = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
-        if len(window) > len(done) and window.startswith(done):
-            self.text += window[len(done):]
-            self.prefix, self.read = self.read, len(tokens)
-        elif not window.startswith(done):  # the window's start decodes differently now: resynchronise
-            full = self.decode(tokens)
-            if full.startswith(self.text):
-                self.text = full
-            self.prefix = self.read = len(tokens)
-        return self._release()
-
-    def _release(self) -> str:
-        safe = self.text[: len(self.text) - self.hold] if self.hold else self.text
+        self.detok.update(tokens)
+        text = self.detok.text
+        safe = text[: len(text) - self.hold] if self.hold else text
         if len(safe) <= len(self.emitted) or not safe.startswith(self.emitted):
             return ""
         delta, self.emitted = safe[len(self.emitted):], safe

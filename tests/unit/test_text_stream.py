@@ -96,3 +96,55 @@ def test_each_update_decodes_a_short_window_not_the_whole_output() -> None:
     shown = "".join(s.update(ids[: i + 1]) for i in range(len(ids)))
     assert shown + s.finish(tok.decode(ids)) == tok.decode(ids)
     assert sum(decoded) < 8 * len(ids)  # whole-output decoding would be ~len(ids)^2 / 2
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytelevel", "metaspace"])
+def test_stop_strings_end_sequences_like_a_full_decode_search(kind: str) -> None:
+    """SequenceState searches only the new text for stop strings; the result equals searching the whole
+    decode after every token (the stop strings are cut from the text's middle, across token edges)."""
+    from eet_pipe.generation import SamplingParams, SequenceState
+
+    if kind == "bytes":
+        tok = ByteTokenizer()
+        encode, decode = tok.encode, tok.decode
+    else:
+        bpe = _bpe(kind)
+        encode, decode = (lambda t: bpe.encode(t).ids), bpe.decode
+    for text in TEXTS:
+        ids = encode(text)
+        full = decode(ids)
+        for start in range(1, max(2, len(full) - 3), 7):
+            stops = [full[start:start + 3], "never there"]
+            want_text, want_n = None, len(ids)
+            for n in range(1, len(ids) + 1):  # the old rule: first occurrence in the whole decode
+                so_far = decode(ids[:n])
+                hits = [so_far.find(s) for s in stops if s in so_far]
+                if hits:
+                    want_text, want_n = so_far[: min(hits)], n
+                    break
+            state = SequenceState(SamplingParams(max_new_tokens=len(ids) + 1, stop=stops), eos_ids=[], decode=decode)
+            for t in ids:
+                state.append(t)
+                if state.finished:
+                    break
+            assert (state.text, len(state.tokens)) == (want_text, want_n), (kind, text, stops)
+
+
+def test_stop_string_completed_by_a_token_that_ends_in_half_a_character() -> None:
+    """A token can finish a stop string and start a multi-byte character in the same bytes."""
+    from eet_pipe.generation import SamplingParams, SequenceState
+
+    pieces = {0: b"x", 1: b"ab\xe2", 2: b"\x9c\x93", 3: b"y"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    state = SequenceState(SamplingParams(max_new_tokens=9, stop=["xab"]), eos_ids=[], decode=decode)
+    for t in [0, 1, 2, 3]:
+        state.append(t)
+        if state.finished:
+            break
+    assert state.tokens == [0, 1] and state.text == "" and state.finish_reason == "stop"
+    stream = TextStream(decode, [])
+    shown = "".join(stream.update([0, 1, 2, 3][: n]) for n in range(1, 5))
+    assert shown == "xab✓y" == decode([0, 1, 2, 3])
