@@ -28,7 +28,7 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided \
                 and not obj.requires_grad and not obj.is_quantized:
-            flat = obj.detach().contiguous().reshape(-1)
+            flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
             return _tensor, (obj.dtype, tuple(obj.shape), flat.view(torch.uint8).numpy().tobytes())
         return NotImplemented
 

@@ -56,3 +56,10 @@ def test_parameters_and_grad_tensors_use_the_default_path():
     p = torch.nn.Parameter(torch.ones(3))
     back = wire.loads(wire.dumps(p))
     assert isinstance(back, torch.nn.Parameter) and torch.equal(back.detach(), p.detach())
+
+
+def test_conjugate_and_negative_views_travel_as_their_values():
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    for t in (z.conj(), torch._neg_view(torch.arange(4.0))):
+        back = wire.loads(wire.dumps(t))
+        assert torch.equal(back, t.resolve_conj().resolve_neg())
