@@ -181,7 +181,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
-            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
         y = torch.ops.eet_pipe.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
