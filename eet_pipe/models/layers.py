@@ -134,9 +134,8 @@ class Attention(nn.Module):
                                  positions=meta.positions)
         if x.shape[1] == 1:
             k_len = meta.kv_len
-            lengths = meta.cache_lengths if meta.cache_lengths is not None else meta.write_index[:, -1] + 1
             return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,
-                                        lengths, cache.valid[:, :k_len])
+                                        meta.lengths_after_write(), cache.valid[:, :k_len])
         k, v = cache.read(i, meta)
         return ops.attention(q, k, v, mask)
 

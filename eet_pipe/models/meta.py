@@ -6,8 +6,7 @@ pipeline stages, so each stage can rebuild its own attention mask from its own K
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -56,7 +55,12 @@ class StepMeta:
         a stale value can never be used."""
         if self.write_index is None:
             return self
-        return dataclasses.replace(self, cache_lengths=self.write_index[:, -1] + 1)
+        return replace(self, cache_lengths=self.write_index[:, -1] + 1)
+
+    def lengths_after_write(self) -> torch.Tensor:
+        """[B] cache columns attended over after a decode step's write: `cache_lengths` when the model
+        derived it for this forward, else derived here."""
+        return self.cache_lengths if self.cache_lengths is not None else self.with_cache_lengths().cache_lengths
 
     def to(self, device: torch.device | str, pin: bool = False) -> StepMeta:
         """Copy every tensor to `device`; with `pin`, through pinned memory (`to_device`, same caveat)."""

@@ -66,6 +66,11 @@ def _kernel(x: torch.Tensor) -> bool:
     return HAVE_EXT and x.is_cuda
 
 
+def _rows(x: torch.Tensor) -> int:
+    """Rows of x viewed as [rows, x.shape[-1]] (0 when the last dimension is empty)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def _check_kind(kind: str, allowed: tuple[str, ...], what: str) -> None:
     if kind not in allowed:
         raise ValueError(f"unknown {what} {kind!r}; allowed: {', '.join(allowed)}")
@@ -179,7 +184,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         steps) run the GEMV kernel, which streams each weight once (inference only: anything that needs
         gradients takes F.linear); everything else is F.linear.
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = _rows(x)
     if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
@@ -198,7 +203,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         [..., N]. On CUDA, up to INT8_GEMV_MAX_ROWS rows run the GEMV kernel; more rows dequantise
         the weight and use a matmul.
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = _rows(x)
     if _kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS:
         y = torch.ops.eet_pipe.int8_linear(x.reshape(rows, x.shape[-1]), qweight, scale, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
