@@ -14,7 +14,6 @@ Writes <out>.json (per-level throughput, TTFT, TPOT, as serve_load.py) and <out>
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
 import queue
 import sys
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, parse_args, write_json  # noqa: E402
-from serve_load import plot, prompts_for, run_level  # noqa: E402
+from serve_load import plot, sweep  # noqa: E402
 
 from eet_pipe.runtime.serving_engine import StepDriver, resolve_setup  # noqa: E402
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand  # noqa: E402
@@ -109,19 +108,7 @@ def main() -> None:
         else:
             raise SystemExit("the server did not become ready in 120 s")
         opts["url"] = url
-        prompts = prompts_for(opts["prompt_len"])
-        levels = []
-        for c in (int(x) for x in opts["concurrency"]):
-            before = server.cpu_times()
-            level = asyncio.run(run_level(url, {}, c, max(opts["requests"], opts["waves"] * c), prompts, opts))
-            after = server.cpu_times()
-            cpu = (after.user - before.user) + (after.system - before.system)
-            level["server_cpu_s"] = cpu
-            level["server_cpu_us_per_token"] = cpu / max(level["tokens"], 1) * 1e6
-            levels.append(level)
-            print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, server CPU "
-                  f"{level['server_cpu_us_per_token']:6.1f} us/token, TTFT p50 {level['ttft_s']['p50'] * 1e3:7.1f} ms, "
-                  f"TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.2f} ms, {level['failed']} failed", file=sys.stderr)
+        levels = sweep(url, {}, opts, server)
     finally:
         proc.terminate()
         proc.join(30)

@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -112,6 +113,29 @@ async def run_level(url: str, headers: dict, concurrency: int, count: int, promp
             "errors": sorted({r["error"] for r in rows if "error" in r})[:5]}
 
 
+def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]:
+    """Every concurrency level of `opts`, each with max(requests, waves x concurrency) requests, printed as
+    it finishes. With `server` (a psutil.Process) each level also records that process's CPU time."""
+    prompts = prompts_for(opts["prompt_len"])
+    levels = []
+    for c in (int(x) for x in opts["concurrency"]):
+        before = server.cpu_times() if server is not None else None
+        level = asyncio.run(run_level(url, headers, c, max(opts["requests"], opts["waves"] * c), prompts, opts))
+        cpu_note = ""
+        if server is not None:
+            after = server.cpu_times()
+            level["server_cpu_s"] = (after.user - before.user) + (after.system - before.system)
+            level["server_cpu_us_per_token"] = level["server_cpu_s"] / max(level["tokens"], 1) * 1e6
+            cpu_note = f"server CPU {level['server_cpu_us_per_token']:6.1f} us/token, "
+        levels.append(level)
+        print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, {cpu_note}TTFT p50 "
+              f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.2f} ms, "
+              f"{level['failed']} failed", file=sys.stderr)
+        for message in level["errors"]:
+            print(f"    error: {message}", file=sys.stderr)
+    return levels
+
+
 def plot(levels: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -146,18 +170,9 @@ def main() -> None:
         server = ServerProcess(args).start()
         server.wait_ready(300)
         opts["url"] = server.url
-    prompts = prompts_for(opts["prompt_len"])
     levels = []
     try:
-        for c in (int(x) for x in opts["concurrency"]):
-            count = max(opts["requests"], opts["waves"] * c)
-            level = asyncio.run(run_level(opts["url"], headers, c, count, prompts, opts))
-            levels.append(level)
-            print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, TTFT p50 "
-                  f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.1f} ms, "
-                  f"{level['failed']} failed", file=sys.stderr)
-            for message in level["errors"]:
-                print(f"    error: {message}", file=sys.stderr)
+        levels = sweep(opts["url"], headers, opts)
         metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
     finally:
         if server is not None:
