@@ -203,6 +203,14 @@ def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
     return rows
 
 
+def save(opts: dict, ms: list[int], rows: list[dict], partial: bool = False) -> None:
+    for r in rows:
+        for f in FIELDS:
+            r.setdefault(f, None)
+    data = {"env": environment(), "config": {**opts, "microbatches": ms}, "results": rows, "partial": partial}
+    write_json(Path(opts["out"] + ".json"), data)
+
+
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
     ms, ids = prefill_batch(opts)
@@ -220,13 +228,10 @@ def main() -> None:
                  "seconds": single, "tokens_per_s": ids.numel() / single, "latency_s": single}]
         for name in opts["schedules"]:
             rows += run_schedule(opts, ids, name, ms, bar)
+            save(opts, ms, rows, partial=True)  # a run cut short by a time limit keeps what it measured
         rows += peer_rows(opts, ids, ms)
     bar.close()
-    for r in rows:
-        for f in FIELDS:
-            r.setdefault(f, None)
-    data = {"env": environment(), "config": {**opts, "microbatches": ms}, "results": rows}
-    write_json(Path(opts["out"] + ".json"), data)
+    save(opts, ms, rows)
     shape = f"{opts['batch']}x{opts['seq']}" if opts["workload"] == "prefill" else \
         f"decode {opts['batch']} seqs, {opts['prompt']}+{opts['new']} tokens"
     plot(rows, opts["out"] + ".png", f"{opts['model']} {shape} on {len(opts['devices'])} devices")
