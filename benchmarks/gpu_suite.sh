@@ -36,13 +36,14 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
   has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
-      ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16,fp16gemv,int8 tune=no} \
+      ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16cublas,fp16gemv,int8 tune=no} \
       out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -25
-  has profile && timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 \
+  has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 \
       device=cuda:0 batches=1,64 out="$OUT_DIR/decode_profile" 2>&1 | grep -v "it/s" | tail -30
-  has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl \
-      weights=random dtype=fp16 device=cuda:0 batches=1 out="$OUT_DIR/decode_profile_gemv" 2>&1 | grep -v "it/s" | tail -16
+  has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py \
+      model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,8 out="$OUT_DIR/decode_profile_gemv" 2>&1 \
+      | grep -v "it/s" | tail -30
   has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
       concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
       "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -40

@@ -8,6 +8,9 @@ torch.distributed.pipelining (GPipe and interleaved) and fairscale `Pipe` (when 
     python benchmarks/schedules.py workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
     python benchmarks/schedules.py --quick          # CPU smoke run (tiny model, 2 gloo stages)
 
+Two warm-up calls by default: with CUDA graphs a new shape runs eager on its first call and is captured on
+its second, so a single warm-up would leave a capture inside the timed calls.
+
 workload=decode runs `generate` with M sequence groups in flight (the decode schedule) against our
 single-device generate at the same batch; the simulator replays the decode schedule on the measured
 per-chunk step times.
@@ -36,7 +39,7 @@ from eet_pipe.schedule import build, simulate  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["1", "2", "4", "8", "16", "32"], "schedules": ["sequential", "gpipe",
-            "interleaved2", "interleaved4"], "warmup": 1, "repeats": 3, "peers": ["hf", "torch", "fairscale"],
+            "interleaved2", "interleaved4"], "warmup": 2, "repeats": 3, "peers": ["hf", "torch", "fairscale"],
             "workload": "prefill", "prompt": 32, "new": 64, "out": "bench_results/schedules"}
 QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
          "microbatches": ["1", "2", "4"], "schedules": ["sequential", "gpipe", "interleaved2"], "warmup": 1,

@@ -34,7 +34,7 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
             "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu",
-            "systems": ["eager", "hf", "static", "fp16", "fp16gemv", "bf16", "int8"], "tune": "yes"}
+            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "bf16", "int8"], "tune": "yes"}
 QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
          "prefill": ["1x64", "2x64"], "repeats": 1}
 FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
@@ -86,12 +86,13 @@ def _ids(cfg: Any, b: int, s: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b * 7919 + s))
 
 
-def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool = False) -> list[dict]:
-    """Our engine; `gemv` turns on the GEMV kernel for decode-sized linears (`EET_PIPE_GEMV`) for this run."""
+def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = None) -> list[dict]:
+    """Our engine; `gemv` True / False forces the GEMV kernel for decode-sized dense linears on / off for this
+    run (None: the library's setting, `EET_PIPE_GEMV`)."""
     saved = eet_pipe.ops.GEMV_ENABLED
-    eet_pipe.ops.GEMV_ENABLED = gemv or saved
+    eet_pipe.ops.GEMV_ENABLED = saved if gemv is None else gemv
     try:
-        return _ours(opts, dtype, graphs, tune, gemv or saved)
+        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED)
     finally:
         eet_pipe.ops.GEMV_ENABLED = saved
 
@@ -111,7 +112,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool) -> list[
             lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
     name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "") + \
-        (" +gemv" if gemv else "")
+        (" +gemv" if gemv and dtype != "int8" else " cuBLAS" if dtype != "int8" else "")
     return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
                                                  "gemv": gemv})
 
@@ -208,6 +209,8 @@ def main() -> None:
         "static": ("plain PyTorch static cache", lambda: static_peer(opts)),
         "fp16": (f"eet_pipe fp16 graphs{label}", lambda: ours(opts, "fp16", graphs=True, tune=tune)),
         "fp16gemv": (f"eet_pipe fp16 graphs{label} +gemv", lambda: ours(opts, "fp16", graphs=True, tune=tune, gemv=True)),
+        "fp16cublas": (f"eet_pipe fp16 graphs{label} cuBLAS", lambda: ours(opts, "fp16", graphs=True, tune=tune,
+                                                                           gemv=False)),
         "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),
         "int8": (f"eet_pipe int8 graphs{label}", lambda: ours(opts, "int8", graphs=True, tune=tune)),
     }

@@ -2,43 +2,14 @@
 // once; 16-byte vectors over the aligned body, scalar loop over the tail (or everything if unaligned).
 #include <string>
 
+#include "activation.h"
 #include "common.h"
 #include "ops.h"
 
 namespace eet {
 namespace {
 
-enum class Act { kGelu, kGeluNew, kRelu, kSilu, kGeluTanh };
-
 constexpr int kThreads = 256;
-
-Act parse_activation(const std::string& kind, const char* op) {
-  if (kind == "gelu") return Act::kGelu;
-  if (kind == "gelu_new") return Act::kGeluNew;
-  if (kind == "relu") return Act::kRelu;
-  TORCH_CHECK(false, op, ": unknown activation '", kind, "'; allowed: gelu, gelu_new, relu");
-}
-
-Act parse_gated(const std::string& kind) {
-  if (kind == "silu_gated") return Act::kSilu;
-  if (kind == "gelu_gated") return Act::kGeluTanh;
-  TORCH_CHECK(false, "gated_activation: unknown gated activation '", kind, "'; allowed: silu_gated, gelu_gated");
-}
-
-template <Act A>
-__device__ __forceinline__ float apply(float x) {
-  if constexpr (A == Act::kGelu) {
-    return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
-  } else if constexpr (A == Act::kGeluNew || A == Act::kGeluTanh) {
-    // 0.5 x (1 + tanh(u)) == x / (1 + exp(-2u)): same function, no cancellation for x < 0.
-    const float two_u = 1.5957691216057308f * (x + 0.044715f * x * x * x);
-    return x / (1.f + expf(-two_u));
-  } else if constexpr (A == Act::kRelu) {
-    return x < 0.f ? 0.f : x;  // keeps NaN like torch.relu
-  } else {
-    return x / (1.f + expf(-x));
-  }
-}
 
 // out = act(a [+ bias]) [* b]. `b` (GATED) and `bias` (BIAS) are unused otherwise.
 template <typename T, Act A, bool GATED, bool BIAS>
@@ -88,6 +59,7 @@ void launch(Act act, T* out, const T* a, const T* b, const T* bias, int64_t n, i
     eltwise_kernel<T, ACT, GATED, BIAS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, a, b, bias, \
                                                                                                  n, n_vec, cols); \
     break;
+    EET_ACT_CASE(Act::kNone)
     EET_ACT_CASE(Act::kGelu)
     EET_ACT_CASE(Act::kGeluNew)
     EET_ACT_CASE(Act::kRelu)

@@ -20,8 +20,7 @@ TORCH_LIBRARY(eet_pipe, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
-  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
@@ -34,7 +33,6 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("gated_activation", &eet::gated_activation);
   m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
   m.impl("decode_attention", &eet::decode_attention);
-  m.impl("int8_linear", &eet::int8_linear);
   m.impl("gemv", &eet::gemv);
 }
 

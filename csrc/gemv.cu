@@ -1,11 +1,15 @@
-// Dense GEMV for decode (M <= 8 rows): y[m, n] = sum_k x[m, k] * w[n, k] + bias[n].
+// GEMV for decode (M <= 16 rows), dense or int8 weight-only, with the layer's epilogue fused:
+//   y[m, n] = act(scale[n] * sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n]
 // A decode step multiplies a handful of rows by every weight matrix once, so its time is the time to
-// stream the weights from memory; cuBLASLt's tiled kernels for M <= 8 (64 x 8 tiles, often split-K plus
+// stream the weights from memory. cuBLASLt's tiled kernels for M <= 8 (64 x 8 tiles, often split-K plus
 // a reduce kernel) reach about half of the memory bandwidth there. Here one warp owns one output
-// channel n: each lane streams 16 bytes of w's row per iteration (read-only, non-coherent loads,
-// four iterations unrolled so that several loads are in flight), multiplies them into all M rows of x
-// (every warp re-reads x, which is small and served from L1/L2), accumulates in fp32, and the warp sums once at the end. The bias is
-// added in fp32 before the single rounding, as cuBLASLt's bias epilogue does.
+// channel n and streams its weight row in 16-byte loads (8 fp16/bf16 or 16 int8 weights), issuing
+// kLoads of them per lane before using any, so that every warp keeps 32 * kLoads * 16 bytes in flight;
+// the loads bypass L1 (read once) while x, re-read by every warp, stays there. Each lane multiplies
+// its weights into all M rows of x in fp32, the warp sums once at the end, and one rounding follows
+// the epilogue (scale, bias, activation, residual) -- the activation and residual add would otherwise
+// be two more kernels per layer.
+#include "activation.h"
 #include "common.h"
 #include "ops.h"
 
@@ -14,116 +18,206 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 16;
+constexpr int kLoads = 8;  // 16-byte weight loads in flight per lane
 
-template <typename T, int V>
-__device__ __forceinline__ Vec<T, V> load_nc(const T* ptr) {
-  static_assert(sizeof(T) * V == 16, "one 16-byte load");
-  Vec<T, V> out;
-  *reinterpret_cast<int4*>(&out) = __ldg(reinterpret_cast<const int4*>(ptr));
+struct GemvArgs {
+  void* y;  // [M, N]
+  const void* x;  // [M, K]
+  const void* w;  // [N, K], T or int8
+  const void* scale;  // [N] (int8) or null
+  const void* bias;  // [N] or null
+  const void* residual;  // [M, N] or null
+  int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
+};
+
+__device__ __forceinline__ int4 load_stream(const int4* ptr) {
+  int4 out;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(out.x), "=r"(out.y), "=r"(out.z), "=r"(out.w)
+               : "l"(ptr));
   return out;
 }
 
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
-    gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                int rows, int n_out, int k_in, int k_vec) {
-  constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
+// Multiply one 16-byte chunk of weights (WV of them, starting at column k) into every row's sum.
+template <typename T, typename W, int MT>
+__device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, const T* __restrict__ x, int rows,
+                                          int k_in, int k) {
+  constexpr int WV = 16 / sizeof(W);  // weights per chunk
+  constexpr int XV = 16 / sizeof(T);  // x elements per 16-byte load
+  const W* wv = reinterpret_cast<const W*>(&packed);
+  float wf[WV];
+#pragma unroll
+  for (int e = 0; e < WV; ++e) wf[e] = to_float(wv[e]);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m < rows) {
+      const T* xr = x + static_cast<int64_t>(m) * k_in + k;
+#pragma unroll
+      for (int c = 0; c < (WV + XV - 1) / XV; ++c) {
+        const Vec<T, XV> xv = load_vec<T, XV>(xr + c * XV);
+#pragma unroll
+        for (int e = 0; e < XV && c * XV + e < WV; ++e) acc[m] += to_float(xv.v[e]) * wf[c * XV + e];
+      }
+    }
+  }
+}
+
+template <typename T, typename W, int MT, Act A>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
+  constexpr int WV = 16 / sizeof(W);
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (n >= n_out) return;  // whole warp leaves together
-  const T* wrow = w + static_cast<int64_t>(n) * k_in;
+  if (n >= a.n_out) return;  // whole warp leaves together
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(n) * a.k_in;
+  const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
   float acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
 
-#pragma unroll 4
-  for (int k = lane * V; k < k_vec; k += 32 * V) {
-    const Vec<T, V> wv = load_nc<T, V>(wrow + k);
-    float wf[V];
+  for (int c0 = lane; c0 < a.k_chunks; c0 += 32 * kLoads) {
+    int4 packed[kLoads];
 #pragma unroll
-    for (int e = 0; e < V; ++e) wf[e] = to_float(wv.v[e]);
+    for (int u = 0; u < kLoads; ++u) {
+      if (c0 + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + c0 + u * 32);
+    }
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < rows) {
-        const Vec<T, V> xv = load_vec<T, V>(x + static_cast<int64_t>(m) * k_in + k);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[m] += to_float(xv.v[e]) * wf[e];
-      }
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = c0 + u * 32;
+      if (c < a.k_chunks) fma_chunk<T, W, MT>(acc, packed[u], x, a.rows, a.k_in, c * WV);
     }
   }
-  for (int k = k_vec + lane; k < k_in; k += 32) {  // tail, or everything when unaligned
+  for (int k = a.k_chunks * WV + lane; k < a.k_in; k += 32) {  // unaligned: everything, one element at a time
     const float wf = to_float(wrow[k]);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m < rows) acc[m] += to_float(x[static_cast<int64_t>(m) * k_in + k]) * wf;
+      if (m < a.rows) acc[m] += to_float(x[static_cast<int64_t>(m) * a.k_in + k]) * wf;
     }
   }
 
-  const float b = bias != nullptr ? to_float(bias[n]) : 0.f;
+  const float s = a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
+  const float b = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const float total = warp_sum(acc[m]);
-    if (lane == m && m < rows) y[static_cast<int64_t>(m) * n_out + n] = from_float<T>(total + b);
+    if (lane == m && m < a.rows) {
+      const int64_t i = static_cast<int64_t>(m) * a.n_out + n;
+      float v = apply<A>(total * s + b);
+      if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
+      static_cast<T*>(a.y)[i] = from_float<T>(v);
+    }
   }
 }
 
-template <typename T, int MT>
-void launch(T* y, const T* x, const T* w, const T* bias, int rows, int n_out, int k_in, int k_vec) {
-  const auto blocks = static_cast<unsigned>(ceil_div(n_out, kWarps));
-  gemv_kernel<T, MT><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(y, x, w, bias, rows, n_out, k_in,
-                                                                                 k_vec);
+template <typename T, typename W, int MT>
+void launch_rows(const GemvArgs& a, Act act) {
+  const auto blocks = static_cast<unsigned>(ceil_div(a.n_out, kWarps));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  switch (act) {
+#define EET_GEMV_CASE(ACT)                                                \
+  case ACT:                                                               \
+    gemv_kernel<T, W, MT, ACT><<<blocks, kThreads, 0, stream>>>(a);       \
+    break;
+    EET_GEMV_CASE(Act::kNone)
+    EET_GEMV_CASE(Act::kGelu)
+    EET_GEMV_CASE(Act::kGeluNew)
+    EET_GEMV_CASE(Act::kRelu)
+#undef EET_GEMV_CASE
+    default:
+      TORCH_CHECK(false, "gemv: activation not supported in the epilogue");
+  }
   EET_CHECK_LAUNCH();
 }
 
-void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+template <typename T, typename W>
+void launch(const GemvArgs& a, Act act) {
+  if (a.rows <= 1) {
+    launch_rows<T, W, 1>(a, act);
+  } else if (a.rows <= 2) {
+    launch_rows<T, W, 2>(a, act);
+  } else if (a.rows <= 4) {
+    launch_rows<T, W, 4>(a, act);
+  } else if (a.rows <= 8) {
+    launch_rows<T, W, 8>(a, act);
+  } else {
+    launch_rows<T, W, 16>(a, act);
+  }
+}
+
+void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   const char* op = "gemv";
   check_cuda(x, op, "x");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x.sizes()));
-  TORCH_CHECK(x.size(0) <= kMaxRows, op, ": the GEMV kernel handles at most ", num(kMaxRows),
-              " rows, got M=", num(x.size(0)), "; eet_pipe.ops.linear uses a matmul for larger M");
-  check_like(weight, x, op, "weight", "x");
+  TORCH_CHECK(x.size(0) <= kMaxRows, op, ": the GEMV kernel handles at most ", num(kMaxRows), " rows, got M=",
+              num(x.size(0)), "; eet_pipe.ops.linear and int8_linear use a matmul for larger M");
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
+  if (weight.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.has_value(), op, ": an int8 weight needs its per-channel scale");
+  } else {
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+                " but x has dtype ", x.scalar_type(), "; it must match x or be int8 (with a scale)");
+    TORCH_CHECK(!scale.has_value(), op, ": a scale is only taken with an int8 weight, got a ", weight.scalar_type(),
+                " weight");
+  }
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must have shape [N, K=",
               num(x.size(1)), "], got ", shape(weight.sizes()));
   TORCH_CHECK(weight.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, op, ": weight ", shape(weight.sizes()),
               " is too large");
-  if (bias.has_value()) {
-    check_like(*bias, x, op, "bias", "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [N=",
-                num(weight.size(0)), "], got ", shape(bias->sizes()));
+  const int64_t n_out = weight.size(0);
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
+    if (t->has_value()) {
+      check_like(**t, x, op, name, "x");
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n_out, op, ": ", name, " must have shape [N=", num(n_out),
+                  "], got ", shape((*t)->sizes()));
+    }
+  }
+  if (residual.has_value()) {
+    check_like(*residual, x, op, "residual", "x");
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == n_out, op,
+                ": residual must have shape [M, N] = [", num(x.size(0)), ", ", num(n_out), "], got ",
+                shape(residual->sizes()));
   }
 }
 
 }  // namespace
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_gemv_args(x, weight, bias);
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                const std::string& activation) {
+  check_gemv_args(x, weight, scale, bias, residual);
+  const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
   const int rows = static_cast<int>(x.size(0));
   const int n_out = static_cast<int>(weight.size(0));
   const int k_in = static_cast<int>(x.size(1));
   at::Tensor y = at::empty({rows, n_out}, x.options());
   if (y.numel() == 0) return y;
-  if (k_in == 0) return bias.has_value() ? y.copy_(bias->expand({rows, n_out})) : y.zero_();
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t per_load = 16 / static_cast<int64_t>(x.element_size());
-  const bool vec = k_in % per_load == 0 && is_aligned(xc.data_ptr(), 16) && is_aligned(wc.data_ptr(), 16);
-  const int k_vec = vec ? k_in : 0;
+  const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const int64_t per_chunk = 16 / static_cast<int64_t>(weight.element_size());
+  const bool vec = k_in % per_chunk == 0 && is_aligned(xc.data_ptr(), 16) && is_aligned(wc.data_ptr(), 16);
+  GemvArgs a{};
+  a.y = y.data_ptr();
+  a.x = xc.data_ptr();
+  a.w = wc.data_ptr();
+  a.scale = sc.defined() ? sc.data_ptr() : nullptr;
+  a.bias = bc.defined() ? bc.data_ptr() : nullptr;
+  a.residual = rc.defined() ? rc.data_ptr() : nullptr;
+  a.rows = rows;
+  a.n_out = n_out;
+  a.k_in = k_in;
+  a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
+  const bool int8 = weight.scalar_type() == at::kChar;
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
-    auto* out = y.data_ptr<scalar_t>();
-    const auto* xp = xc.const_data_ptr<scalar_t>();
-    const auto* wp = wc.const_data_ptr<scalar_t>();
-    const auto* bp = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
-    if (rows <= 1) {
-      launch<scalar_t, 1>(out, xp, wp, bp, rows, n_out, k_in, k_vec);
-    } else if (rows <= 2) {
-      launch<scalar_t, 2>(out, xp, wp, bp, rows, n_out, k_in, k_vec);
-    } else if (rows <= 4) {
-      launch<scalar_t, 4>(out, xp, wp, bp, rows, n_out, k_in, k_vec);
+    if (int8) {
+      launch<scalar_t, int8_t>(a, act);
     } else {
-      launch<scalar_t, 8>(out, xp, wp, bp, rows, n_out, k_in, k_vec);
+      launch<scalar_t, scalar_t>(a, act);
     }
   });
   return y;

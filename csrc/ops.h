@@ -37,11 +37,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
                             double scale);
 
-// int8_gemv.cu -- x: [M <= 16, K]; qweight: int8 [N, K]; scale, bias: [N]; returns [M, N]
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& bias);
-
-// gemv.cu -- x: [M <= 8, K]; weight: [N, K]; bias: [N]; returns [M, N] (x @ weight.T + bias)
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+// gemv.cu -- x: [M <= 16, K]; weight: [N, K] in x's dtype, or int8 with scale [N]; bias: [N];
+// residual: [M, N]; activation: "none", "gelu", "gelu_new" or "relu". Returns
+// act(x @ (weight * scale[:, None]).T + bias) + residual, [M, N].
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                const std::string& activation);
 
 }  // namespace eet

@@ -81,10 +81,25 @@ def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None) -> torch
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters and state dict) computed by `eet_pipe.ops.linear`, which runs decode-sized
-    inputs on GPU through the GEMV kernel."""
+    inputs on GPU through the GEMV kernel; `forward` also takes the optional epilogue of `project`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, activation: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, activation, residual)
+
+
+def project(linear: nn.Module, x: torch.Tensor, activation: str | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(linear(x)) + residual`` with the activation and the residual add fused into the linear's kernel
+    where it has one (`Linear`, `Int8Linear`). A module carrying forward hooks (the precision comparison
+    tool, captures) is called on its own, so that its hooks see the plain projection, and the epilogue
+    follows as separate ops -- the same values in fp32."""
+    if linear._forward_hooks or linear._forward_pre_hooks:
+        y = linear(x)
+        if activation is not None:
+            y = ops.activation(y, activation)
+        return y if residual is None else y + residual
+    return linear.forward(x, activation, residual)
 
 
 class Attention(nn.Module):
@@ -151,12 +166,13 @@ class MLP(nn.Module):
         self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias) if cfg.gated else None
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] (normed)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(act(up(x))) [+ residual]; x: [B, T, H] (normed)."""
         if self.gate is not None:
             h = ops.gated_activation(self.gate(x), self.up(x), self.activation)
         else:
-            h = ops.activation(self.up(x), self.activation)
-        return self.down(h)
+            h = project(self.up, x, self.activation)
+        return project(self.down, h, residual=residual)
 
 
 class TransformerLayer(nn.Module):
@@ -173,7 +189,7 @@ class TransformerLayer(nn.Module):
         if self.pre_norm:
             a = self.attn(self.attn.norm(x), meta, mask, cache, rope)
             normed, h = self.mlp.norm.residual(a, x)
-            return h + self.mlp(normed)
+            return self.mlp(normed, residual=h)
         a = self.attn(x, meta, mask, cache, rope)
         h, _ = self.attn.norm.residual(a, x)
         out, _ = self.mlp.norm.residual(self.mlp(h), h)

@@ -48,8 +48,10 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(qweight, scale, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        return ops.int8_linear(x, self.qweight, self.scale, self.bias)
+    def forward(self, x: torch.Tensor, activation: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
+        """act(x W^T + bias) + residual, the epilogue optional (see `eet_pipe.models.layers.project`)."""
+        return ops.int8_linear(x, self.qweight, self.scale, self.bias, activation, residual)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

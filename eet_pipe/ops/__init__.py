@@ -49,7 +49,8 @@ EXT_REASON: str = _ext.reason
 DECODE_MAX_HEAD_DIM = 256
 """Largest head dim of the decode_attention kernel (which also needs D % 8 == 0)."""
 INT8_GEMV_MAX_ROWS = 16
-"""Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul."""
+"""Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul (16 is also the
+kernel's limit)."""
 GEMV_MAX_ROWS = 8
 """Up to this many rows `linear` (fp16/bf16 on CUDA) may run the GEMV kernel; above, cuBLAS."""
 GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "0") == "1"
@@ -174,37 +175,64 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return reference.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` (`torch.nn.functional.linear`).
+def _gemv(x: torch.Tensor, rows: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+          activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """The GEMV kernel on x viewed as [rows, K] (residual as [rows, N]); returns [..., N]."""
+    n = weight.shape[0]
+    res = None if residual is None else residual.reshape(rows, n)
+    y = torch.ops.eet_pipe.gemv(x.reshape(rows, x.shape[-1]), weight, scale, bias, res, activation_kind or "none")
+    return y.view(*x.shape[:-1], n)
+
+
+def _epilogue_fits(x: torch.Tensor, n: int, activation_kind: str | None, residual: torch.Tensor | None) -> bool:
+    """Whether the GEMV epilogue can take this activation and residual (else they run as separate ops)."""
+    if activation_kind is not None:
+        _check_kind(activation_kind, ACTIVATIONS, "activation")
+    return residual is None or (residual.shape == (*x.shape[:-1], n) and residual.dtype == x.dtype
+                                and residual.device == x.device)
+
+
+def _epilogue(y: torch.Tensor, activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    if activation_kind is not None:
+        y = activation(y, activation_kind)
+    return y if residual is None else y + residual
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation_kind: str | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(x @ weight.T + bias) + residual`` (`torch.nn.functional.linear`, then the optional epilogue).
 
     Args:
         x: [..., K]; weight: [N, K]; bias: [N] or None, all of one dtype.
+        activation_kind: None or one of ACTIVATIONS, applied after the bias.
+        residual: [..., N] added last, or None.
     Returns:
         [..., N]. With GEMV_ENABLED, on CUDA in fp16/bf16, inputs of at most GEMV_MAX_ROWS rows (decode
-        steps) run the GEMV kernel, which streams each weight once (inference only: anything that needs
-        gradients takes F.linear); everything else is F.linear.
+        steps) run the GEMV kernel, which streams each weight once and applies the epilogue before its
+        single rounding (inference only: anything that needs gradients takes F.linear). Everything else is
+        F.linear followed by the activation and the addition as separate ops.
     """
     rows = _rows(x)
     if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
+            and _epilogue_fits(x, weight.shape[0], activation_kind, residual)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
-        y = torch.ops.eet_pipe.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+        return _gemv(x, rows, weight, None, bias, activation_kind, residual)
+    return _epilogue(F.linear(x, weight, bias), activation_kind, residual)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight-only int8 linear ``x @ (qweight * scale[:, None]).T + bias``.
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                activation_kind: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 linear ``act(x @ (qweight * scale[:, None]).T + bias) + residual``.
 
     Args:
-        x: [..., K] fp16/bf16/fp32; qweight: [N, K] int8 (``quantize_int8``); scale, bias: [N] in x's dtype.
+        x: [..., K] fp16/bf16/fp32; qweight: [N, K] int8 (``quantize_int8``); scale, bias: [N] in x's dtype;
+        activation_kind, residual: the optional epilogue, as in `linear`.
     Returns:
-        [..., N]. On CUDA, up to INT8_GEMV_MAX_ROWS rows run the GEMV kernel; more rows dequantise
-        the weight and use a matmul.
+        [..., N]. On CUDA, up to INT8_GEMV_MAX_ROWS rows run the GEMV kernel with the epilogue fused; more
+        rows dequantise the weight and use a matmul.
     """
     rows = _rows(x)
-    if _kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS:
-        y = torch.ops.eet_pipe.int8_linear(x.reshape(rows, x.shape[-1]), qweight, scale, bias)
-        return y.view(*x.shape[:-1], qweight.shape[0])
-    return reference.int8_linear(x, qweight, scale, bias)
+    if _kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual):
+        return _gemv(x, rows, qweight, scale, bias, activation_kind, residual)
+    return _epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)

@@ -61,12 +61,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return _like(q)  # [B, Hq, 1, D]
 
 
-def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))  # [M, N]
-
-
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+          residual: torch.Tensor | None, activation: str) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
@@ -80,7 +76,6 @@ _FAKES = {
     "gated_activation": _gated,
     "qkv_rotary_cache": _qkv_rotary_cache,
     "decode_attention": _decode_attention,
-    "int8_linear": _int8_linear,
     "gemv": _gemv,
 }
 

@@ -257,21 +257,33 @@ def test_decode_attention_on_a_cache_view(dtype: torch.dtype) -> None:
     close(out, want, "attention")
 
 
-# ---------------------------------------------------------------- int8 weight-only GEMV
+# ---------------------------------------------------------------- GEMV: int8 weight-only and dense, epilogue
 
 INT8_SHAPES = [(100, 100), (1600, 1600), (4800, 1600), (1600, 6400), (4096, 4096), (1601, 1000), (33, 72)]
+GEMV_SHAPES = [(100, 104), (1600, 1600), (4800, 1600), (1600, 6400), (6400, 1600), (50304, 1600), (1601, 1000),
+               (33, 72), (7, 13)]
+
+
+def _gemv_want(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None = None,
+               act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The op in fp64, rounded once to x's dtype (what the kernel computes)."""
+    wd = w.double() if scale is None else w.double() * scale.double()[:, None]
+    y = x.double() @ wd.T
+    y = y if b is None else y + b.double()
+    y = y if act is None else reference.activation(y, act)
+    return (y if residual is None else y + residual.double()).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 7, 16])
 @pytest.mark.parametrize(("n", "k"), INT8_SHAPES)
-def test_int8_linear(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
+def test_int8_gemv(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
     case = (n, k, rows, dtype)
     qweight, scale = ops.quantize_int8(rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02))
     x, bias = rand(rows, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
     with poisoned() as _pool:
-        got = [torch.ops.eet_pipe.int8_linear(x, qweight, scale, bias),
-               torch.ops.eet_pipe.int8_linear(x, qweight, scale, None)]
+        got = [torch.ops.eet_pipe.gemv(x, qweight, scale, bias, None, "none"),
+               torch.ops.eet_pipe.gemv(x, qweight, scale, None, None, "none")]
     for g, b in zip(got, (bias, None), strict=True):
         want = reference.int8_linear(x.double(), qweight, scale.double(), None if b is None else b.double())
         close(g, want.to(dtype), "int8")
@@ -285,28 +297,36 @@ def test_int8_linear_dispatch_by_rows() -> None:
         close(ops.int8_linear(x, qweight, scale), want, "int8")
 
 
-# ---------------------------------------------------------------- dense GEMV (decode linears)
-
-GEMV_SHAPES = [(100, 104), (1600, 1600), (4800, 1600), (1600, 6400), (6400, 1600), (50304, 1600), (1601, 1000),
-               (33, 72), (7, 13)]
-
-
-def _gemv_want(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    y = x.double() @ w.double().T
-    return (y if b is None else y + b.double()).to(x.dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize(("n", "k"), GEMV_SHAPES)
 def test_gemv(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
     case = (n, k, rows, dtype)
     w = rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02)
     x, bias = rand(rows, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
     with poisoned() as _pool:
-        got = [torch.ops.eet_pipe.gemv(x, w, bias), torch.ops.eet_pipe.gemv(x, w, None)]
+        got = [torch.ops.eet_pipe.gemv(x, w, None, bias, None, "none"),
+               torch.ops.eet_pipe.gemv(x, w, None, None, None, "none")]
     for g, b in zip(got, (bias, None), strict=True):
         close(g, _gemv_want(x, w, b), "gemv")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new", "relu"])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize(("n", "k", "rows"), [(6400, 1600, 1), (1600, 6400, 4), (1601, 1000, 3), (300, 0, 2)])
+def test_gemv_epilogue(n: int, k: int, rows: int, int8: bool, act: str | None, dtype: torch.dtype) -> None:
+    """act(x W^T * scale + b) + residual in one kernel; K = 0 leaves act(b) + residual."""
+    case = (n, k, rows, int8, act, dtype)
+    w = rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02)
+    qweight, scale = ops.quantize_int8(w) if int8 and k else (w, None)
+    if int8 and not k:
+        qweight, scale = torch.zeros(n, 0, dtype=torch.int8, device="cuda"), rand(n, dtype=dtype, seed=(case, 5))
+    x, bias = rand(rows, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
+    residual = rand(rows, n, dtype=dtype, seed=(case, 4))
+    with poisoned() as _pool:
+        got = torch.ops.eet_pipe.gemv(x, qweight, scale, bias, residual, act or "none")
+    close(got, _gemv_want(x, qweight, bias, scale, act, residual), "int8" if int8 else "gemv")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -317,7 +337,7 @@ def test_gemv_unaligned_inputs(dtype: torch.dtype) -> None:
     w_al, x_al = w_flat[: n * k].view(n, k), x_flat[: 3 * k].view(3, k)
     w_un, x_un = w_flat[1:].view(n, k), x_flat[1:].view(3, k)  # contiguous, not 16-byte aligned
     for x, w in [(x_un, w_al), (x_al, w_un), (x_un, w_un)]:
-        close(torch.ops.eet_pipe.gemv(x, w, None), _gemv_want(x, w, None), "gemv")
+        close(torch.ops.eet_pipe.gemv(x, w, None, None, None, "none"), _gemv_want(x, w, None), "gemv")
 
 
 def _kernel_names(fn) -> list[str]:
@@ -334,14 +354,19 @@ def test_linear_dispatch_by_rows_and_dtype(monkeypatch: pytest.MonkeyPatch) -> N
     w, b = rand(300, 256, dtype=F16, seed="lw", scale=0.02), rand(300, dtype=F16, seed="lb")
     for shape, kernel in [((1, 1, 256), True), ((2, 4, 256), True), ((9, 256), False), ((3, 32, 256), False)]:
         x = rand(*shape, dtype=F16, seed=shape)
+        res = rand(*shape[:-1], 300, dtype=F16, seed=(shape, "r"))
         close(ops.linear(x, w, b), _gemv_want(x.reshape(-1, 256), w, b).view(*shape[:-1], 300), "gemv")
+        # the epilogue: fused in the kernel, or separate ops after cuBLAS (two roundings: looser bound)
+        want = _gemv_want(x.reshape(-1, 256), w, b, act="gelu_new", residual=res.reshape(-1, 300))
+        torch.testing.assert_close(ops.linear(x, w, b, "gelu_new", res), want.view(*shape[:-1], 300),
+                                   atol=4e-3, rtol=4e-3)
         ran = any("gemv_kernel" in name for name in _kernel_names(lambda x=x: ops.linear(x, w, b)))
         assert ran == kernel, (shape, ran)
     x32 = rand(2, 256, seed="f32")
     assert torch.equal(ops.linear(x32, w.float(), b.float()), torch.nn.functional.linear(x32, w.float(), b.float()))
     wg = w.clone().requires_grad_()  # anything that needs gradients takes F.linear
     assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), wg)))
-    monkeypatch.setattr(ops, "GEMV_ENABLED", False)  # the default: cuBLAS
+    monkeypatch.setattr(ops, "GEMV_ENABLED", False)  # cuBLAS for dense weights
     assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), w)))
 
 
@@ -374,14 +399,22 @@ def test_bad_arguments_raise_clear_errors() -> None:
         torch.ops.eet_pipe.qkv_rotary_cache(rand(1, 1, 10, dtype=F16), None, None, k_cache, v_cache, slots[:1],
                                             lengths[:1].view(1, 1), 8, 2, 20, False, None)
     qweight, scale = ops.quantize_int8(rand(8, 64, dtype=F16))
+    w8 = rand(8, 64, dtype=F16)
+    gemv = torch.ops.eet_pipe.gemv
     with pytest.raises(RuntimeError, match="at most 16 rows"):
-        torch.ops.eet_pipe.int8_linear(rand(17, 64, dtype=F16), qweight, scale, None)
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
-        torch.ops.eet_pipe.gemv(rand(9, 64, dtype=F16), rand(8, 64, dtype=F16), None)
+        gemv(rand(17, 64, dtype=F16), qweight, scale, None, None, "none")
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        torch.ops.eet_pipe.gemv(rand(2, 64, dtype=F16), rand(8, 63, dtype=F16), None)
+        gemv(rand(2, 64, dtype=F16), rand(8, 63, dtype=F16), None, None, None, "none")
     with pytest.raises(RuntimeError, match="bias has dtype"):
-        torch.ops.eet_pipe.gemv(rand(2, 64, dtype=F16), rand(8, 64, dtype=F16), rand(8))
+        gemv(rand(2, 64, dtype=F16), w8, None, rand(8), None, "none")
+    with pytest.raises(RuntimeError, match="needs its per-channel scale"):
+        gemv(rand(2, 64, dtype=F16), qweight, None, None, None, "none")
+    with pytest.raises(RuntimeError, match="only taken with an int8 weight"):
+        gemv(rand(2, 64, dtype=F16), w8, scale, None, None, "none")
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        gemv(rand(2, 64, dtype=F16), w8, None, None, rand(2, 9, dtype=F16), "none")
+    with pytest.raises(RuntimeError, match="unknown activation 'swish'; allowed: none, gelu"):
+        gemv(rand(2, 64, dtype=F16), w8, None, None, None, "swish")
 
 
 def _decode_step(x, residual, w, qkv, cos, sin, k_cache, v_cache, slots, write, positions, lengths, valid):
@@ -428,7 +461,7 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "residual_layer_norm", "gated_activation", "qkv_rotary_cache",
-                                  "decode_attention", "int8_linear"])
+                                  "decode_attention", "gemv"])
 def test_fake_implementations_match_the_kernels(name: str) -> None:
     x, w = rand(3, 64, dtype=F16, seed="fx"), rand(64, dtype=F16, seed="fw")
     step = _decode_step_inputs("fake")
@@ -438,7 +471,7 @@ def test_fake_implementations_match_the_kernels(name: str) -> None:
         "qkv_rotary_cache": (step[3], step[4], step[5], step[6], step[7], step[8], step[9], 8, 2, 64, True, step[10]),
         "decode_attention": (rand(3, 8, 1, 64, dtype=F16, seed="fdq"), step[6], step[7], step[8], step[11], step[12],
                              0.125),
-        "int8_linear": (x, qweight, scale, None),
+        "gemv": (x, qweight, scale, None, rand(3, 40, dtype=F16, seed="fr"), "gelu_new"),
     }[name]
     torch.library.opcheck(getattr(torch.ops.eet_pipe, name).default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -107,3 +107,35 @@ def test_resolve_precision():
     assert resolve_precision("int8", None, torch.device("cpu")) == ("fp32", "int8-weight")
     assert resolve_precision("INT8", "int8-weight", torch.device("cuda", 0)) == ("fp16", "int8-weight")
     assert resolve_precision("bf16", None, torch.device("cpu")) == ("bf16", None)
+
+
+# ---------------------------------------------------------------- fused epilogue (project)
+
+def _hooked_and_plain(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, act: str) -> None:
+    from eet_pipe.models.layers import project
+
+    plain = project(linear, x, act, residual)
+    seen = []
+    handle = linear.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    try:
+        hooked = project(linear, x, act, residual)
+    finally:
+        handle.remove()
+    assert torch.equal(hooked, plain)  # same values with or without the fusion
+    assert len(seen) == 1 and torch.equal(seen[0], linear(x))  # the hook saw the plain projection
+    assert torch.equal(plain, ops.activation(linear(x), act) + residual)
+
+
+def test_project_epilogue_is_exact_on_cpu_and_hooks_see_the_plain_projection():
+    from eet_pipe.models.layers import Linear
+
+    torch.manual_seed(0)
+    linear = Linear(24, 40)
+    x, residual = torch.randn(3, 5, 24), torch.randn(3, 5, 40)
+    for act in ("gelu", "gelu_new", "relu"):
+        _hooked_and_plain(linear, x, residual, act)
+    q = Int8Linear.from_linear(linear)
+    _hooked_and_plain(q, x, residual, "gelu_new")
+    assert torch.equal(linear(x, None, residual), residual + linear(x))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        ops.linear(x, linear.weight, linear.bias, "swish")
