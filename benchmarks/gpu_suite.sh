@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU verification and figures: build the kernels, run the GPU tests, run the benchmarks on the first
 # two GPUs (DEVICES=cuda:0,cuda:1,cuda:2,cuda:3 for more). Usage:
-#   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [profile] [serve]
+#   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [profile] [kernels] [serve]
 # (no part named = all). Knobs: DEVICES, GPU_TESTS, <PART>_S time limits, SCHEDULES_ARGS, SCHEDULES_DECODE=0,
 # SINGLE_ARGS, SERVE_LEVELS, SERVE_REQUESTS. Every part has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
-PARTS=${*:-tests prefill decode schedules partitions single profile serve}
+PARTS=${*:-tests prefill decode schedules partitions single profile kernels serve}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export EET_PIPE_JIT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -44,6 +44,8 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py \
       model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,8 out="$OUT_DIR/decode_profile_gemv" 2>&1 \
       | grep -v "it/s" | tail -30
+  has kernels && timeout ${KERNELS_S:-120} python3 benchmarks/kernels.py device=cuda:0 out="$OUT_DIR/kernels" 2>&1 \
+      | grep -v "it/s" | tail -60
   has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
       concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
       "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -40

@@ -20,6 +20,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "serve_load.py": ["concurrency"],
     "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token"],
     "single_gpu.py": ["system"],
+    "kernels.py": ["op", "system", "rows", "us", "gb_per_s"],
 }
 
 

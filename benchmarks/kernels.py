@@ -1,0 +1,148 @@
+"""Decode-step kernels one at a time: our GEMV (dense fp16 and int8, with and without the fused epilogue)
+against cuBLAS (`F.linear`, then the separate activation / residual ops), and decode attention, at the
+GPT-2 XL shapes. Each case is captured in a CUDA graph of `reps` calls and replayed, so the figure is
+GPU time per call without launch gaps from the host; "GB/s" is the bytes the op must read (weights,
+or K and V) over that time, to compare against the memory bandwidth.
+
+    python benchmarks/kernels.py device=cuda:0 rows=1,4,8,16
+    python benchmarks/kernels.py --quick          # CPU smoke run (references, tiny shapes)
+
+Writes <out>.json (one row per op x shape x rows) and <out>.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_args, save_figure, write_json  # noqa: E402
+
+from eet_pipe import ops  # noqa: E402
+
+DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", "8", "16"], "context": ["64", "512"],
+            "attn_batches": ["1", "64"], "reps": 50, "out": "bench_results/kernels"}
+QUICK = {"device": "cpu", "hidden": 64, "heads": 4, "rows": ["1", "4"], "context": ["16"], "attn_batches": ["1", "4"],
+         "reps": 2}
+
+
+def per_call_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Seconds per call: on CUDA, `reps` calls captured in one graph and replayed (median of 5 replays)."""
+    if device.type != "cuda":
+        import time
+
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture (workspace allocation, lazy init)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return sorted(times)[2]
+
+
+def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    h = opts["hidden"]
+    shapes = {"attn.qkv": (3 * h, h), "attn.out": (h, h), "mlp.up": (4 * h, h), "mlp.down": (h, 4 * h)}
+    rows = []
+    saved = ops.GEMV_ENABLED
+    try:
+        for name, (n, k) in shapes.items():
+            w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
+            bias = torch.randn(n, device=device).to(dtype)
+            qweight, scale = ops.quantize_int8(w)
+            act = "gelu_new" if name == "mlp.up" else None
+            for m in (int(r) for r in opts["rows"]):
+                x = torch.randn(m, k, device=device).to(dtype)
+                residual = torch.randn(m, n, device=device).to(dtype) if name == "mlp.down" else None
+                cases = {"cuBLAS": (False, lambda: ops.linear(x, w, bias, act, residual), w.numel() * w.element_size()),
+                         "gemv": (True, lambda: ops.linear(x, w, bias, act, residual), w.numel() * w.element_size()),
+                         "int8 gemv": (saved, lambda: ops.int8_linear(x, qweight, scale, bias, act, residual),
+                                       qweight.numel() + scale.numel() * scale.element_size())}
+                for system, (gemv, fn, nbytes) in cases.items():
+                    ops.GEMV_ENABLED = gemv
+                    s = per_call_seconds(fn, device, opts["reps"])
+                    rows.append({"op": name, "system": system, "rows": m, "n": n, "k": k,
+                                 "epilogue": "+".join(e for e in ("bias", act, "residual" if residual is not None
+                                                                             else None) if e),
+                                 "us": s * 1e6, "gb_per_s": nbytes / s / 1e9})
+    finally:
+        ops.GEMV_ENABLED = saved
+    return rows
+
+
+def attention_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    heads, d = opts["heads"], opts["hidden"] // opts["heads"]
+    rows = []
+    for b in (int(x) for x in opts["attn_batches"]):
+        for ctx in (int(x) for x in opts["context"]):
+            q = torch.randn(b, heads, 1, d, device=device).to(dtype)
+            k_cache = torch.randn(b, heads, ctx, d, device=device).to(dtype)
+            v_cache = torch.randn(b, heads, ctx, d, device=device).to(dtype)
+            slots = torch.arange(b, device=device)
+            lengths = torch.full((b,), ctx, device=device)
+            valid = torch.ones(b, ctx, dtype=torch.bool, device=device)
+            nbytes = 2 * k_cache.numel() * k_cache.element_size()
+            cases = {"eet_pipe decode_attention": lambda: ops.decode_attention(q, k_cache, v_cache, slots, lengths,
+                                                                                valid),
+                     "SDPA": lambda: F.scaled_dot_product_attention(q, k_cache, v_cache)}
+            for system, fn in cases.items():
+                s = per_call_seconds(fn, device, opts["reps"])
+                rows.append({"op": "decode_attention", "system": system, "rows": b, "context": ctx, "us": s * 1e6,
+                             "gb_per_s": nbytes / s / 1e9})
+    return rows
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [f"{r['op']} {r['rows']}{' ctx' + str(r['context']) if 'context' in r else ''}\n{r['system']}"
+              for r in rows]
+    ax.bar(range(len(rows)), [r["gb_per_s"] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=5)
+    ax.set_ylabel("GB/s of bytes read")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    opts = parse_args(DEFAULTS, QUICK)
+    device = torch.device(opts["device"])
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rows = linear_rows(opts, device, dtype) + attention_rows(opts, device, dtype)
+    data = {"env": environment(), "config": opts, "kernels": ops.HAVE_EXT and device.type == "cuda", "results": rows}
+    write_json(Path(opts["out"] + ".json"), data)
+    plot(rows, opts["out"] + ".png", f"decode kernels, hidden {opts['hidden']}, {dtype}, {device}")
+    print(f"{'op':<18} {'system':<26} {'rows':>4} {'ctx':>5} {'us':>9} {'GB/s':>8}")
+    for r in rows:
+        print(f"{r['op']:<18} {r['system']:<26} {r['rows']:>4} {r.get('context', ''):>5} {r['us']:>9.2f} "
+              f"{r['gb_per_s']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
