@@ -1,11 +1,15 @@
 """Decode-step kernels one at a time: our GEMV (dense fp16 and int8, with and without the fused epilogue)
 against cuBLAS (`F.linear`, then the separate activation / residual ops), and decode attention, at the
 GPT-2 XL shapes. Each case is captured in a CUDA graph of `reps` calls and replayed, so the figure is
-GPU time per call without launch gaps from the host; "GB/s" is the bytes the op must read (weights,
-or K and V) over that time, to compare against the memory bandwidth.
+GPU time per call without launch gaps from the host; the calls cycle through enough copies of the weights
+(or caches) that they stream from memory, not from L2, as in a model whose layers each have their own.
+"GB/s" is the bytes the op must read (weights, or K and V) over that time, to compare against the
+memory bandwidth.
 
     python benchmarks/kernels.py device=cuda:0 rows=1,4,8,16
     python benchmarks/kernels.py --quick          # CPU smoke run (references, tiny shapes)
+    ncu --kernel-name regex:gemv --launch-count 8 --section SpeedOfLight --section Occupancy \
+        python benchmarks/kernels.py ops=linear rows=1 reps=4      # one kernel under Nsight Compute
 
 Writes <out>.json (one row per op x shape x rows) and <out>.png.
 """
@@ -25,9 +29,29 @@ from common import environment, parse_args, save_figure, write_json  # noqa: E40
 from eet_pipe import ops  # noqa: E402
 
 DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", "8", "16"], "context": ["64", "512"],
-            "attn_batches": ["1", "64"], "reps": 50, "out": "bench_results/kernels"}
+            "attn_batches": ["1", "64"], "reps": 48, "stream_mib": 400, "ops": ["linear", "attention"],
+            "out": "bench_results/kernels"}
 QUICK = {"device": "cpu", "hidden": 64, "heads": 4, "rows": ["1", "4"], "context": ["16"], "attn_batches": ["1", "4"],
-         "reps": 2}
+         "reps": 2, "stream_mib": 1}
+
+
+def copies(tensors: tuple[torch.Tensor, ...], opts: dict) -> list[tuple[torch.Tensor, ...]]:
+    """Enough copies of `tensors` to exceed `stream_mib` (and at most `reps`), so the timed calls read memory."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(1, min(opts["reps"], -(-opts["stream_mib"] * 2**20 // max(nbytes, 1))))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def cycling(fn: Callable[..., object], sets: list[tuple[torch.Tensor, ...]]) -> Callable[[], object]:
+    """A call that uses the next set of tensors each time (cycled)."""
+    state = {"i": 0}
+
+    def call() -> object:
+        args = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return fn(*args)
+
+    return call
 
 
 def per_call_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -70,14 +94,28 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
             w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
             bias = torch.randn(n, device=device).to(dtype)
             qweight, scale = ops.quantize_int8(w)
+            dense, int8 = copies((w, bias), opts), copies((qweight, scale, bias), opts)
             act = "gelu_new" if name == "mlp.up" else None
             for m in (int(r) for r in opts["rows"]):
                 x = torch.randn(m, k, device=device).to(dtype)
                 residual = torch.randn(m, n, device=device).to(dtype) if name == "mlp.down" else None
-                cases = {"cuBLAS": (False, lambda: ops.linear(x, w, bias, act, residual), w.numel() * w.element_size()),
-                         "gemv": (True, lambda: ops.linear(x, w, bias, act, residual), w.numel() * w.element_size()),
-                         "int8 gemv": (saved, lambda: ops.int8_linear(x, qweight, scale, bias, act, residual),
-                                       qweight.numel() + scale.numel() * scale.element_size())}
+
+                def dense_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
+                    return ops.linear(x, w, b, act, residual)
+
+                def gemv_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
+                    if not (ops.HAVE_EXT and x.is_cuda):  # CPU smoke run: the reference
+                        return ops.linear(x, w, b, act, residual)
+                    return torch.ops.eet_pipe.gemv(x, w, None, b, residual, act or "none")  # at every row count
+
+                def int8_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
+                              residual=residual) -> torch.Tensor:
+                    return ops.int8_linear(x, q, sc, b, act, residual)
+
+                w_bytes, q_bytes = w.numel() * w.element_size(), qweight.numel() + scale.numel() * scale.element_size()
+                cases = {"cuBLAS": (False, cycling(dense_call, dense), w_bytes),
+                         "gemv": (True, cycling(gemv_call, dense), w_bytes),
+                         "int8 gemv": (saved, cycling(int8_call, int8), q_bytes)}
                 for system, (gemv, fn, nbytes) in cases.items():
                     ops.GEMV_ENABLED = gemv
                     s = per_call_seconds(fn, device, opts["reps"])
@@ -102,9 +140,10 @@ def attention_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list
             lengths = torch.full((b,), ctx, device=device)
             valid = torch.ones(b, ctx, dtype=torch.bool, device=device)
             nbytes = 2 * k_cache.numel() * k_cache.element_size()
-            cases = {"eet_pipe decode_attention": lambda: ops.decode_attention(q, k_cache, v_cache, slots, lengths,
-                                                                                valid),
-                     "SDPA": lambda: F.scaled_dot_product_attention(q, k_cache, v_cache)}
+            caches = copies((k_cache, v_cache), opts)
+            cases = {"eet_pipe decode_attention": cycling(
+                         lambda k, v: ops.decode_attention(q, k, v, slots, lengths, valid), caches),
+                     "SDPA": cycling(lambda k, v: F.scaled_dot_product_attention(q, k, v), caches)}
             for system, fn in cases.items():
                 s = per_call_seconds(fn, device, opts["reps"])
                 rows.append({"op": "decode_attention", "system": system, "rows": b, "context": ctx, "us": s * 1e6,
@@ -134,7 +173,11 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rows = linear_rows(opts, device, dtype) + attention_rows(opts, device, dtype)
+    unknown = set(opts["ops"]) - {"linear", "attention"}
+    if unknown:
+        raise SystemExit(f"ops={','.join(sorted(unknown))} unknown; choose from linear, attention")
+    rows = (linear_rows(opts, device, dtype) if "linear" in opts["ops"] else []) + \
+        (attention_rows(opts, device, dtype) if "attention" in opts["ops"] else [])
     data = {"env": environment(), "config": opts, "kernels": ops.HAVE_EXT and device.type == "cuda", "results": rows}
     write_json(Path(opts["out"] + ".json"), data)
     plot(rows, opts["out"] + ".png", f"decode kernels, hidden {opts['hidden']}, {dtype}, {device}")

@@ -1,8 +1,8 @@
 // decode_attention: one query token per sequence against its KV-cache slot (flash-decoding).
 //
 // Grid (B * Hq, splits): each block handles one query head over one chunk of cache columns.
-// Inside a block, groups of TPK lanes each own kKeysPerPass consecutive keys at a time (16-byte loads
-// of K and V, all issued before the first is used), keep an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
+// Inside a block, groups of TPK lanes each own one key at a time (16-byte loads of K and V), keep
+// an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
 // With splits > 1 every block writes a normalised partial output and its log-sum-exp (base 2) and a
 // second kernel combines them. Keys are columns j < lengths[b] with valid[slot, j]; a sequence with
 // no such key gets zeros. All arithmetic in fp32.
@@ -18,7 +18,6 @@ constexpr int kThreads = 256;
 constexpr int kMinChunk = 256;  // fewest keys worth a split of their own
 constexpr int kMaxSplits = 64;
 constexpr int kMaxHeadDim = 256;
-constexpr int kKeysPerPass = 4;  // keys each group loads at once
 constexpr double kLog2e = 1.4426950408889634;
 
 struct DecodeArgs {
@@ -71,60 +70,36 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const bool* valid = a.valid + slot * a.valid_stride[0];
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
   float m = -INFINITY, l = 0.f;
-  // Each group takes kKeysPerPass consecutive keys per pass and issues all their loads before using
-  // any: one key at a time would leave a single 16-byte K and V load in flight per lane.
-  for (int j0 = start + kgroup * kKeysPerPass; j0 < end; j0 += groups * kKeysPerPass) {
-    Vec<T, VEC> kv[kKeysPerPass][NVPL], vv[kKeysPerPass][NVPL];
-    bool ok[kKeysPerPass];
-#pragma unroll
-    for (int u = 0; u < kKeysPerPass; ++u) {
-      const int j = j0 + u;
-      ok[u] = j < end && valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
-#pragma unroll
-      for (int i = 0; i < NVPL; ++i) {
-        const int vi = lane + i * TPK;
-        if (ok[u] && vi < nv) {
-          kv[u][i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
-          vv[u][i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
-        } else {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) kv[u][i].v[e] = vv[u][i].v[e] = T(0.f);
-        }
-      }
-    }
-    float s[kKeysPerPass];
-#pragma unroll
-    for (int u = 0; u < kKeysPerPass; ++u) {
-      s[u] = 0.f;
-#pragma unroll
-      for (int i = 0; i < NVPL; ++i) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) s[u] += qr[i * VEC + e] * to_float(kv[u][i].v[e]);
-      }
-#pragma unroll
-      for (int offset = TPK / 2; offset > 0; offset >>= 1) s[u] += __shfl_xor_sync(mask, s[u], offset);
-    }
-    float m_new = m;
-#pragma unroll
-    for (int u = 0; u < kKeysPerPass; ++u) m_new = ok[u] ? fmaxf(m_new, s[u]) : m_new;
-    if (m_new == -INFINITY) continue;  // no valid key yet (uniform across the group)
-    const float corr = exp2f(m - m_new);
-    float p[kKeysPerPass];
-    float p_sum = 0.f;
-#pragma unroll
-    for (int u = 0; u < kKeysPerPass; ++u) {
-      p[u] = ok[u] ? exp2f(s[u] - m_new) : 0.f;
-      p_sum += p[u];
-    }
-    l = l * corr + p_sum;
+  for (int j = start + kgroup; j < end; j += groups) {
+    if (!valid[j * a.valid_stride[1]]) continue;  // uniform across the TPK lanes of this key
+    Vec<T, VEC> kv[NVPL], vv[NVPL];
 #pragma unroll
     for (int i = 0; i < NVPL; ++i) {
+      const int vi = lane + i * TPK;
+      if (vi < nv) {
+        kv[i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
+        vv[i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+      }
+    }
+    float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        float o = acc[i * VEC + e] * corr;
+    for (int i = 0; i < NVPL; ++i) {
+      if (lane + i * TPK < nv) {
 #pragma unroll
-        for (int u = 0; u < kKeysPerPass; ++u) o += p[u] * to_float(vv[u][i].v[e]);
-        acc[i * VEC + e] = o;
+        for (int e = 0; e < VEC; ++e) s += qr[i * VEC + e] * to_float(kv[i].v[e]);
+      }
+    }
+#pragma unroll
+    for (int offset = TPK / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(mask, s, offset);
+    const float m_new = fmaxf(m, s);
+    const float corr = exp2f(m - m_new);
+    const float p = exp2f(s - m_new);
+    l = l * corr + p;
+#pragma unroll
+    for (int i = 0; i < NVPL; ++i) {
+      if (lane + i * TPK < nv) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[i * VEC + e] = acc[i * VEC + e] * corr + p * to_float(vv[i].v[e]);
       }
     }
     m = m_new;

@@ -51,11 +51,13 @@ DECODE_MAX_HEAD_DIM = 256
 INT8_GEMV_MAX_ROWS = 16
 """Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul (16 is also the
 kernel's limit)."""
-GEMV_MAX_ROWS = 8
-"""Up to this many rows `linear` (fp16/bf16 on CUDA) may run the GEMV kernel; above, cuBLAS."""
-GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "0") == "1"
-"""`linear` uses the GEMV kernel only when EET_PIPE_GEMV=1: the kernel passes its CPU build checks but
-has not yet been measured against cuBLAS on a GPU (docs/PERF.md), so cuBLAS stays the default."""
+GEMV_MAX_ROWS = 1
+"""Up to this many rows `linear` (fp16/bf16 on CUDA) runs the GEMV kernel; above, cuBLAS. Measured on an
+H100 (docs/PERF.md, benchmarks/kernels.py): at one row the kernel with its fused epilogue saves the
+activation, residual-add and split-K reduce kernels of the cuBLAS path (decode step -10 %); from four rows
+on cuBLAS's tensor-core tiles are faster (the kernel re-reads x per row from L1)."""
+GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "1") != "0"
+"""`linear` may use the GEMV kernel (default); EET_PIPE_GEMV=0 keeps every dense linear on cuBLAS."""
 
 if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes

@@ -352,7 +352,8 @@ def _kernel_names(fn) -> list[str]:
 def test_linear_dispatch_by_rows_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "GEMV_ENABLED", True)
     w, b = rand(300, 256, dtype=F16, seed="lw", scale=0.02), rand(300, dtype=F16, seed="lb")
-    for shape, kernel in [((1, 1, 256), True), ((2, 4, 256), True), ((9, 256), False), ((3, 32, 256), False)]:
+    for shape in [(1, 1, 256), (2, 4, 256), (9, 256), (3, 32, 256)]:
+        kernel = shape[0] * (shape[1] if len(shape) == 3 else 1) <= ops.GEMV_MAX_ROWS
         x = rand(*shape, dtype=F16, seed=shape)
         res = rand(*shape[:-1], 300, dtype=F16, seed=(shape, "r"))
         close(ops.linear(x, w, b), _gemv_want(x.reshape(-1, 256), w, b).view(*shape[:-1], 300), "gemv")
