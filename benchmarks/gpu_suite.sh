@@ -36,7 +36,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
   has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
-      ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16cublas,fp16gemv,int8 tune=no} \
+      ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16,fp16cublas,int8 tune=no} \
       out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -25
   has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 \

@@ -112,7 +112,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool) -> list[
             lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
     name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "") + \
-        (" +gemv" if gemv and dtype != "int8" else " cuBLAS" if dtype != "int8" else "")
+        ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS")
     return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
                                                  "gemv": gemv})
 
@@ -208,7 +208,6 @@ def main() -> None:
         "hf": ("HF transformers eager+SDPA", lambda: hf_sdpa(opts)),
         "static": ("plain PyTorch static cache", lambda: static_peer(opts)),
         "fp16": (f"eet_pipe fp16 graphs{label}", lambda: ours(opts, "fp16", graphs=True, tune=tune)),
-        "fp16gemv": (f"eet_pipe fp16 graphs{label} +gemv", lambda: ours(opts, "fp16", graphs=True, tune=tune, gemv=True)),
         "fp16cublas": (f"eet_pipe fp16 graphs{label} cuBLAS", lambda: ours(opts, "fp16", graphs=True, tune=tune,
                                                                            gemv=False)),
         "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),

@@ -152,7 +152,7 @@ void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x.sizes()));
   TORCH_CHECK(x.size(0) <= kMaxRows, op, ": the GEMV kernel handles at most ", num(kMaxRows), " rows, got M=",
-              num(x.size(0)), "; eet_pipe.ops.linear and int8_linear use a matmul for larger M");
+              num(x.size(0)), "; eet_pipe.ops.int8_linear uses a matmul for larger M");
   TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
   if (weight.scalar_type() == at::kChar) {
     TORCH_CHECK(scale.has_value(), op, ": an int8 weight needs its per-channel scale");

@@ -56,8 +56,9 @@ GEMV_MAX_ROWS = 1
 H100 (docs/PERF.md, benchmarks/kernels.py): at one row the kernel with its fused epilogue saves the
 activation, residual-add and split-K reduce kernels of the cuBLAS path (decode step -10 %); from four rows
 on cuBLAS's tensor-core tiles are faster (the kernel re-reads x per row from L1)."""
-GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "1") != "0"
-"""`linear` may use the GEMV kernel (default); EET_PIPE_GEMV=0 keeps every dense linear on cuBLAS."""
+GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "1").strip().lower() not in ("0", "false", "no", "off")
+"""`linear` may use the GEMV kernel (default); EET_PIPE_GEMV=0 (or false/no/off) keeps every dense linear on
+cuBLAS."""
 
 if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes
@@ -194,6 +195,11 @@ def _epilogue_fits(x: torch.Tensor, n: int, activation_kind: str | None, residua
                                 and residual.device == x.device)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record this call (the GEMV op has no backward: such calls take the matmul path)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _epilogue(y: torch.Tensor, activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor:
     if activation_kind is not None:
         y = activation(y, activation_kind)
@@ -218,7 +224,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
             and _epilogue_fits(x, weight.shape[0], activation_kind, residual)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
+            and not _needs_grad(x, weight, bias, residual)):
         return _gemv(x, rows, weight, None, bias, activation_kind, residual)
     return _epilogue(F.linear(x, weight, bias), activation_kind, residual)
 
@@ -235,6 +241,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         rows dequantise the weight and use a matmul.
     """
     rows = _rows(x)
-    if _kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual):
+    if (_kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual)
+            and not _needs_grad(x, scale, bias, residual)):
         return _gemv(x, rows, qweight, scale, bias, activation_kind, residual)
     return _epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)

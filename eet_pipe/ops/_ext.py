@@ -30,8 +30,24 @@ _CXX_FLAGS = ["-O3"]
 _NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
+_SCHEMA_ARGS = {"rms_norm": 3, "gemv": 6}
+"""Ops whose argument counts tell a build of the current csrc/ from an older one (a `pip install -e` checkout
+keeps its old `_C` after a pull: calling a changed op would then fail on every decode step)."""
+
+
 def _registered() -> bool:
     return hasattr(torch.ops.eet_pipe, "rms_norm")
+
+
+def _stale(namespace: object | None = None) -> str | None:
+    """Which registered op (of `namespace`, default torch.ops.eet_pipe) does not match the sources' schema."""
+    namespace = torch.ops.eet_pipe if namespace is None else namespace
+    for name, count in _SCHEMA_ARGS.items():
+        op = getattr(namespace, name, None)
+        got = len(op.default._schema.arguments) if op is not None else None
+        if got != count:
+            return f"op {name} has {got} arguments, the sources define {count}"
+    return None
 
 
 def _cuda_toolkit() -> str | None:
@@ -66,7 +82,11 @@ def _detect() -> tuple[bool, str]:
         missing = f"eet_pipe._C is not importable ({err})"
     else:
         if _registered():
-            return True, "eet_pipe._C imported"
+            stale = _stale()
+            if stale is None:
+                return True, "eet_pipe._C imported"
+            return False, (f"eet_pipe._C is a stale build ({stale}); rebuild it with `pip install .` "
+                           "(the kernels are off until then)")
         return False, "eet_pipe._C imported but registered no torch.ops.eet_pipe ops (stale build?)"
     if os.environ.get("EET_PIPE_JIT", "").strip() != "1":
         return False, f"{missing}; build it with `pip install .` or set EET_PIPE_JIT=1 to compile it at import"
@@ -79,6 +99,9 @@ def _detect() -> tuple[bool, str]:
         raise RuntimeError(f"EET_PIPE_JIT=1 but building the eet_pipe CUDA extension failed: {err}") from err
     if not _registered():
         raise RuntimeError("EET_PIPE_JIT=1: the JIT-built extension registered no torch.ops.eet_pipe ops")
+    stale = _stale()
+    if stale is not None:
+        raise RuntimeError(f"EET_PIPE_JIT=1: the JIT-built extension does not match the sources ({stale})")
     return True, "JIT-built from csrc/ (EET_PIPE_JIT=1)"
 
 

@@ -367,6 +367,9 @@ def test_linear_dispatch_by_rows_and_dtype(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(ops.linear(x32, w.float(), b.float()), torch.nn.functional.linear(x32, w.float(), b.float()))
     wg = w.clone().requires_grad_()  # anything that needs gradients takes F.linear
     assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), wg)))
+    res_g = rand(1, 300, dtype=F16, seed="rg").requires_grad_()
+    assert not any("gemv_kernel" in name
+                   for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), w, b, None, res_g)))
     monkeypatch.setattr(ops, "GEMV_ENABLED", False)  # cuBLAS for dense weights
     assert not any("gemv_kernel" in name for name in _kernel_names(lambda: ops.linear(rand(1, 256, dtype=F16), w)))
 

@@ -139,3 +139,18 @@ def test_project_epilogue_is_exact_on_cpu_and_hooks_see_the_plain_projection():
     assert torch.equal(linear(x, None, residual), residual + linear(x))
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         ops.linear(x, linear.weight, linear.bias, "swish")
+
+
+def test_a_stale_extension_build_is_told_apart_from_a_current_one():
+    """A `_C` built from older sources (other op signatures) must not count as the kernels."""
+    from eet_pipe.ops import _ext
+
+    lib = torch.library.Library("eet_pipe_stale_check", "DEF")  # noqa: F841 - kept alive for the check
+    lib.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+    lib.define("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")  # the three-argument form of old builds
+    reason = _ext._stale(torch.ops.eet_pipe_stale_check)
+    assert reason == "op gemv has 3 arguments, the sources define 6"
+    lib2 = torch.library.Library("eet_pipe_current_check", "DEF")  # noqa: F841
+    lib2.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+    lib2.define("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor")
+    assert _ext._stale(torch.ops.eet_pipe_current_check) is None
