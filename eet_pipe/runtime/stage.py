@@ -71,12 +71,15 @@ class Stage:
         return self._caches
 
     def run_chunk(self, chunk: int, x: torch.Tensor, meta: StepMeta, graphs: GraphCache | None,
-                  cache: KVCache | None = None) -> torch.Tensor:
+                  cache: KVCache | None = None, copy: bool = True) -> torch.Tensor:
         """One chunk's forward, replayed from a CUDA graph when `graphs` is given.
 
         With a cache, only decode steps (one token per sequence) are graphed; they attend over the
         whole cache (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph
-        serves every step. The result is the caller's own tensor (graph outputs are copied out).
+        serves every step. The result is the caller's own tensor (graph outputs are copied out), unless
+        `copy` is False: then a graphed forward returns the graph's static output, valid only until the
+        next forward of this chunk (for a caller that keeps a slice or nothing of it, such as the logits
+        of a command that returns the last position's only).
         """
         model = self.chunks[chunk]
         if graphs is None or (cache is not None and x.shape[1] != 1):
@@ -89,7 +92,8 @@ class Stage:
                                          token_types=token_types[0] if token_types else None))
 
             key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types), meta.dense)
-            return graphs.run(key, fn, (x, meta.positions, meta.valid, *types)).clone()
+            out = graphs.run(key, fn, (x, meta.positions, meta.valid, *types))
+            return out.clone() if copy else out
 
         def step(x, positions, valid, slots, write_index):
             return model(x, StepMeta(positions=positions, valid=valid, slots=slots, write_index=write_index,
@@ -168,11 +172,15 @@ class Stage:
             else:
                 x = ids[rows[a.mb]] if a.chunk == 0 else inbox.pop((a.mb, a.chunk))
                 hooks.microbatch = a.mb
+                # the last chunk's full output (the logits) is copied out of its graph only when returned whole
+                keep_all = a.chunk != last or cmd.output == "all"
                 with self.tracer.span("compute", f"mb{a.mb} {self.label(a.chunk)}"):
-                    y = self.run_chunk(a.chunk, x, metas[a.mb], graphs)
+                    y = self.run_chunk(a.chunk, x, metas[a.mb], graphs, copy=keep_all)
+                    if a.chunk == last and cmd.output == "last":
+                        y = y[:, -1].clone()
                 if a.chunk == last:
                     if cmd.output != "none":
-                        outputs[a.mb] = y[:, -1] if cmd.output == "last" else y
+                        outputs[a.mb] = y
                 else:
                     inbox[(a.mb, a.chunk + 1)] = y
             self.tick()

@@ -52,6 +52,10 @@ def test_cuda_graphs_match_eager_stages():
         with PipelineEngine("gpt2", weights="random", dtype="fp16", devices=["cuda:0", "cuda:1"],
                             plan="even", timeout=45, cuda_graphs=graphs) as engine:
             outs.append([engine.forward(ids, mask, microbatches=4) for _ in range(3)])
+            # the last chunk's logits stay in the graph's buffer for output none / last: no stale values
+            assert engine.forward(ids, mask, microbatches=4, output="none") is None
+            assert torch.equal(engine.forward(ids, mask, microbatches=4, output="last"), outs[-1][0][:, -1])
+            outs[-1].append(engine.forward(ids, mask, microbatches=4))
             tokens.append([[r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=24, ignore_eos=True,
                                                                  microbatches=2)] for _ in range(2)])
     for got in outs[1]:
