@@ -28,7 +28,6 @@ __all__ = [
     "qkv_rotary_cache",
     "decode_attention",
     "int8_linear",
-    "linear",
 ]
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
@@ -73,18 +72,6 @@ def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "relu":
         return F.relu(x)
     raise ValueError(f"unknown activation {kind!r}; allowed: gelu, gelu_new, relu")
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation_kind: str | None = None,
-           residual: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(x @ weight.T + bias) + residual``, each step rounded to x's dtype as separate ops would.
-
-    `weight` is [N, K] in x's dtype, or int8 with its per-channel `scale` [N] (`int8_linear`);
-    `activation_kind` is None or one of ACTIVATIONS; `residual` is [..., N]."""
-    y = F.linear(x, weight, bias) if scale is None else int8_linear(x, weight, scale, bias)
-    if activation_kind is not None:
-        y = activation(y, activation_kind)
-    return y if residual is None else y + residual
 
 
 def bias_activation(x: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
