@@ -7,6 +7,7 @@ torch.distributed.pipelining (GPipe and interleaved) and fairscale `Pipe` (when 
         batch=32 seq=512 microbatches=1,2,4,8,16,32
     python benchmarks/schedules.py workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
     python benchmarks/schedules.py --quick          # CPU smoke run (tiny model, 2 gloo stages)
+    python benchmarks/schedules.py resimulate=docs/perf/2026-11-26-eve/h200x4/schedules.json   # re-analyse a run
 
 Two warm-up calls by default: with CUDA graphs a new shape runs eager on its first call and is captured on
 its second, so a single warm-up would leave a capture inside the timed calls.
@@ -26,6 +27,8 @@ schedule, and simulated vs measured makespan) and one timeline PNG per schedule.
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -45,20 +48,43 @@ from eet_pipe.schedule import build, simulate  # noqa: E402
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["1", "2", "4", "8", "16", "32"], "schedules": ["sequential", "gpipe",
             "interleaved2", "interleaved4"], "warmup": 2, "repeats": 3, "peers": ["hf", "torch", "fairscale"],
-            "workload": "prefill", "prompt": 32, "new": 64, "out": "bench_results/schedules"}
+            "workload": "prefill", "prompt": 32, "new": 64, "out": "bench_results/schedules", "resimulate": ""}
 QUICK = {"model": "tiny", "weights": "", "dtype": "fp32", "devices": ["cpu", "cpu"], "batch": 8, "seq": 32,
          "microbatches": ["1", "2", "4"], "schedules": ["sequential", "gpipe", "interleaved2"], "warmup": 1,
          "repeats": 1, "peers": ["hf", "fairscale"], "new": 8, "prompt": 8}
 PEERS = ("hf", "torch", "fairscale")
 FIELDS = ("system", "schedule", "virtual", "microbatches", "seconds", "tokens_per_s", "latency_s", "bubble_measured",
-          "bubble_simulated", "makespan_simulated_s", "simulated_over_measured", "simulated_over_timed")
+          "bubble_simulated", "makespan_simulated_s", "simulated_over_measured", "simulated_over_timed",
+          "hop_latency_s")
+
+
+_MESSAGE = re.compile(r"(.+) (?:to|from) stage (\d+)$")
+
+
+def hop_latency(events: list[dict]) -> float:
+    """Measured time of one message: from the sender issuing it to the receiver holding the data, median over
+    the messages whose receiver was already waiting (otherwise the receive only shows when it was reached).
+    The i-th send of a microbatch from stage a to b is matched with the i-th receive of it at b from a."""
+    sends: dict[tuple, list[dict]] = {}
+    recvs: dict[tuple, list[dict]] = {}
+    for e in sorted(events, key=lambda e: e["start"]):
+        match = _MESSAGE.match(e["label"]) if e["kind"] in ("send", "recv") else None
+        if match:
+            what, peer = match.group(1), int(match.group(2))
+            key = (what, e["stage"], peer) if e["kind"] == "send" else (what, peer, e["stage"])
+            (sends if e["kind"] == "send" else recvs).setdefault(key, []).append(e)
+    waited = [r["end"] - s["start"] for key, ss in sends.items()
+              for s, r in zip(ss, recvs.get(key, []), strict=False)  # a traced call may end with sends only
+              if r["start"] <= s["start"]]
+    return statistics.median(waited) if waited else 0.0
 
 
 def predicted(events: list[dict], labels: list[str], schedule: str, stages: int, m: int, v: int,
-              steps: int = 1) -> tuple[float, float]:
+              steps: int = 1) -> tuple[float, float, float]:
     """Simulated makespan and bubble for the schedule, each chunk costing its own measured median compute
-    time per microbatch (transfers overlap compute and take microseconds on NVLink; what the simulation
-    misses is per-microbatch overhead, which the ratio to the measurement shows)."""
+    time per microbatch and each message the measured hop latency (`hop_latency`, also returned); what the
+    simulation misses is the host's own work per action and per command, which the ratio to the
+    measurement shows."""
     by_chunk: dict[str, list[float]] = {}
     for e in events:
         if e["kind"] == "compute":
@@ -68,8 +94,9 @@ def predicted(events: list[dict], labels: list[str], schedule: str, stages: int,
         sched = build("decode", stages, m, v, steps)
     else:
         sched = build(schedule, stages, m if schedule != "sequential" else 1, v)
-    result = simulate(sched, costs)
-    return result.makespan, result.bubble
+    hop = hop_latency(events)
+    result = simulate(sched, costs, transfer=hop)
+    return result.makespan, result.bubble, hop
 
 
 def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -> list[dict]:
@@ -85,14 +112,15 @@ def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -
             engine.forward(ids, output="none", microbatches=m)
             engine.trace_path = None
             events = engine.last_trace
-            sim_makespan, sim_bubble = predicted(events, engine.plan.chunk_labels(), schedule, len(opts["devices"]), m, v)
+            sim_makespan, sim_bubble, hop = predicted(events, engine.plan.chunk_labels(), schedule,
+                                                      len(opts["devices"]), m, v)
             measured = max(e["end"] for e in events) - min(e["start"] for e in events)
             rows.append({"system": "eet_pipe", "schedule": schedule, "virtual": v, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds,
                          "bubble_measured": bubble_fraction(events, len(opts["devices"])),
                          "bubble_simulated": sim_bubble, "makespan_simulated_s": sim_makespan,
                          "simulated_over_measured": sim_makespan / measured if measured else None,
-                         "simulated_over_timed": sim_makespan / seconds})
+                         "simulated_over_timed": sim_makespan / seconds, "hop_latency_s": hop})
             bar.update()
         plot_timeline(events, out.parent / f"{out.name}_{name}_timeline.png", len(opts["devices"]),
                       title=f"{name} M={rows[-1]['microbatches']}")
@@ -199,17 +227,63 @@ def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
             events = engine.last_trace
             # the first step is the prefill: simulate the decode steps only (steps >= 1)
             steps_events = [e for e in events if " t0 " not in e["label"]]
-            sim_makespan, sim_bubble = predicted(steps_events, engine.plan.chunk_labels(), "decode", p, m, 1, new - 1)
+            sim_makespan, sim_bubble, hop = predicted(steps_events, engine.plan.chunk_labels(), "decode", p, m, 1,
+                                                      new - 1)
             measured = (max(e["end"] for e in steps_events) - min(e["start"] for e in steps_events)) if steps_events \
                 else 0.0
             rows.append({"system": "eet_pipe", "schedule": "decode", "virtual": 1, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": tokens / seconds, "latency_s": seconds / new,
                          "bubble_measured": bubble_fraction(steps_events, p), "bubble_simulated": sim_bubble,
                          "makespan_simulated_s": sim_makespan,
-                         "simulated_over_measured": sim_makespan / measured if measured else None})
+                         "simulated_over_measured": sim_makespan / measured if measured else None,
+                         "hop_latency_s": hop})
             bar.update()
         plot_timeline(events, out.parent / f"{out.name}_decode_timeline.png", p, title=f"decode M={m}")
     return rows
+
+
+def trace_events(path: Path) -> list[dict]:
+    """A trace written by `PipelineEngine(trace=...)` back as the engine's event dicts."""
+    data = json.loads(path.read_text())
+    return [{"stage": e["tid"], "kind": e["cat"], "label": e["args"]["label"], "start": e["ts"] / 1e6,
+             "end": (e["ts"] + e["dur"]) / 1e6} for e in data["traceEvents"] if e.get("ph") == "X"]
+
+
+def chunk_labels(events: list[dict]) -> list[str]:
+    """Chunk labels of a trace in pipeline order (by their first canonical unit)."""
+    def first_unit(label: str) -> int:
+        unit = label.split("..")[0]
+        return -1 if unit == "embed" else int(unit.split(".")[1]) if unit.startswith("layers.") else 1 << 30
+
+    return sorted({e["label"].rsplit(" ", 1)[1] for e in events if e["kind"] == "compute"}, key=first_unit)
+
+
+def resimulate(path: str) -> None:
+    """Recompute the simulator's columns of a finished prefill run from its JSON and the traces beside it
+    (written next to the JSON as <name>_resimulated.json): for re-analysing a run after the model of the
+    simulation changed, without the GPUs."""
+    src = Path(path)
+    data = json.loads(src.read_text())
+    stages = len(data["config"]["devices"])
+    stem = src.with_suffix("")
+    print(f"{'schedule':<13} {'M':>3} {'hop us':>7} {'sim/traced':>10} {'sim/timed':>9}")
+    for r in data["results"]:
+        if r.get("system") != "eet_pipe" or r.get("schedule") not in ("sequential", "gpipe", "interleaved"):
+            continue
+        name = r["schedule"] + (str(r["virtual"]) if r["schedule"] == "interleaved" else "")
+        trace = Path(f"{stem}_{name}_M{r['microbatches']}_trace.json")
+        if not trace.exists():
+            print(f"{name:<13} {r['microbatches']:>3} trace {trace.name} missing")
+            continue
+        events = trace_events(trace)
+        makespan, bubble, hop = predicted(events, chunk_labels(events), r["schedule"], stages, r["microbatches"],
+                                          r["virtual"])
+        span = max(e["end"] for e in events) - min(e["start"] for e in events)
+        r.update({"makespan_simulated_s": makespan, "bubble_simulated": bubble, "hop_latency_s": hop,
+                  "simulated_over_measured": makespan / span, "simulated_over_timed": makespan / r["seconds"]})
+        print(f"{name:<13} {r['microbatches']:>3} {hop * 1e6:>7.1f} {makespan / span:>10.3f} "
+              f"{makespan / r['seconds']:>9.3f}")
+    write_json(Path(f"{stem}_resimulated.json"), data)
 
 
 def save(opts: dict, ms: list[int], rows: list[dict], partial: bool = False) -> None:
@@ -222,6 +296,9 @@ def save(opts: dict, ms: list[int], rows: list[dict], partial: bool = False) -> 
 
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
+    if opts["resimulate"]:
+        resimulate(opts["resimulate"])
+        return
     ms, ids = prefill_batch(opts)
     Path(opts["out"]).parent.mkdir(parents=True, exist_ok=True)
     if opts["workload"] not in ("prefill", "decode"):

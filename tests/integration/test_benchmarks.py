@@ -15,7 +15,8 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "pipeline_prefill.py": ["system", "microbatches", "seconds", "tokens_per_s", "speedup_vs_single", "gpipe_bound"],
     "decode_profile.py": ["batch", "wall_ms_per_step", "busy_ms_per_step", "kernels_per_step", "top"],
     "pipeline_decode.py": ["single_b1_ms_per_token", "pipeline_b1_ms_per_token", "throughput_ratio"],
-    "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated"],
+    "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated",
+                     "hop_latency_s", "simulated_over_timed"],
     "partitions.py": ["method", "stage_ms_measured"],
     "serve_load.py": ["concurrency"],
     "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token"],
@@ -64,9 +65,36 @@ def test_schedules_decode_workload_and_peers(tmp_path):
 @pytest.mark.timeout(240)
 def test_schedules_prefill_records_the_single_device_peers(tmp_path):
     rows = _quick_schedules(tmp_path / "result", "microbatches=2", "schedules=gpipe")
+    # a finished run re-analysed from its JSON and traces
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"),
+                           f"resimulate={tmp_path / 'result.json'}"], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "result_resimulated.json").read_text())["results"]
+    ours = [r for r in again if r["system"] == "eet_pipe"]
+    assert ours and all(r["simulated_over_timed"] > 0 and r["hop_latency_s"] >= 0 for r in ours)
+    assert "gpipe" in proc.stdout
     systems = {r["system"] for r in rows}
     assert {"eet_pipe single device", "eet_pipe", "HF transformers (1 device)", "fairscale Pipe"} <= systems
     hf = next(r for r in rows if r["system"] == "HF transformers (1 device)")
     assert hf["tokens_per_s"] > 0
     fs = [r for r in rows if r["system"] == "fairscale Pipe"]  # measured, or its import error recorded
     assert all(r.get("tokens_per_s") or "fairscale" in (r.get("error") or "") for r in fs)
+
+
+def test_hop_latency_takes_messages_whose_receiver_was_waiting():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from schedules import hop_latency
+
+    def ev(stage, kind, label, start, end):
+        return {"stage": stage, "kind": kind, "label": label, "start": start, "end": end}
+
+    events = [  # mb0 twice from 0 to 1 (interleaved: two rounds), mb1 once; the receiver waited for mb0 only
+        ev(0, "send", "mb0 to stage 1", 1.0, 1.0), ev(1, "recv", "mb0 from stage 1", 0.5, 1.2),  # other link
+        ev(1, "recv", "mb0 from stage 0", 0.9, 1.3),
+        ev(0, "send", "mb1 to stage 1", 2.0, 2.0), ev(1, "recv", "mb1 from stage 0", 2.5, 2.6),  # not waiting
+        ev(0, "send", "mb0 to stage 1", 3.0, 3.0), ev(1, "recv", "mb0 from stage 0", 2.9, 3.5),
+        ev(0, "compute", "mb0 embed..layers.1", 0.0, 1.0),
+    ]
+    assert hop_latency(events) == pytest.approx(0.4)  # median of 0.3 and 0.5; mb1 (receiver late) ignored
+    assert hop_latency([e for e in events if e["kind"] != "recv"]) == 0.0
