@@ -1,7 +1,7 @@
 """Decode-step kernels one at a time: our GEMV (dense fp16 and int8, with and without the fused epilogue)
 against cuBLAS (`F.linear`, then the separate activation / residual ops), and decode attention, at the
 GPT-2 XL shapes. Each case is captured in a CUDA graph of `reps` calls and replayed, so the figure is
-GPU time per call without launch gaps from the host; the calls cycle through enough copies of the weights
+time per call without launch gaps from the host; the calls cycle through enough copies of the weights
 (or caches) that they stream from memory, not from L2, as in a model whose layers each have their own.
 "GB/s" is the bytes the op must read (weights, or K and V) over that time, to compare against the
 memory bandwidth.
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, save_figure, write_json  # noqa: E402
+from common import environment, parse_args, save_figure, time_it, write_json  # noqa: E402
 
 from eet_pipe import ops  # noqa: E402
+from eet_pipe.cuda_graphs import graphed  # noqa: E402
 
 DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", "8", "16"], "context": ["64", "512"],
             "attn_batches": ["1", "64"], "reps": 48, "stream_mib": 400, "ops": ["linear", "attention"],
@@ -55,33 +56,11 @@ def cycling(fn: Callable[..., object], sets: list[tuple[torch.Tensor, ...]]) -> 
 
 
 def per_call_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Seconds per call: on CUDA, `reps` calls captured in one graph and replayed (median of 5 replays)."""
-    if device.type != "cuda":
-        import time
-
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) / reps
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture (workspace allocation, lazy init)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return sorted(times)[2]
+    """Seconds per call: `reps` calls replayed as one CUDA graph (`graphed`; on CPU the calls themselves),
+    median of 5 after one warm-up."""
+    fn()  # outside the capture: workspaces and lazy initialisation
+    batch = graphed(lambda: [fn() for _ in range(reps)], device)
+    return time_it(batch, [str(device)], warmup=1, repeats=5) / reps
 
 
 def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
