@@ -42,7 +42,7 @@ from pipeline_prefill import single_device  # noqa: E402
 
 import eet_pipe  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
-from eet_pipe.runtime.trace import bubble_fraction, plot_timeline  # noqa: E402
+from eet_pipe.runtime.trace import bubble_fraction, plot_timeline, read_chrome_trace  # noqa: E402
 from eet_pipe.schedule import build, simulate  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
@@ -242,20 +242,10 @@ def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
     return rows
 
 
-def trace_events(path: Path) -> list[dict]:
-    """A trace written by `PipelineEngine(trace=...)` back as the engine's event dicts."""
-    data = json.loads(path.read_text())
-    return [{"stage": e["tid"], "kind": e["cat"], "label": e["args"]["label"], "start": e["ts"] / 1e6,
-             "end": (e["ts"] + e["dur"]) / 1e6} for e in data["traceEvents"] if e.get("ph") == "X"]
-
-
-def chunk_labels(events: list[dict]) -> list[str]:
-    """Chunk labels of a trace in pipeline order (by their first canonical unit)."""
-    def first_unit(label: str) -> int:
-        unit = label.split("..")[0]
-        return -1 if unit == "embed" else int(unit.split(".")[1]) if unit.startswith("layers.") else 1 << 30
-
-    return sorted({e["label"].rsplit(" ", 1)[1] for e in events if e["kind"] == "compute"}, key=first_unit)
+def chunk_labels(events: list[dict], units: list[str]) -> list[str]:
+    """Chunk labels of a trace (`unit_range`s) in pipeline order, by the position of their first unit."""
+    labels = {e["label"].rsplit(" ", 1)[1] for e in events if e["kind"] == "compute"}
+    return sorted(labels, key=lambda label: units.index(label.split("..")[0]))
 
 
 def resimulate(path: str) -> None:
@@ -265,6 +255,7 @@ def resimulate(path: str) -> None:
     src = Path(path)
     data = json.loads(src.read_text())
     stages = len(data["config"]["devices"])
+    units = eet_pipe.presets.resolve_model(data["config"]["model"], data["config"]["weights"] or None).cfg.unit_names()
     stem = src.with_suffix("")
     print(f"{'schedule':<13} {'M':>3} {'hop us':>7} {'sim/traced':>10} {'sim/timed':>9}")
     for r in data["results"]:
@@ -275,9 +266,9 @@ def resimulate(path: str) -> None:
         if not trace.exists():
             print(f"{name:<13} {r['microbatches']:>3} trace {trace.name} missing")
             continue
-        events = trace_events(trace)
-        makespan, bubble, hop = predicted(events, chunk_labels(events), r["schedule"], stages, r["microbatches"],
-                                          r["virtual"])
+        events = read_chrome_trace(trace)
+        makespan, bubble, hop = predicted(events, chunk_labels(events, units), r["schedule"], stages,
+                                          r["microbatches"], r["virtual"])
         span = max(e["end"] for e in events) - min(e["start"] for e in events)
         r.update({"makespan_simulated_s": makespan, "bubble_simulated": bubble, "hop_latency_s": hop,
                   "simulated_over_measured": makespan / span, "simulated_over_timed": makespan / r["seconds"]})

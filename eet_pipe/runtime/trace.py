@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Tracer", "write_chrome_trace", "plot_timeline", "bubble_fraction"]
+__all__ = ["Tracer", "write_chrome_trace", "read_chrome_trace", "plot_timeline", "bubble_fraction"]
 
 
 class Tracer:
@@ -102,6 +102,13 @@ def write_chrome_trace(events: list[dict], path: str | Path, stages: int, meta: 
     bubble = bubble_fraction(events, stages)
     Path(path).write_text(json.dumps({"traceEvents": trace, "metadata": {**(meta or {}), "bubble": bubble}}))
     return bubble
+
+
+def read_chrome_trace(path: str | Path) -> list[dict]:
+    """The events of a trace written by `write_chrome_trace` (start / end relative to its first span)."""
+    data = json.loads(Path(path).read_text())
+    return [{"stage": e["tid"], "kind": e["cat"], "label": e["args"]["label"], "start": e["ts"] / 1e6,
+             "end": (e["ts"] + e["dur"]) / 1e6} for e in data["traceEvents"] if e.get("ph") == "X"]
 
 
 def plot_timeline(events: list[dict], path: str | Path, stages: int, title: str = "") -> None:
