@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,16 @@ def save_figure(fig: Any, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@contextmanager
+def gemv_setting(enabled: bool | None) -> Iterator[None]:
+    """`eet_pipe.ops.GEMV_ENABLED` forced to `enabled` inside the block (None: as configured), restored after."""
+    from eet_pipe import ops
+
+    saved = ops.GEMV_ENABLED
+    ops.GEMV_ENABLED = saved if enabled is None else enabled
+    try:
+        yield
+    finally:
+        ops.GEMV_ENABLED = saved

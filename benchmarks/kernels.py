@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, save_figure, time_it, write_json  # noqa: E402
+from common import environment, gemv_setting, parse_args, save_figure, time_it, write_json  # noqa: E402
 
 from eet_pipe import ops  # noqa: E402
 from eet_pipe.cuda_graphs import graphed  # noqa: E402
@@ -67,43 +67,39 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
     h = opts["hidden"]
     shapes = {"attn.qkv": (3 * h, h), "attn.out": (h, h), "mlp.up": (4 * h, h), "mlp.down": (h, 4 * h)}
     rows = []
-    saved = ops.GEMV_ENABLED
-    try:
-        for name, (n, k) in shapes.items():
-            w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
-            bias = torch.randn(n, device=device).to(dtype)
-            qweight, scale = ops.quantize_int8(w)
-            dense, int8 = copies((w, bias), opts), copies((qweight, scale, bias), opts)
-            act = "gelu_new" if name == "mlp.up" else None
-            for m in (int(r) for r in opts["rows"]):
-                x = torch.randn(m, k, device=device).to(dtype)
-                residual = torch.randn(m, n, device=device).to(dtype) if name == "mlp.down" else None
+    for name, (n, k) in shapes.items():
+        w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
+        bias = torch.randn(n, device=device).to(dtype)
+        qweight, scale = ops.quantize_int8(w)
+        dense, int8 = copies((w, bias), opts), copies((qweight, scale, bias), opts)
+        act = "gelu_new" if name == "mlp.up" else None
+        for m in (int(r) for r in opts["rows"]):
+            x = torch.randn(m, k, device=device).to(dtype)
+            residual = torch.randn(m, n, device=device).to(dtype) if name == "mlp.down" else None
 
-                def dense_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
+            def dense_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
+                return ops.linear(x, w, b, act, residual)
+
+            def gemv_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
+                if not (ops.HAVE_EXT and x.is_cuda):  # CPU smoke run: the reference
                     return ops.linear(x, w, b, act, residual)
+                return torch.ops.eet_pipe.gemv(x, w, None, b, residual, act or "none")  # at every row count
 
-                def gemv_call(w: torch.Tensor, b: torch.Tensor, x=x, act=act, residual=residual) -> torch.Tensor:
-                    if not (ops.HAVE_EXT and x.is_cuda):  # CPU smoke run: the reference
-                        return ops.linear(x, w, b, act, residual)
-                    return torch.ops.eet_pipe.gemv(x, w, None, b, residual, act or "none")  # at every row count
+            def int8_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
+                          residual=residual) -> torch.Tensor:
+                return ops.int8_linear(x, q, sc, b, act, residual)
 
-                def int8_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
-                              residual=residual) -> torch.Tensor:
-                    return ops.int8_linear(x, q, sc, b, act, residual)
-
-                w_bytes, q_bytes = w.numel() * w.element_size(), qweight.numel() + scale.numel() * scale.element_size()
-                cases = {"cuBLAS": (False, cycling(dense_call, dense), w_bytes),
-                         "gemv": (True, cycling(gemv_call, dense), w_bytes),
-                         "int8 gemv": (saved, cycling(int8_call, int8), q_bytes)}
-                for system, (gemv, fn, nbytes) in cases.items():
-                    ops.GEMV_ENABLED = gemv
+            w_bytes, q_bytes = w.numel() * w.element_size(), qweight.numel() + scale.numel() * scale.element_size()
+            cases = {"cuBLAS": (False, cycling(dense_call, dense), w_bytes),  # the dense linear kept off the GEMV
+                     "gemv": (None, cycling(gemv_call, dense), w_bytes),
+                     "int8 gemv": (None, cycling(int8_call, int8), q_bytes)}
+            for system, (gemv, fn, nbytes) in cases.items():
+                with gemv_setting(gemv):
                     s = per_call_seconds(fn, device, opts["reps"])
-                    rows.append({"op": name, "system": system, "rows": m, "n": n, "k": k,
-                                 "epilogue": "+".join(e for e in ("bias", act, "residual" if residual is not None
-                                                                             else None) if e),
-                                 "us": s * 1e6, "gb_per_s": nbytes / s / 1e9})
-    finally:
-        ops.GEMV_ENABLED = saved
+                rows.append({"op": name, "system": system, "rows": m, "n": n, "k": k,
+                             "epilogue": "+".join(e for e in ("bias", act, "residual" if residual is not None
+                                                                         else None) if e),
+                             "us": s * 1e6, "gb_per_s": nbytes / s / 1e9})
     return rows
 
 

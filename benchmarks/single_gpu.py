@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, sync, time_it, write_json  # noqa: E402
+from common import environment, gemv_setting, parse_args, sync, time_it, write_json  # noqa: E402
 from peer_static_gpt2 import prefill_seconds, run_peer  # noqa: E402
 from peers import hf_gpt2  # noqa: E402
 
@@ -89,12 +89,8 @@ def _ids(cfg: Any, b: int, s: int) -> torch.Tensor:
 def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = None) -> list[dict]:
     """Our engine; `gemv` True / False forces the GEMV kernel for decode-sized dense linears on / off for this
     run (None: the library's setting, `EET_PIPE_GEMV`)."""
-    saved = eet_pipe.ops.GEMV_ENABLED
-    eet_pipe.ops.GEMV_ENABLED = saved if gemv is None else gemv
-    try:
+    with gemv_setting(gemv):
         return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED)
-    finally:
-        eet_pipe.ops.GEMV_ENABLED = saved
 
 
 def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool) -> list[dict]:
