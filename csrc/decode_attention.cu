@@ -15,7 +15,7 @@ namespace eet {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMinChunk = 256;  // fewest keys worth a split of their own
+constexpr int kMinChunk = 64;  // fewest keys worth a split of their own (a block of 32 key groups: 2 keys each)
 constexpr int kMaxSplits = 64;
 constexpr int kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
@@ -41,6 +41,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   constexpr int VEC = 16 / sizeof(T);
   constexpr int E = VEC * NVPL;  // elements of the head dim each lane holds
   extern __shared__ float smem[];  // [groups * D] accumulators, [groups] max, sum, weight
+  pdl_launch_dependents();
+  pdl_wait();
 
   const int bh = blockIdx.x, split = blockIdx.y;
   const int b = bh / a.num_heads, h = bh % a.num_heads, g = h / a.group;
@@ -71,7 +73,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
   float m = -INFINITY, l = 0.f;
   for (int j = start + kgroup; j < end; j += groups) {
-    if (!valid[j * a.valid_stride[1]]) continue;  // uniform across the TPK lanes of this key
+    // The mask is loaded with K and V, not before them: a branch on it would put a second memory latency in
+    // front of every key. A masked key's score is computed and dropped (j < end <= cache_len: in bounds).
+    const bool keep = valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
     Vec<T, VEC> kv[NVPL], vv[NVPL];
 #pragma unroll
     for (int i = 0; i < NVPL; ++i) {
@@ -91,6 +95,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     }
 #pragma unroll
     for (int offset = TPK / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(mask, s, offset);
+    if (!keep) continue;
     const float m_new = fmaxf(m, s);
     const float corr = exp2f(m - m_new);
     const float p = exp2f(s - m_new);
@@ -149,6 +154,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 // Second pass: out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max); empty splits have lse -inf.
 template <typename T>
 __global__ void decode_combine_kernel(const DecodeArgs a) {
+  pdl_launch_dependents();
+  pdl_wait();
   const int bh = blockIdx.x;
   const float* lse = a.part_lse + static_cast<int64_t>(bh) * a.splits;
   float mx = -INFINITY;
@@ -171,14 +178,11 @@ template <typename T, int TPK, int NVPL>
 void launch(const DecodeArgs& a, int64_t batch_heads) {
   const int groups = kThreads / TPK;
   const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
-  decode_attention_kernel<T, TPK, NVPL><<<grid, kThreads, smem, stream>>>(a);
-  EET_CHECK_LAUNCH();
+  launch_kernel(decode_attention_kernel<T, TPK, NVPL>, grid, dim3(kThreads), smem, a);
   if (a.splits > 1) {
     const int threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
-    decode_combine_kernel<T><<<static_cast<unsigned>(batch_heads), threads, 0, stream>>>(a);
-    EET_CHECK_LAUNCH();
+    launch_kernel(decode_combine_kernel<T>, dim3(static_cast<unsigned>(batch_heads)), dim3(threads), 0, a);
   }
 }
 
