@@ -103,13 +103,16 @@ def save_figure(fig: Any, path: str | Path) -> None:
 
 
 @contextmanager
-def gemv_setting(enabled: bool | None) -> Iterator[None]:
-    """`eet_pipe.ops.GEMV_ENABLED` forced to `enabled` inside the block (None: as configured), restored after."""
+def kernel_setting(gemv: bool | None = None, pdl: bool | None = None) -> Iterator[None]:
+    """Inside the block, `eet_pipe.ops.GEMV_ENABLED` forced to `gemv` and programmatic dependent launch
+    (`eet_pipe.ops.set_pdl`) to `pdl`; None leaves a setting as configured. Both are restored after."""
     from eet_pipe import ops
 
-    saved = ops.GEMV_ENABLED
-    ops.GEMV_ENABLED = saved if enabled is None else enabled
+    saved_gemv = ops.GEMV_ENABLED
+    ops.GEMV_ENABLED = saved_gemv if gemv is None else gemv
+    saved_pdl = ops.set_pdl(pdl)
     try:
         yield
     finally:
-        ops.GEMV_ENABLED = saved
+        ops.GEMV_ENABLED = saved_gemv
+        ops.set_pdl(saved_pdl)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, gemv_setting, parse_args, save_figure, time_it, write_json  # noqa: E402
+from common import environment, kernel_setting, parse_args, save_figure, time_it, write_json  # noqa: E402
 
 from eet_pipe import ops  # noqa: E402
 from eet_pipe.cuda_graphs import graphed  # noqa: E402
@@ -94,7 +94,7 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
                      "gemv": (None, cycling(gemv_call, dense), w_bytes),
                      "int8 gemv": (None, cycling(int8_call, int8), q_bytes)}
             for system, (gemv, fn, nbytes) in cases.items():
-                with gemv_setting(gemv):
+                with kernel_setting(gemv=gemv):
                     s = per_call_seconds(fn, device, opts["reps"])
                 rows.append({"op": name, "system": system, "rows": m, "n": n, "k": k,
                              "epilogue": "+".join(e for e in ("bias", act, "residual" if residual is not None

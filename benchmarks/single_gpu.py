@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, gemv_setting, parse_args, sync, time_it, write_json  # noqa: E402
+from common import environment, kernel_setting, parse_args, sync, time_it, write_json  # noqa: E402
 from peer_static_gpt2 import prefill_seconds, run_peer  # noqa: E402
 from peers import hf_gpt2  # noqa: E402
 
@@ -34,7 +34,7 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
             "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu",
-            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "bf16", "int8"], "tune": "yes"}
+            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "fp16serial", "bf16", "int8"], "tune": "yes"}
 QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
          "prefill": ["1x64", "2x64"], "repeats": 1}
 FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
@@ -86,14 +86,15 @@ def _ids(cfg: Any, b: int, s: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b * 7919 + s))
 
 
-def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = None) -> list[dict]:
+def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = None,
+         pdl: bool | None = None) -> list[dict]:
     """Our engine; `gemv` True / False forces the GEMV kernel for decode-sized dense linears on / off for this
-    run (None: the library's setting, `EET_PIPE_GEMV`)."""
-    with gemv_setting(gemv):
-        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED)
+    run, `pdl` programmatic dependent launch (None: the library's settings, `EET_PIPE_GEMV`, `EET_PIPE_PDL`)."""
+    with kernel_setting(gemv=gemv, pdl=pdl):
+        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED, eet_pipe.ops.set_pdl(None))
 
 
-def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool) -> list[dict]:
+def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool) -> list[dict]:
     lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=dtype,
                                   device=opts["device"])
     if tune:
@@ -108,9 +109,9 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool) -> list[
             lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
     name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "") + \
-        ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS")
+        ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
     return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
-                                                 "gemv": gemv})
+                                                 "gemv": gemv, "pdl": pdl})
 
 
 def hf_sdpa(opts: dict) -> list[dict]:
@@ -206,6 +207,8 @@ def main() -> None:
         "fp16": (f"eet_pipe fp16 graphs{label}", lambda: ours(opts, "fp16", graphs=True, tune=tune)),
         "fp16cublas": (f"eet_pipe fp16 graphs{label} cuBLAS", lambda: ours(opts, "fp16", graphs=True, tune=tune,
                                                                            gemv=False)),
+        "fp16serial": (f"eet_pipe fp16 graphs{label} serial launch",
+                       lambda: ours(opts, "fp16", graphs=True, tune=tune, pdl=False)),
         "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),
         "int8": (f"eet_pipe int8 graphs{label}", lambda: ours(opts, "int8", graphs=True, tune=tune)),
     }

@@ -26,6 +26,8 @@ template <typename T, Act A, bool GATED, bool BIAS>
 __global__ void eltwise_kernel(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b,
                                const T* __restrict__ bias, int64_t n, int64_t n_vec, int64_t cols) {
   constexpr int VEC = 16 / sizeof(T);
+  pdl_launch_dependents();
+  pdl_wait();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = first; i < n_vec; i += stride) {
@@ -52,12 +54,11 @@ void launch(Act act, T* out, const T* a, const T* b, const T* bias, int64_t n, i
   const int64_t n_vec = vec ? n / VEC : 0;
   const int64_t work = std::max<int64_t>(n_vec, n - n_vec * VEC);
   const int64_t blocks = std::min<int64_t>(ceil_div(work, kThreads), static_cast<int64_t>(num_sms()) * 32);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   switch (act) {
-#define EET_ACT_CASE(ACT)                                                                                   \
-  case ACT:                                                                                                 \
-    eltwise_kernel<T, ACT, GATED, BIAS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, a, b, bias, \
-                                                                                                 n, n_vec, cols); \
+#define EET_ACT_CASE(ACT)                                                                                 \
+  case ACT:                                                                                               \
+    launch_kernel(eltwise_kernel<T, ACT, GATED, BIAS>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, \
+                  out, a, b, bias, n, n_vec, cols);                                                       \
     break;
     EET_ACT_CASE(Act::kNone)
     EET_ACT_CASE(Act::kGelu)
@@ -67,7 +68,6 @@ void launch(Act act, T* out, const T* a, const T* b, const T* bias, int64_t n, i
     EET_ACT_CASE(Act::kGeluTanh)
 #undef EET_ACT_CASE
   }
-  EET_CHECK_LAUNCH();
 }
 
 template <bool GATED, bool BIAS>

@@ -21,6 +21,8 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
+  // Process-wide launch setting, not a tensor op (no tensor arguments: the catch-all kernel runs).
+  m.def("set_pdl(bool? enabled) -> bool", &eet::set_pdl);
 }
 
 TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {

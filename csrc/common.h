@@ -72,7 +72,52 @@ inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProce
 // Launch-error check after every kernel launch.
 #define EET_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
+// ---------------------------------------------------------------- launches
+// Programmatic dependent launch (PDL, sm_90+). A kernel launched with it may start while the kernel before
+// it in the stream still runs -- once every block of that one has executed pdl_launch_dependents() -- and
+// must execute pdl_wait() (which returns when the earlier kernel has finished and its writes are visible)
+// before it reads or writes any memory an earlier kernel reads or writes. Every kernel here releases its
+// successor first thing and waits before its first such access, so one kernel's launch latency and block
+// start-up hide behind the one before; the GEMV also streams its first weights (constant, written at load)
+// before it waits. A decode step is some 400 kernels of 2-10 us each, so the gaps are a large share of it.
+// Without the launch attribute (set_pdl(false), or a GPU before sm_90) both instructions do nothing and
+// ordering is the stream's usual one. Kernels of other libraries in the stream keep their full ordering.
+
+// Whether launches ask for PDL (set_pdl; on by default) and the current device supports it.
+bool pdl_enabled();
+// set_pdl (ops.h) turns it on or off for kernels launched from then on; CUDA graphs keep what they captured.
+
+// Launches `kernel` on the current stream, with PDL when pdl_enabled(); checks the launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
+
 // ---------------------------------------------------------------- device-side helpers
+
+// Let the next kernel in the stream start (PDL; see launch_kernel).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Wait until the kernels before this one have finished and their writes are visible (PDL).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // N elements of T loaded/stored as one aligned access (N * sizeof(T) <= 16 bytes).
 template <typename T, int N>

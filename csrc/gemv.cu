@@ -8,7 +8,9 @@
 // the loads bypass L1 (read once) while x, re-read by every warp, stays there. Each lane multiplies
 // its weights into all M rows of x in fp32, the warp sums once at the end, and one rounding follows
 // the epilogue (scale, bias, activation, residual) -- the activation and residual add would otherwise
-// be two more kernels per layer.
+// be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
+// that writes x (programmatic dependent launch, common.h), so a short kernel before it (a norm, the
+// attention) and its own start-up overlap the weight stream.
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -66,26 +68,40 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
 template <typename T, typename W, int MT, Act A>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (n >= a.n_out) return;  // whole warp leaves together
+  const bool active = n < a.n_out;  // whole warps are active or not
   const T* __restrict__ x = static_cast<const T*>(a.x);
-  const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(n) * a.k_in;
+  const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
   const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
+
+  // The weights are constant, so the first kLoads chunks per lane are requested before waiting for the
+  // kernel that produces x (PDL): they stream in while that one finishes.
+  int4 packed[kLoads];
+  if (active) {
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (lane + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + lane + u * 32);
+    }
+  }
+  pdl_wait();
+  if (!active) return;
+
   float acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-
-  for (int c0 = lane; c0 < a.k_chunks; c0 += 32 * kLoads) {
-    int4 packed[kLoads];
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      if (c0 + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + c0 + u * 32);
-    }
+  for (int c0 = lane;;) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int c = c0 + u * 32;
       if (c < a.k_chunks) fma_chunk<T, W, MT>(acc, packed[u], x, a.rows, a.k_in, c * WV);
+    }
+    c0 += 32 * kLoads;
+    if (c0 >= a.k_chunks) break;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (c0 + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + c0 + u * 32);
     }
   }
   for (int k = a.k_chunks * WV + lane; k < a.k_in; k += 32) {  // unaligned: everything, one element at a time
@@ -112,12 +128,11 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
 
 template <typename T, typename W, int MT>
 void launch_rows(const GemvArgs& a, Act act) {
-  const auto blocks = static_cast<unsigned>(ceil_div(a.n_out, kWarps));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                \
-  case ACT:                                                               \
-    gemv_kernel<T, W, MT, ACT><<<blocks, kThreads, 0, stream>>>(a);       \
+#define EET_GEMV_CASE(ACT)                                           \
+  case ACT:                                                          \
+    launch_kernel(gemv_kernel<T, W, MT, ACT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -127,7 +142,6 @@ void launch_rows(const GemvArgs& a, Act act) {
     default:
       TORCH_CHECK(false, "gemv: activation not supported in the epilogue");
   }
-  EET_CHECK_LAUNCH();
 }
 
 template <typename T, typename W>

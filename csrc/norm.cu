@@ -25,6 +25,8 @@ struct NormArgs {
 template <typename T, int VEC, bool RESIDUAL, bool RMS>
 __global__ void norm_kernel(const NormArgs a) {
   extern __shared__ float row[];  // [hidden], element (i, e) at row[e * nvec + i]: conflict-free
+  pdl_launch_dependents();
+  pdl_wait();
   const int nvec = a.hidden / VEC;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * a.hidden;
   const T* x = static_cast<const T*>(a.x) + base;
@@ -97,8 +99,7 @@ void launch(const NormArgs& args, int64_t rows) {
                 " bytes of shared memory per block but this GPU allows ", num(limit));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(rows), threads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
-  EET_CHECK_LAUNCH();
+  launch_kernel(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, args);
 }
 
 void check_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight,

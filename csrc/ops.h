@@ -44,4 +44,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
+// launch.cu -- programmatic dependent launch of these kernels on (default) or off (None: unchanged); returns the
+// setting before the call.
+bool set_pdl(std::optional<bool> enabled);
+
 }  // namespace eet

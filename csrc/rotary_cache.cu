@@ -28,6 +28,8 @@ struct QkvArgs {
 
 template <typename T, typename C, int V, bool ROTARY>
 __global__ void qkv_rotary_cache_kernel(const QkvArgs a) {
+  pdl_launch_dependents();
+  pdl_wait();
   const int heads = a.num_heads + 2 * a.num_kv_heads;
   const int half = a.head_dim / 2;
   const int chunks = (ROTARY ? half : a.head_dim) / V;
@@ -92,9 +94,7 @@ void launch(const QkvArgs& a) {
   const int64_t chunks = (ROTARY ? a.head_dim / 2 : a.head_dim) / V;
   const int64_t total = a.rows * heads * chunks;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), static_cast<int64_t>(num_sms()) * 32);
-  qkv_rotary_cache_kernel<T, C, V, ROTARY>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
-  EET_CHECK_LAUNCH();
+  launch_kernel(qkv_rotary_cache_kernel<T, C, V, ROTARY>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, a);
 }
 
 // 16-byte vectors need every row start aligned: pointers and strides multiples of 16 bytes.

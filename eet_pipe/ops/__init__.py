@@ -24,6 +24,7 @@ __all__ = [
     "INT8_GEMV_MAX_ROWS",
     "GEMV_MAX_ROWS",
     "GEMV_ENABLED",
+    "set_pdl",
     "activation",
     "attention",
     "bias_activation",
@@ -56,14 +57,34 @@ GEMV_MAX_ROWS = 1
 H100 (docs/PERF.md, benchmarks/kernels.py): at one row the kernel with its fused epilogue saves the
 activation, residual-add and split-K reduce kernels of the cuBLAS path (decode step -10 %); from four rows
 on cuBLAS's tensor-core tiles are faster (the kernel re-reads x per row from L1)."""
-GEMV_ENABLED: bool = os.environ.get("EET_PIPE_GEMV", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _env_on(name: str) -> bool:
+    """An on-by-default switch from the environment: 0, false, no or off turn it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+GEMV_ENABLED: bool = _env_on("EET_PIPE_GEMV")
 """`linear` may use the GEMV kernel (default); EET_PIPE_GEMV=0 (or false/no/off) keeps every dense linear on
 cuBLAS."""
+
+
+def set_pdl(enabled: bool | None) -> bool:
+    """Launch the kernels with programmatic dependent launch (on by default; EET_PIPE_PDL=0 turns it off at
+    import) or without (None: unchanged); returns the setting before the call. With it, on sm_90+ GPUs, each
+    kernel of this library starts while the one before it finishes and waits in hardware for its inputs, so the
+    ~400 short kernels of a decode step overlap their launch and start-up (docs/KERNELS.md). Applies to
+    launches (and CUDA graph captures) from now on. Without the extension there is nothing to set: False."""
+    if not HAVE_EXT:
+        return False
+    return bool(torch.ops.eet_pipe.set_pdl(None if enabled is None else bool(enabled)))
+
 
 if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes
 
     register_fakes()
+    set_pdl(_env_on("EET_PIPE_PDL"))
 
 
 def _kernel(x: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ _CXX_FLAGS = ["-O3"]
 _NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
-_SCHEMA_ARGS = {"rms_norm": 3, "gemv": 6}
+_SCHEMA_ARGS = {"rms_norm": 3, "gemv": 6, "set_pdl": 1}
 """Ops whose argument counts tell a build of the current csrc/ from an older one (a `pip install -e` checkout
 keeps its old `_C` after a pull: calling a changed op would then fail on every decode step)."""
 
@@ -44,7 +44,9 @@ def _stale(namespace: object | None = None) -> str | None:
     namespace = torch.ops.eet_pipe if namespace is None else namespace
     for name, count in _SCHEMA_ARGS.items():
         op = getattr(namespace, name, None)
-        got = len(op.default._schema.arguments) if op is not None else None
+        if op is None:
+            return f"op {name} is missing"
+        got = len(op.default._schema.arguments)
         if got != count:
             return f"op {name} has {got} arguments, the sources define {count}"
     return None

@@ -464,6 +464,53 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+# ---------------------------------------------------------------- programmatic dependent launch
+
+def _dependent_chain(x: torch.Tensor, norm_w: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Kernels that each read what the one before wrote at once: norm -> GEMV (+ the norm's input as the residual)
+    -> GEMV -> activation -> decode-sized attention over a cache the chain just wrote, repeated."""
+    h = x
+    for i, w in enumerate(weights):
+        normed = torch.ops.eet_pipe.rms_norm(h, norm_w, 1e-6)
+        up = torch.ops.eet_pipe.gemv(normed, w, None, None, h, "gelu_new")
+        h = torch.ops.eet_pipe.gemv(up, weights[-1 - i], None, None, h, "none")
+        h = torch.ops.eet_pipe.activation(h, "gelu") if i % 2 else h
+    return h
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_dependent_launches_wait_for_their_inputs(graphs: bool) -> None:
+    """With PDL every kernel starts before the previous one has finished; the result must be bit-identical to
+    fully serial launches (a kernel reading or writing before its wait would see stale or racing data)."""
+    hidden = 1600
+    weights = [rand(hidden, hidden, dtype=F16, seed=("pdl", i), scale=hidden ** -0.5) for i in range(6)]
+    norm_w, x = rand(hidden, dtype=F16, seed="pdl-n"), rand(1, hidden, dtype=F16, seed="pdl-x")
+    results = {}
+    for pdl in (False, True):
+        before = ops.set_pdl(pdl)
+        try:
+            assert ops.set_pdl(None) is pdl  # None reads the setting
+            if graphs:
+                static = x.clone()
+                _dependent_chain(static, norm_w, weights)  # warm-up outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = _dependent_chain(static, norm_w, weights)
+                for _ in range(3):
+                    graph.replay()
+                results[pdl] = out.clone()
+            else:
+                results[pdl] = torch.stack([_dependent_chain(x, norm_w, weights) for _ in range(8)])
+            torch.cuda.synchronize()
+        finally:
+            ops.set_pdl(before)
+    assert results[True].isfinite().all()
+    torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
+    if not graphs:  # repeated runs agree with each other too
+        torch.testing.assert_close(results[True], results[True][:1].expand_as(results[True]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["rms_norm", "residual_layer_norm", "gated_activation", "qkv_rotary_cache",
                                   "decode_attention", "gemv"])
 def test_fake_implementations_match_the_kernels(name: str) -> None:

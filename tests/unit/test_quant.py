@@ -153,4 +153,12 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     lib2 = torch.library.Library("eet_pipe_current_check", "DEF")  # noqa: F841
     lib2.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
     lib2.define("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor")
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op set_pdl is missing"
+    lib2.define("set_pdl(bool? enabled) -> bool")  # a build before it lacks the launch setting
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
+
+
+@pytest.mark.skipif(ops.HAVE_EXT, reason="checks the behaviour without the CUDA extension")
+def test_launch_setting_without_the_extension_reports_off():
+    assert ops.set_pdl(True) is False
+    assert ops.set_pdl(None) is False
