@@ -2,8 +2,8 @@
 //   y[m, n] = act(scale[n] * sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n]
 // A decode step multiplies a handful of rows by every weight matrix once, so its time is the time to
 // stream the weights from memory. cuBLASLt's tiled kernels for M <= 8 (64 x 8 tiles, often split-K plus
-// a reduce kernel) reach about half of the memory bandwidth there. Here one warp owns one output
-// channel n and streams its weight row in 16-byte loads (8 fp16/bf16 or 16 int8 weights), issuing
+// a reduce kernel) reach about half of the memory bandwidth there. Here one warp (or, for long rows, 2-8 warps
+// of a block, each a slice: plan_split) owns one output channel n and streams its weight row in 16-byte loads (8 fp16/bf16 or 16 int8 weights), issuing
 // kLoads of them per lane before using any, so that every warp keeps 32 * kLoads * 16 bytes in flight;
 // the loads bypass L1 (read once) while x, re-read by every warp, stays there. Each lane multiplies
 // its weights into all M rows of x in fp32, the warp sums once at the end, and one rounding follows
@@ -31,7 +31,18 @@ struct GemvArgs {
   const void* bias;  // [N] or null
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
+  int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
 };
+
+// Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
+// in flight at once, and requested before the PDL wait), at most a block's worth. A long row read by one
+// warp would be kLoads chunks per lane, wait, multiply, repeat: GPT-2 XL's mlp.down (K = 6400) is four such
+// rounds on 200 blocks, under one wave of the GPU.
+int plan_split(int k_chunks) {
+  int split = 1;
+  while (split < kWarps && k_chunks > split * 32 * kLoads) split *= 2;
+  return split;
+}
 
 __device__ __forceinline__ int4 load_stream(const int4* ptr) {
   int4 out;
@@ -69,69 +80,79 @@ template <typename T, typename W, int MT, Act A>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
-  const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  const bool active = n < a.n_out;  // whole warps are active or not
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.x * (kWarps / a.split) + warp / a.split;
+  const int part = warp % a.split;  // which slice of the row this warp reads
+  const bool active = n < a.n_out;  // the warps of one row are active or not together
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
   const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
+  const int per_part = (a.k_chunks + a.split - 1) / a.split;
+  const int c_end = min(a.k_chunks, (part + 1) * per_part);
 
   // The weights are constant, so the first kLoads chunks per lane are requested before waiting for the
   // kernel that produces x (PDL): they stream in while that one finishes.
   int4 packed[kLoads];
+  int c0 = part * per_part + lane;
   if (active) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      if (lane + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + lane + u * 32);
+      if (c0 + u * 32 < c_end) packed[u] = load_stream(wchunks + c0 + u * 32);
     }
   }
   pdl_wait();
-  if (!active) return;
 
   float acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-  for (int c0 = lane;;) {
+  while (active) {
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int c = c0 + u * 32;
-      if (c < a.k_chunks) fma_chunk<T, W, MT>(acc, packed[u], x, a.rows, a.k_in, c * WV);
+      if (c < c_end) fma_chunk<T, W, MT>(acc, packed[u], x, a.rows, a.k_in, c * WV);
     }
     c0 += 32 * kLoads;
-    if (c0 >= a.k_chunks) break;
+    if (c0 >= c_end) break;
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      if (c0 + u * 32 < a.k_chunks) packed[u] = load_stream(wchunks + c0 + u * 32);
+      if (c0 + u * 32 < c_end) packed[u] = load_stream(wchunks + c0 + u * 32);
     }
   }
-  for (int k = a.k_chunks * WV + lane; k < a.k_in; k += 32) {  // unaligned: everything, one element at a time
-    const float wf = to_float(wrow[k]);
+  if (active) {  // unaligned: everything, one element at a time, the row's warps interleaved
+    for (int k = a.k_chunks * WV + part * 32 + lane; k < a.k_in; k += 32 * a.split) {
+      const float wf = to_float(wrow[k]);
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m < a.rows) acc[m] += to_float(x[static_cast<int64_t>(m) * a.k_in + k]) * wf;
+      for (int m = 0; m < MT; ++m) {
+        if (m < a.rows) acc[m] += to_float(x[static_cast<int64_t>(m) * a.k_in + k]) * wf;
+      }
     }
   }
 
-  const float s = a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
-  const float b = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
+  // Sum each row over its warps: in the warp, then (split > 1) over the row's warps through shared memory.
+  __shared__ float partial[kWarps][MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const float total = warp_sum(acc[m]);
-    if (lane == m && m < a.rows) {
-      const int64_t i = static_cast<int64_t>(m) * a.n_out + n;
-      float v = apply<A>(total * s + b);
-      if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
-      static_cast<T*>(a.y)[i] = from_float<T>(v);
-    }
+    if (lane == m) partial[warp][m] = total;
   }
+  if (a.split > 1) __syncthreads();  // split is uniform over the grid: every thread takes this branch
+  if (!active || part != 0 || lane >= a.rows) return;
+  float total = 0.f;
+  for (int w = warp; w < warp + a.split; ++w) total += partial[w][lane];
+  const float s = a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
+  const float b = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
+  const int64_t i = static_cast<int64_t>(lane) * a.n_out + n;
+  float v = apply<A>(total * s + b);
+  if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
+  static_cast<T*>(a.y)[i] = from_float<T>(v);
 }
 
 template <typename T, typename W, int MT>
 void launch_rows(const GemvArgs& a, Act act) {
-  const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps)));
+  const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                           \
-  case ACT:                                                          \
+#define EET_GEMV_CASE(ACT)                                                   \
+  case ACT:                                                                  \
     launch_kernel(gemv_kernel<T, W, MT, ACT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
@@ -226,6 +247,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   a.n_out = n_out;
   a.k_in = k_in;
   a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
+  a.split = plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk)));
   const bool int8 = weight.scalar_type() == at::kChar;
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
     if (int8) {
