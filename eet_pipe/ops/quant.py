@@ -39,7 +39,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """qweight [N, K] int8 * scale [N] -> [N, K] in `dtype` (default: the scale's dtype)."""
     dtype = scale.dtype if dtype is None else dtype
-    return qweight.to(dtype) * scale.to(dtype).unsqueeze(1)
+    # int8 * float promotes to the float dtype inside one element-wise kernel (int8 -> float is exact): the
+    # weight is read once as int8 and written once, with no intermediate float copy of it.
+    return qweight * scale.to(dtype).unsqueeze(1)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
