@@ -72,27 +72,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const bool* valid = a.valid + slot * a.valid_stride[0];
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
   float m = -INFINITY, l = 0.f;
-  // Each key group walks its keys with the next key's K, V and mask already requested (two keys in flight),
-  // so a group's keys cost one memory latency, not one each. The mask is loaded with K and V, not before
-  // them; a masked key's score is computed and dropped (every j < end <= cache_len is in bounds).
-  Vec<T, VEC> kv[NVPL], vv[NVPL];
-  bool keep = false;
-  auto fetch = [&](int j, Vec<T, VEC>(&kd)[NVPL], Vec<T, VEC>(&vd)[NVPL], bool& keep_d) {
-    keep_d = valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
+  for (int j = start + kgroup; j < end; j += groups) {
+    // The mask is loaded with K and V, not before them: a branch on it would put a second memory latency in
+    // front of every key. A masked key's score is computed and dropped (j < end <= cache_len: in bounds).
+    const bool keep = valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
+    Vec<T, VEC> kv[NVPL], vv[NVPL];
 #pragma unroll
     for (int i = 0; i < NVPL; ++i) {
       const int vi = lane + i * TPK;
       if (vi < nv) {
-        kd[i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
-        vd[i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+        kv[i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
+        vv[i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
       }
     }
-  };
-  if (start + kgroup < end) fetch(start + kgroup, kv, vv, keep);
-  for (int j = start + kgroup; j < end; j += groups) {
-    Vec<T, VEC> kn[NVPL], vn[NVPL];
-    bool keep_next = false;
-    if (j + groups < end) fetch(j + groups, kn, vn, keep_next);
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < NVPL; ++i) {
@@ -103,26 +95,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     }
 #pragma unroll
     for (int offset = TPK / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(mask, s, offset);
-    if (keep) {
-      const float m_new = fmaxf(m, s);
-      const float corr = exp2f(m - m_new);
-      const float p = exp2f(s - m_new);
-      l = l * corr + p;
-#pragma unroll
-      for (int i = 0; i < NVPL; ++i) {
-        if (lane + i * TPK < nv) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[i * VEC + e] = acc[i * VEC + e] * corr + p * to_float(vv[i].v[e]);
-        }
-      }
-      m = m_new;
-    }
+    if (!keep) continue;
+    const float m_new = fmaxf(m, s);
+    const float corr = exp2f(m - m_new);
+    const float p = exp2f(s - m_new);
+    l = l * corr + p;
 #pragma unroll
     for (int i = 0; i < NVPL; ++i) {
-      kv[i] = kn[i];
-      vv[i] = vn[i];
+      if (lane + i * TPK < nv) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[i * VEC + e] = acc[i * VEC + e] * corr + p * to_float(vv[i].v[e]);
+      }
     }
-    keep = keep_next;
+    m = m_new;
   }
 
   // Merge the key groups of this block.

@@ -76,19 +76,23 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
   }
 }
 
-template <typename T, typename W, int MT, Act A>
+// SPLIT: the row's warps each read a slice (a.split of them, plan_split); otherwise one warp per row, with no
+// slice bookkeeping or shared-memory sum (which cost registers: 79 against 64 per thread at one row, one
+// block per SM less).
+template <typename T, typename W, int MT, Act A, bool SPLIT>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
+  const int split = SPLIT ? a.split : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n = blockIdx.x * (kWarps / a.split) + warp / a.split;
-  const int part = warp % a.split;  // which slice of the row this warp reads
+  const int n = blockIdx.x * (kWarps / split) + warp / split;
+  const int part = warp % split;  // which slice of the row this warp reads
   const bool active = n < a.n_out;  // the warps of one row are active or not together
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
   const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
-  const int per_part = (a.k_chunks + a.split - 1) / a.split;
-  const int c_end = min(a.k_chunks, (part + 1) * per_part);
+  const int per_part = SPLIT ? (a.k_chunks + split - 1) / split : a.k_chunks;
+  const int c_end = SPLIT ? min(a.k_chunks, (part + 1) * per_part) : a.k_chunks;
 
   // The weights are constant, so the first kLoads chunks per lane are requested before waiting for the
   // kernel that produces x (PDL): they stream in while that one finishes.
@@ -101,6 +105,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
   }
   pdl_wait();
+  if constexpr (!SPLIT) {
+    if (!active) return;  // no block-wide sum follows
+  }
 
   float acc[MT];
 #pragma unroll
@@ -119,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
   }
   if (active) {  // unaligned: everything, one element at a time, the row's warps interleaved
-    for (int k = a.k_chunks * WV + part * 32 + lane; k < a.k_in; k += 32 * a.split) {
+    for (int k = a.k_chunks * WV + part * 32 + lane; k < a.k_in; k += 32 * split) {
       const float wf = to_float(wrow[k]);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -128,32 +135,43 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
   }
 
-  // Sum each row over its warps: in the warp, then (split > 1) over the row's warps through shared memory.
-  __shared__ float partial[kWarps][MT];
+  const float s = active && a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
+  const float b = active && a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
+  auto store = [&](int m, float total) {  // row m of output channel n, through the epilogue
+    const int64_t i = static_cast<int64_t>(m) * a.n_out + n;
+    float v = apply<A>(total * s + b);
+    if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
+    static_cast<T*>(a.y)[i] = from_float<T>(v);
+  };
+  if constexpr (!SPLIT) {
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const float total = warp_sum(acc[m]);
-    if (lane == m) partial[warp][m] = total;
+    for (int m = 0; m < MT; ++m) {
+      const float total = warp_sum(acc[m]);
+      if (active && lane == m && m < a.rows) store(m, total);
+    }
+  } else {  // sum each row over its warps: in the warp, then over the row's warps through shared memory
+    __shared__ float partial[kWarps][MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float total = warp_sum(acc[m]);
+      if (lane == m) partial[warp][m] = total;
+    }
+    __syncthreads();  // every thread of the block gets here (no early exits above)
+    if (active && part == 0 && lane < a.rows) {
+      float total = 0.f;
+      for (int w = warp; w < warp + split; ++w) total += partial[w][lane];
+      store(lane, total);
+    }
   }
-  if (a.split > 1) __syncthreads();  // split is uniform over the grid: every thread takes this branch
-  if (!active || part != 0 || lane >= a.rows) return;
-  float total = 0.f;
-  for (int w = warp; w < warp + a.split; ++w) total += partial[w][lane];
-  const float s = a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
-  const float b = a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
-  const int64_t i = static_cast<int64_t>(lane) * a.n_out + n;
-  float v = apply<A>(total * s + b);
-  if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
-  static_cast<T*>(a.y)[i] = from_float<T>(v);
 }
 
-template <typename T, typename W, int MT>
+template <typename T, typename W, int MT, bool SPLIT>
 void launch_rows(const GemvArgs& a, Act act) {
   const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                   \
-  case ACT:                                                                  \
-    launch_kernel(gemv_kernel<T, W, MT, ACT>, blocks, dim3(kThreads), 0, a); \
+#define EET_GEMV_CASE(ACT)                                                          \
+  case ACT:                                                                         \
+    launch_kernel(gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -165,18 +183,27 @@ void launch_rows(const GemvArgs& a, Act act) {
   }
 }
 
+// Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
+// critical path); several rows keep one warp per row.
 template <typename T, typename W>
-void launch(const GemvArgs& a, Act act) {
+void launch(GemvArgs& a, Act act) {
   if (a.rows <= 1) {
-    launch_rows<T, W, 1>(a, act);
-  } else if (a.rows <= 2) {
-    launch_rows<T, W, 2>(a, act);
+    if (a.split > 1) {
+      launch_rows<T, W, 1, true>(a, act);
+    } else {
+      launch_rows<T, W, 1, false>(a, act);
+    }
+    return;
+  }
+  a.split = 1;
+  if (a.rows <= 2) {
+    launch_rows<T, W, 2, false>(a, act);
   } else if (a.rows <= 4) {
-    launch_rows<T, W, 4>(a, act);
+    launch_rows<T, W, 4, false>(a, act);
   } else if (a.rows <= 8) {
-    launch_rows<T, W, 8>(a, act);
+    launch_rows<T, W, 8, false>(a, act);
   } else {
-    launch_rows<T, W, 16>(a, act);
+    launch_rows<T, W, 16, false>(a, act);
   }
 }
 

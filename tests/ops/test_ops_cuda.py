@@ -260,8 +260,8 @@ def test_decode_attention_on_a_cache_view(dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------- GEMV: int8 weight-only and dense, epilogue
 
 INT8_SHAPES = [(100, 100), (1600, 1600), (4800, 1600), (1600, 6400), (4096, 4096), (1601, 1000), (33, 72)]
-# Long rows are read by 2-8 warps each (plan_split): (1601, 4000) leaves idle rows in the last block, (7, 20000)
-# takes 8 warps per row and two rounds of loads per warp.
+# At one row, long rows are read by 2-8 warps each (plan_split): (1601, 4000) leaves idle rows in the last
+# block, (7, 20000) takes 8 warps per row and two rounds of loads per warp.
 GEMV_SHAPES = [(100, 104), (1600, 1600), (4800, 1600), (1600, 6400), (6400, 1600), (50304, 1600), (1601, 1000),
                (1601, 4000), (7, 20000), (33, 72), (7, 13)]
 
@@ -332,13 +332,13 @@ def test_gemv_epilogue(n: int, k: int, rows: int, int8: bool, act: str | None, d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [256, 5000])
-def test_gemv_unaligned_inputs(k: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("rows", "k"), [(3, 256), (1, 5000), (3, 5000)])  # one row of 5000: sliced rows
+def test_gemv_unaligned_inputs(rows: int, k: int, dtype: torch.dtype) -> None:
     n = 300
     w_flat = rand(n * k + 1, dtype=dtype, seed=("w", dtype), scale=0.02)
-    x_flat = rand(3 * k + 1, dtype=dtype, seed=("x", dtype))
-    w_al, x_al = w_flat[: n * k].view(n, k), x_flat[: 3 * k].view(3, k)
-    w_un, x_un = w_flat[1:].view(n, k), x_flat[1:].view(3, k)  # contiguous, not 16-byte aligned
+    x_flat = rand(rows * k + 1, dtype=dtype, seed=("x", dtype))
+    w_al, x_al = w_flat[: n * k].view(n, k), x_flat[: rows * k].view(rows, k)
+    w_un, x_un = w_flat[1:].view(n, k), x_flat[1:].view(rows, k)  # contiguous, not 16-byte aligned
     for x, w in [(x_un, w_al), (x_al, w_un), (x_un, w_un)]:
         close(torch.ops.eet_pipe.gemv(x, w, None, None, None, "none"), _gemv_want(x, w, None), "gemv")
 
