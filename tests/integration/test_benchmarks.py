@@ -98,3 +98,13 @@ def test_hop_latency_takes_messages_whose_receiver_was_waiting():
     ]
     assert hop_latency(events) == pytest.approx(0.4)  # median of 0.3 and 0.5; mb1 (receiver late) ignored
     assert hop_latency([e for e in events if e["kind"] != "recv"]) == 0.0
+
+
+def test_busy_time_counts_overlapping_kernel_spans_once():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode_profile import union_length
+
+    # a kernel launched early (PDL) spans its wait: [0, 3] and [2, 5] overlap on [2, 3]; [7, 8] stands alone,
+    # [7.2, 7.5] lies inside it
+    assert union_length([(2.0, 5.0), (0.0, 3.0), (7.0, 8.0), (7.2, 7.5)]) == pytest.approx(6.0)
+    assert union_length([]) == 0.0
