@@ -7,8 +7,10 @@ HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 unde
 
 Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
 from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
-one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. Systems
-without tuning run first: TunableOp is process-wide once on. A failing system records its error.
+one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. `tune=yes` tunes
+every eet_pipe system; `fp16tuned` always tunes, so `tune=no systems=fp16,fp16tuned` compares GEMM tuning
+with cuBLAS's heuristics in one run. TunableOp is process-wide: a tuned system turns it off again when it is
+done. A failing system records its error.
 Writes <out>.json (env, config, rows) and <out>.png.
 """
 
@@ -34,7 +36,8 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
             "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu",
-            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "fp16serial", "bf16", "int8"], "tune": "yes"}
+            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "fp16serial", "fp16tuned", "bf16", "int8"],
+            "tune": "yes"}
 QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
          "prefill": ["1x64", "2x64"], "repeats": 1}
 FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
@@ -110,8 +113,12 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
 
     name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "") + \
         ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
-    return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
-                                                 "gemv": gemv, "pdl": pdl})
+    try:
+        return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
+                                                     "gemv": gemv, "pdl": pdl})
+    finally:
+        if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
+            eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
 
 
 def hf_sdpa(opts: dict) -> list[dict]:
@@ -207,6 +214,7 @@ def main() -> None:
         "fp16": (f"eet_pipe fp16 graphs{label}", lambda: ours(opts, "fp16", graphs=True, tune=tune)),
         "fp16cublas": (f"eet_pipe fp16 graphs{label} cuBLAS", lambda: ours(opts, "fp16", graphs=True, tune=tune,
                                                                            gemv=False)),
+        "fp16tuned": ("eet_pipe fp16 graphs +tuning", lambda: ours(opts, "fp16", graphs=True, tune=True)),
         "fp16serial": (f"eet_pipe fp16 graphs{label} serial launch",
                        lambda: ours(opts, "fp16", graphs=True, tune=tune, pdl=False)),
         "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GemmTuning", "enable_gemm_tuning", "tuning_filename", "default_cache_dir", "save_tuning",
-           "warm_up"]
+__all__ = ["GemmTuning", "enable_gemm_tuning", "disable_gemm_tuning", "tuning_filename", "default_cache_dir",
+           "save_tuning", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,20 @@ def save_tuning(tuning: GemmTuning) -> None:
     writer = getattr(tunable, "write_file", None)
     if tuning.enabled and writer is not None:
         writer(str(tuning.path))
+
+
+def disable_gemm_tuning(tuning: GemmTuning) -> None:
+    """Save `tuning`'s results and turn TunableOp off for the process again, so that GEMMs from now on use
+    cuBLAS's own heuristics (for a model loaded later, or a comparison without tuning in the same process).
+    Does nothing for a `GemmTuning` that is off (CPU)."""
+    if not tuning.enabled:
+        return
+    from torch.cuda import tunable
+
+    save_tuning(tuning)
+    tunable.tuning_enable(False)
+    tunable.enable(False)
+    log.info("GEMM tuning off (results in %s)", tuning.path)
 
 
 @torch.inference_mode()
