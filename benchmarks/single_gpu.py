@@ -111,10 +111,11 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
         with torch.inference_mode():
             lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
-    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tune else "") + \
+    tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
+    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tuned else "") + \
         ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
     try:
-        return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tune,
+        return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
                                                      "gemv": gemv, "pdl": pdl})
     finally:
         if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned

@@ -1,11 +1,13 @@
 """Per-shape GEMM algorithm selection with PyTorch TunableOp, cached in a file per device and version.
 
-`enable_gemm_tuning` turns TunableOp on for this process: the first GEMM of each (dtype, layout,
-M, N, K) benchmarks the candidate algorithms and keeps the fastest; the choices are read from and
-written to ``<cache_dir>/tunableop_<device name>_torch<version>_cuda<version>.csv``, so a second
-run with the same GPU and software starts with every shape already tuned. Run a warm-up pass over
-the shapes you serve (`warm_up`) at start-up so no request pays for tuning. On CPU it does nothing
-(one log line). TunableOp state is process-wide in PyTorch; this module only configures it.
+`enable_gemm_tuning` turns TunableOp on for this process (ROCm builds: rocBLAS and hipBLASLt
+algorithms; on CUDA builds PyTorch offers only cuBLAS's default, so it stays off there, with a warning):
+the first GEMM of each (dtype, layout, M, N, K) benchmarks the candidate algorithms and keeps the
+fastest; the choices are read from and written to
+``<cache_dir>/tunableop_<device name>_torch<version>_cuda<version>.csv``, so a second run with the
+same GPU and software starts with every shape already tuned. Run a warm-up pass over the shapes you
+serve (`warm_up`) at start-up so no request pays for tuning. On CPU it does nothing (one log line).
+TunableOp state is process-wide in PyTorch; this module only configures it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class GemmTuning:
     """The results file, or None when tuning is off (CPU)."""
     loaded: bool = False
     """True if earlier results were read from `path`."""
+    why_off: str = ""
+    """Why tuning is off (empty when it is on)."""
 
     @property
     def enabled(self) -> bool:
@@ -71,8 +75,17 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     if max_iterations < 1:
         raise ValueError(f"max_iterations={max_iterations} is invalid: must be >= 1")
     if device.type != "cuda":
-        log.info("GEMM tuning skipped: %s is not a CUDA device (TunableOp tunes CUDA/ROCm GEMMs only)", device)
-        return GemmTuning(device, None)
+        why = f"{device} is not a CUDA device (TunableOp tunes CUDA/ROCm GEMMs only)"
+        log.info("GEMM tuning skipped: %s", why)
+        return GemmTuning(device, None, why_off=why)
+    if torch.version.hip is None:
+        # PyTorch's TunableOp registers more than one GEMM implementation only on ROCm; a CUDA build has just
+        # cuBLAS's default, reached through TunableOp's own dispatch. Measured on an H100 (docs/PERF.md):
+        # every shape "tuned" to Default, and decode at batch 1 ran 18 % slower through that path.
+        why = ("on CUDA builds PyTorch's TunableOp has a single candidate (cuBLAS's default), so there is "
+               "nothing to select; left off")
+        log.warning("GEMM tuning skipped for %s: %s", device, why)
+        return GemmTuning(device, None, why_off=why)
     from torch.cuda import tunable
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()

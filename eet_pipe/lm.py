@@ -77,8 +77,9 @@ class LanguageModel:
     Args:
         model: the canonical model (optionally int8-quantised by `quantize_model`).
         tokenizer, spec: what `from_pretrained` resolved (optional).
-        tune_gemm: choose GEMM algorithms per shape with TunableOp (CUDA only; see `gemm_tuning`),
-            with a warm-up pass at start-up; results cached under `gemm_cache_dir`.
+        tune_gemm: choose GEMM algorithms per shape with TunableOp, with a warm-up pass at start-up; results
+            cached under `gemm_cache_dir`. ROCm builds only: on CUDA builds TunableOp has nothing but cuBLAS's
+            default, so tuning stays off with a warning (`self.gemm_tuning.why_off`; see `gemm_tuning`).
         gemm_cache_dir: folder of the tuning results file (default ``~/.cache/eet_pipe/gemm_tuning``).
     """
 

@@ -31,16 +31,24 @@ def test_the_results_file_is_named_by_device_and_versions():
 
 def test_cpu_is_a_no_op_and_bad_iterations_are_refused(calls):
     off = enable_gemm_tuning("cpu")
-    assert off.path is None and not off.enabled
+    assert off.path is None and not off.enabled and "not a CUDA device" in off.why_off
     disable_gemm_tuning(off)
     assert calls == []
     with pytest.raises(ValueError, match="max_iterations=0 is invalid"):
         enable_gemm_tuning("cpu", max_iterations=0)
 
 
+def test_a_cuda_build_leaves_tuning_off_with_the_reason(calls, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    off = enable_gemm_tuning("cuda:0")
+    assert not off.enabled and "single candidate" in off.why_off
+    assert calls == []  # TunableOp untouched
+
+
 def test_enable_reads_the_device_file_and_disable_saves_it_and_turns_tuning_off(calls, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    path = tmp_path / tuning_filename("NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build, where TunableOp has candidates
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
+    path = tmp_path / tuning_filename("AMD Instinct MI300X")
     path.write_text("earlier results")
     on = enable_gemm_tuning("cuda:0", tmp_path, max_iterations=7)
     assert on.enabled and on.path == path and on.loaded
