@@ -176,10 +176,17 @@ __global__ void decode_combine_kernel(const DecodeArgs a) {
 
 template <typename T, int TPK, int NVPL>
 void launch(const DecodeArgs& a, int64_t batch_heads) {
-  const int groups = kThreads / TPK;
+  // Many blocks over short chunks (decode of a large batch): half-size blocks. At 58 registers per thread a
+  // 256-thread block fits 4 times per SM, so GPT-2 XL at batch 64 (1600 blocks) ran in just over 3 waves,
+  // and each block's merge walks 32 key groups for a few keys each. 128 threads fit 8 times per SM (1.5
+  // waves) and merge 16 groups. Few blocks (one sequence) keep 256 threads: there the keys per group, walked
+  // one after another, are the latency.
+  const int64_t blocks = batch_heads * a.splits;
+  const int threads = blocks >= 4 * static_cast<int64_t>(num_sms()) && a.chunk <= 128 ? kThreads / 2 : kThreads;
+  const int groups = threads / TPK;
   const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
-  launch_kernel(decode_attention_kernel<T, TPK, NVPL>, grid, dim3(kThreads), smem, a);
+  launch_kernel(decode_attention_kernel<T, TPK, NVPL>, grid, dim3(threads), smem, a);
   if (a.splits > 1) {
     const int threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
     launch_kernel(decode_combine_kernel<T>, dim3(static_cast<unsigned>(batch_heads)), dim3(threads), 0, a);
