@@ -69,9 +69,6 @@ inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProce
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
-// Launch-error check after every kernel launch.
-#define EET_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
-
 // ---------------------------------------------------------------- launches
 // Programmatic dependent launch (PDL, sm_90+). A kernel launched with it may start while the kernel before
 // it in the stream still runs -- once every block of that one has executed pdl_launch_dependents() -- and
@@ -80,16 +77,20 @@ inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProce
 // successor first thing and waits before its first such access, so one kernel's launch latency and block
 // start-up hide behind the one before; the GEMV also streams its first weights (constant, written at load)
 // before it waits. A decode step is some 400 kernels of 2-10 us each, so the gaps are a large share of it.
-// Without the launch attribute (set_pdl(false), or a GPU before sm_90) both instructions do nothing and
+// Without the launch attribute (set_pdl(false), a GPU before sm_90) both instructions do nothing and
 // ordering is the stream's usual one. Kernels of other libraries in the stream keep their full ordering.
 
-// Whether launches ask for PDL (set_pdl; on by default) and the current device supports it.
+// Whether launches ask for PDL: set_pdl (ops.h; on by default) and the current device is sm_90+ and runs code
+// of this library compiled for compute_90+ (a build for an older virtual architecture, JIT-compiled by the
+// driver, lacks the griddepcontrol instructions, so its kernels must keep full stream ordering).
 bool pdl_enabled();
-// set_pdl (ops.h) turns it on or off for kernels launched from then on; CUDA graphs keep what they captured.
+// set_pdl turns it on or off for kernels launched from then on; CUDA graphs keep what they captured.
 
-// Launches `kernel` on the current stream, with PDL when pdl_enabled(); checks the launch.
+// Launches `kernel` on the current stream, with PDL when `overlap` and pdl_enabled(); checks the launch.
+// overlap = false: the kernel starts only after the previous one has finished (for a kernel that reads
+// something before its pdl_wait() which the kernel just before it may have written).
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+void launch_kernel(bool overlap, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
@@ -99,8 +100,13 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
+  config.numAttrs = overlap && pdl_enabled() ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  launch_kernel(true, kernel, grid, block, smem, args...);
 }
 
 // ---------------------------------------------------------------- device-side helpers

@@ -32,6 +32,7 @@ struct GemvArgs {
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
   int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
+  bool overlap;  // host only: launch with PDL (the weight was not written by the kernel just before)
 };
 
 // Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
@@ -171,7 +172,7 @@ void launch_rows(const GemvArgs& a, Act act) {
   switch (act) {
 #define EET_GEMV_CASE(ACT)                                                          \
   case ACT:                                                                         \
-    launch_kernel(gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
+    launch_kernel(a.overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -275,6 +276,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   a.k_in = k_in;
   a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
   a.split = plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk)));
+  // The kernel reads its first weights before its PDL wait, which is safe for weights written long before
+  // (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
+  a.overlap = wc.data_ptr() == weight.data_ptr();
   const bool int8 = weight.scalar_type() == at::kChar;
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
     if (int8) {

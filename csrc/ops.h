@@ -38,6 +38,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             double scale);
 
 // gemv.cu -- x: [M <= 16, K]; weight: [N, K] in x's dtype, or int8 with scale [N]; bias: [N];
+// the weight must not be written by the kernel launched just before (it is read early, see gemv.cu);
 // residual: [M, N]; activation: "none", "gelu", "gelu_new" or "relu". Returns
 // act(x @ (weight * scale[:, None]).T + bias) + residual, [M, N].
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
