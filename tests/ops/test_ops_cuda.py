@@ -318,7 +318,8 @@ def test_gemv(n: int, k: int, rows: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_new", "relu"])
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize(("n", "k", "rows"), [(6400, 1600, 1), (1600, 6400, 4), (1601, 1000, 3), (300, 0, 2)])
+@pytest.mark.parametrize(("n", "k", "rows"), [(6400, 1600, 1), (1600, 6400, 1), (1601, 4000, 1), (1600, 6400, 4),
+                                              (1601, 1000, 3), (300, 0, 2)])
 def test_gemv_epilogue(n: int, k: int, rows: int, int8: bool, act: str | None, dtype: torch.dtype) -> None:
     """act(x W^T * scale + b) + residual in one kernel; K = 0 leaves act(b) + residual."""
     case = (n, k, rows, int8, act, dtype)
@@ -471,49 +472,65 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
 
 # ---------------------------------------------------------------- programmatic dependent launch
 
-def _dependent_chain(x: torch.Tensor, norm_w: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """Kernels that each read what the one before wrote at once: norm -> GEMV (+ the norm's input as the residual)
-    -> GEMV -> activation -> decode-sized attention over a cache the chain just wrote, repeated."""
+def _dependent_chain(x: torch.Tensor, norm_w: torch.Tensor, layers: list[tuple[torch.Tensor, ...]],
+                     cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """GPT-2 XL layers at one row, in which every kernel reads what the one before it wrote at once: norm -> qkv
+    GEMV -> cache write -> decode attention over the column just written -> out GEMV (+ residual) -> norm -> up
+    GEMV (+ gelu) -> down GEMV (long rows, sliced over warps; + residual) -> activation on every other layer."""
+    k_cache, v_cache, slots, write, lengths, valid = cache
+    eet = torch.ops.eet_pipe
     h = x
-    for i, w in enumerate(weights):
-        normed = torch.ops.eet_pipe.rms_norm(h, norm_w, 1e-6)
-        up = torch.ops.eet_pipe.gemv(normed, w, None, None, h, "gelu_new")
-        h = torch.ops.eet_pipe.gemv(up, weights[-1 - i], None, None, h, "none")
-        h = torch.ops.eet_pipe.activation(h, "gelu") if i % 2 else h
+    for i, (w_qkv, w_out, w_up, w_down) in enumerate(layers):
+        qkv = eet.gemv(eet.rms_norm(h, norm_w, 1e-6), w_qkv, None, None, None, "none")
+        q = eet.qkv_rotary_cache(qkv.view(1, 1, -1), None, None, k_cache, v_cache, slots, write, 25, 25, 64, False,
+                                 None)
+        attn = eet.decode_attention(q, k_cache, v_cache, slots, lengths, valid, 0.125)
+        h = eet.gemv(attn.reshape(1, -1), w_out, None, None, h, "none")
+        up = eet.gemv(eet.rms_norm(h, norm_w, 1e-6), w_up, None, None, None, "gelu_new")
+        h = eet.gemv(up, w_down, None, None, h, "none")
+        h = eet.activation(h, "gelu") if i % 2 else h
     return h
 
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_dependent_launches_wait_for_their_inputs(graphs: bool) -> None:
-    """With PDL every kernel starts before the previous one has finished; the result must be bit-identical to
-    fully serial launches (a kernel reading or writing before its wait would see stale or racing data)."""
-    hidden = 1600
-    weights = [rand(hidden, hidden, dtype=F16, seed=("pdl", i), scale=hidden ** -0.5) for i in range(6)]
-    norm_w, x = rand(hidden, dtype=F16, seed="pdl-n"), rand(1, hidden, dtype=F16, seed="pdl-x")
+    """With PDL every kernel starts before the previous one has finished; the result (and the cache the chain
+    writes) must be bit-identical to fully serial launches: a kernel reading or writing before its wait would
+    see stale or racing data."""
+    shapes = [(4800, 1600), (1600, 1600), (6400, 1600), (1600, 6400)]  # qkv, out, up, down
+    layers = [tuple(rand(n, k, dtype=F16, seed=("pdl", i, n, k), scale=k ** -0.5) for n, k in shapes)
+              for i in range(3)]
+    norm_w, x = rand(1600, dtype=F16, seed="pdl-n"), rand(1, 1600, dtype=F16, seed="pdl-x")
+    _, k_cache, v_cache, slots, lengths, valid = _decode_inputs(1, 25, 25, 64, 96, F16, "pdl")
+    write = (lengths - 1).view(-1, 1)  # the column the attention then reads (valid by construction)
     results = {}
     for pdl in (False, True):
         before = ops.set_pdl(pdl)
         try:
             assert ops.set_pdl(None) is pdl  # None reads the setting
+            cache = (k_cache.clone(), v_cache.clone(), slots, write, lengths, valid)
             if graphs:
                 static = x.clone()
-                _dependent_chain(static, norm_w, weights)  # warm-up outside the capture
+                _dependent_chain(static, norm_w, layers, cache)  # warm-up outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = _dependent_chain(static, norm_w, weights)
+                    out = _dependent_chain(static, norm_w, layers, cache)
                 for _ in range(3):
                     graph.replay()
-                results[pdl] = out.clone()
+                got = out.clone()
             else:
-                results[pdl] = torch.stack([_dependent_chain(x, norm_w, weights) for _ in range(8)])
+                got = torch.stack([_dependent_chain(x, norm_w, layers, cache) for _ in range(8)])
             torch.cuda.synchronize()
+            results[pdl] = (got, cache[0], cache[1])
         finally:
             ops.set_pdl(before)
-    assert results[True].isfinite().all()
-    torch.testing.assert_close(results[True], results[False], atol=0, rtol=0)
+    assert results[True][0].isfinite().all()
+    for on, off in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(on, off, atol=0, rtol=0)
     if not graphs:  # repeated runs agree with each other too
-        torch.testing.assert_close(results[True], results[True][:1].expand_as(results[True]), atol=0, rtol=0)
+        out = results[True][0]
+        torch.testing.assert_close(out, out[:1].expand_as(out), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "residual_layer_norm", "gated_activation", "qkv_rotary_cache",
