@@ -108,10 +108,10 @@ def kernel_setting(gemv: bool | None = None, pdl: bool | None = None) -> Iterato
     (`eet_pipe.ops.set_pdl`) to `pdl`; None leaves a setting as configured. Both are restored after."""
     from eet_pipe import ops
 
-    saved_gemv = ops.GEMV_ENABLED
-    ops.GEMV_ENABLED = saved_gemv if gemv is None else gemv
-    saved_pdl = ops.set_pdl(pdl)
+    saved_gemv, saved_pdl = ops.GEMV_ENABLED, ops.set_pdl(None)
     try:
+        ops.GEMV_ENABLED = saved_gemv if gemv is None else gemv
+        ops.set_pdl(pdl)
         yield
     finally:
         ops.GEMV_ENABLED = saved_gemv

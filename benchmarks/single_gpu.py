@@ -7,10 +7,11 @@ HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 unde
 
 Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
 from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
-one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. `tune=yes` tunes
-every eet_pipe system; `fp16tuned` always tunes, so `tune=no systems=fp16,fp16tuned` compares GEMM tuning
-with cuBLAS's heuristics in one run. TunableOp is process-wide: a tuned system turns it off again when it is
-done. A failing system records its error.
+one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. `tune=yes` asks
+for GEMM tuning in every eet_pipe system and `fp16tuned` always asks, so `tune=no systems=fp16,fp16tuned`
+compares it with the library's heuristics in one run; where TunableOp has nothing to choose (CUDA builds)
+tuning stays off and the system's name says "(tuning unavailable)". A tuned system turns TunableOp
+(process-wide) off again when it is done. A failing system records its error.
 Writes <out>.json (env, config, rows) and <out>.png.
 """
 
@@ -36,8 +37,7 @@ from eet_pipe.models.meta import prefill_meta  # noqa: E402
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,
             "gemm_cache": "bench_results/gemm_tuning", "out": "bench_results/single_gpu",
-            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "fp16serial", "fp16tuned", "bf16", "int8"],
-            "tune": "yes"}
+            "systems": ["eager", "hf", "static", "fp16", "fp16cublas", "fp16serial", "bf16", "int8"], "tune": "yes"}
 QUICK = {"model": "tiny", "weights": "", "device": "cpu", "batches": ["1", "2"], "prompt": 16, "new_tokens": 8,
          "prefill": ["1x64", "2x64"], "repeats": 1}
 FIELDS = ("system", "phase", "dtype", "batch", "seq", "new_tokens", "ms_per_step", "tokens_per_s", "seconds",
@@ -94,12 +94,28 @@ def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = N
     """Our engine; `gemv` True / False forces the GEMV kernel for decode-sized dense linears on / off for this
     run, `pdl` programmatic dependent launch (None: the library's settings, `EET_PIPE_GEMV`, `EET_PIPE_PDL`)."""
     with kernel_setting(gemv=gemv, pdl=pdl):
-        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED, eet_pipe.ops.set_pdl(None))
+        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED, pdl_in_effect(opts["device"]))
+
+
+def pdl_in_effect(device: str) -> bool:
+    """Whether our kernels on `device` launch with programmatic dependent launch: the setting, the kernels
+    and an sm_90+ GPU (the library also requires compute_90 code, which this suite's builds have)."""
+    dev = torch.device(device)
+    return (eet_pipe.ops.set_pdl(None) and eet_pipe.ops.HAVE_EXT and dev.type == "cuda"
+            and torch.cuda.get_device_capability(dev)[0] >= 9)
 
 
 def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool) -> list[dict]:
     lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=dtype,
                                   device=opts["device"])
+    try:
+        return _measure_ours(lm, opts, dtype, graphs, tune, gemv, pdl)
+    finally:
+        if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
+            eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
+
+
+def _measure_ours(lm: Any, opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool) -> list[dict]:
     if tune:
         lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
         lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])
@@ -112,14 +128,11 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
             lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
     tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
-    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + (" +tuning" if tuned else "") + \
+    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
+        (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
         ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
-    try:
-        return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
-                                                     "gemv": gemv, "pdl": pdl})
-    finally:
-        if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
-            eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
+    return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
+                                                 "gemv": gemv, "pdl": pdl})
 
 
 def hf_sdpa(opts: dict) -> list[dict]:

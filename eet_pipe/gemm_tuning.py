@@ -42,6 +42,8 @@ class GemmTuning:
     """True if earlier results were read from `path`."""
     why_off: str = ""
     """Why tuning is off (empty when it is on)."""
+    before: tuple[bool, bool] = (False, False)
+    """TunableOp's (enabled, tuning enabled) before `enable_gemm_tuning`, which `disable_gemm_tuning` restores."""
 
     @property
     def enabled(self) -> bool:
@@ -54,10 +56,11 @@ def default_cache_dir() -> Path:
 
 
 def tuning_filename(device_name: str) -> str:
-    """File name keyed by device name and the torch / CUDA versions (TunableOp rejects other versions)."""
+    """File name keyed by device name and the torch / ROCm or CUDA versions (TunableOp rejects other versions)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() or "device"
     torch_version = torch.__version__.split("+")[0]
-    return f"tunableop_{slug}_torch{torch_version}_cuda{torch.version.cuda}.csv"
+    platform = f"rocm{torch.version.hip}" if torch.version.hip else f"cuda{torch.version.cuda}"
+    return f"tunableop_{slug}_torch{torch_version}_{platform}.csv"
 
 
 def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None = None,
@@ -91,6 +94,7 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / tuning_filename(torch.cuda.get_device_name(device))
+    before = (tunable.is_enabled(), tunable.tuning_is_enabled())
     tunable.set_filename(str(path), False)  # before the first tunable GEMM, which loads the file
     tunable.set_max_tuning_iterations(max_iterations)
     tunable.set_max_tuning_duration(MAX_TUNING_MS)
@@ -98,7 +102,7 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     tunable.tuning_enable(True)
     loaded = path.exists() and bool(tunable.read_file(str(path)))
     log.info("GEMM tuning on for %s: results %s %s", device, "read from" if loaded else "will be written to", path)
-    return GemmTuning(device, path, loaded)
+    return GemmTuning(device, path, loaded, before=before)
 
 
 def save_tuning(tuning: GemmTuning) -> None:
@@ -111,17 +115,17 @@ def save_tuning(tuning: GemmTuning) -> None:
 
 
 def disable_gemm_tuning(tuning: GemmTuning) -> None:
-    """Save `tuning`'s results and turn TunableOp off for the process again, so that GEMMs from now on use
-    cuBLAS's own heuristics (for a model loaded later, or a comparison without tuning in the same process).
-    Does nothing for a `GemmTuning` that is off (CPU)."""
+    """Save `tuning`'s results and put TunableOp back as it was before `enable_gemm_tuning` (normally off), so
+    that GEMMs from now on use the BLAS library's own heuristics (for a model loaded later, or a comparison
+    without tuning in the same process). Does nothing for a `GemmTuning` that is off."""
     if not tuning.enabled:
         return
     from torch.cuda import tunable
 
     save_tuning(tuning)
-    tunable.tuning_enable(False)
-    tunable.enable(False)
-    log.info("GEMM tuning off (results in %s)", tuning.path)
+    tunable.tuning_enable(tuning.before[1])
+    tunable.enable(tuning.before[0])
+    log.info("GEMM tuning back to %s (results in %s)", "on" if tuning.before[0] else "off", tuning.path)
 
 
 @torch.inference_mode()

@@ -19,13 +19,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         # raising=False: write_file is missing from some torch versions (save_tuning looks it up)
         monkeypatch.setattr(tunable, name, lambda *args, _name=name: seen.append((_name, *args)), raising=False)
     monkeypatch.setattr(tunable, "read_file", lambda path: seen.append(("read_file", path)) or True)
+    monkeypatch.setattr(tunable, "is_enabled", lambda: False)
+    monkeypatch.setattr(tunable, "tuning_is_enabled", lambda: False)
     return seen
 
 
 def test_the_results_file_is_named_by_device_and_versions():
     name = tuning_filename("NVIDIA H100 80GB HBM3")
     assert name.startswith("tunableop_nvidia-h100-80gb-hbm3_torch")
-    assert f"torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}.csv" in name
+    assert f"torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}.csv" in name or torch.version.hip
     assert tuning_filename("///").startswith("tunableop_device_")
 
 
@@ -47,6 +49,7 @@ def test_a_cuda_build_leaves_tuning_off_with_the_reason(calls, monkeypatch):
 
 def test_enable_reads_the_device_file_and_disable_saves_it_and_turns_tuning_off(calls, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build, where TunableOp has candidates
+    assert tuning_filename("AMD Instinct MI300X").endswith("_rocm6.2.csv")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
     path = tmp_path / tuning_filename("AMD Instinct MI300X")
     path.write_text("earlier results")
@@ -64,3 +67,10 @@ def test_disable_leaves_a_tuning_that_is_off_alone(calls):
     disable_gemm_tuning(GemmTuning(torch.device("cuda", 0), None))
     assert calls == []
     assert "disable_gemm_tuning" in gemm_tuning.__all__
+
+
+def test_disable_restores_what_was_on_before(calls, tmp_path):
+    """TunableOp already on (PYTORCH_TUNABLEOP_ENABLED=1) stays on after our tuning is done with."""
+    path = tmp_path / "results.csv"
+    disable_gemm_tuning(GemmTuning(torch.device("cuda", 0), path, before=(True, False)))
+    assert calls == [("write_file", str(path)), ("tuning_enable", False), ("enable", True)]
