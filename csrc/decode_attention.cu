@@ -188,8 +188,8 @@ void launch(const DecodeArgs& a, int64_t batch_heads) {
   const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
   launch_kernel(decode_attention_kernel<T, TPK, NVPL>, grid, dim3(threads), smem, a);
   if (a.splits > 1) {
-    const int threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
-    launch_kernel(decode_combine_kernel<T>, dim3(static_cast<unsigned>(batch_heads)), dim3(threads), 0, a);
+    const int combine_threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
+    launch_kernel(decode_combine_kernel<T>, dim3(static_cast<unsigned>(batch_heads)), dim3(combine_threads), 0, a);
   }
 }
 

@@ -2,10 +2,11 @@
 //   y[m, n] = act(scale[n] * sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n]
 // A decode step multiplies a handful of rows by every weight matrix once, so its time is the time to
 // stream the weights from memory. cuBLASLt's tiled kernels for M <= 8 (64 x 8 tiles, often split-K plus
-// a reduce kernel) reach about half of the memory bandwidth there. Here one warp (or, for long rows, 2-8 warps
-// of a block, each a slice: plan_split) owns one output channel n and streams its weight row in 16-byte loads (8 fp16/bf16 or 16 int8 weights), issuing
-// kLoads of them per lane before using any, so that every warp keeps 32 * kLoads * 16 bytes in flight;
-// the loads bypass L1 (read once) while x, re-read by every warp, stays there. Each lane multiplies
+// a reduce kernel) reach about half of the memory bandwidth there. Here one warp (or, for a long row at one
+// row of x, 2-8 warps of a block, each a slice: plan_split) owns one output channel n and streams its weight
+// row in 16-byte loads (8 fp16/bf16 or 16 int8 weights), issuing kLoads of them per lane before using any,
+// so that every warp keeps 32 * kLoads * 16 bytes in flight; the loads bypass L1 (read once) while x, re-read
+// by every warp, stays there. Each lane multiplies
 // its weights into all M rows of x in fp32, the warp sums once at the end, and one rounding follows
 // the epilogue (scale, bias, activation, residual) -- the activation and residual add would otherwise
 // be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
@@ -32,7 +33,6 @@ struct GemvArgs {
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
   int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
-  bool overlap;  // host only: launch with PDL (the weight was not written by the kernel just before)
 };
 
 // Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
@@ -166,13 +166,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   }
 }
 
+// overlap: launch with PDL (the weight was not written by the kernel just before).
 template <typename T, typename W, int MT, bool SPLIT>
-void launch_rows(const GemvArgs& a, Act act) {
+void launch_rows(const GemvArgs& a, Act act, bool overlap) {
   const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                          \
-  case ACT:                                                                         \
-    launch_kernel(a.overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
+#define EET_GEMV_CASE(ACT)                                                                 \
+  case ACT:                                                                                \
+    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -184,27 +185,21 @@ void launch_rows(const GemvArgs& a, Act act) {
   }
 }
 
-// Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
-// critical path); several rows keep one warp per row.
+// a.split > 1 only at one row (gemv below), so only the one-row kernel has a sliced instantiation.
 template <typename T, typename W>
-void launch(GemvArgs& a, Act act) {
-  if (a.rows <= 1) {
-    if (a.split > 1) {
-      launch_rows<T, W, 1, true>(a, act);
-    } else {
-      launch_rows<T, W, 1, false>(a, act);
-    }
-    return;
-  }
-  a.split = 1;
-  if (a.rows <= 2) {
-    launch_rows<T, W, 2, false>(a, act);
+void launch(const GemvArgs& a, Act act, bool overlap) {
+  if (a.split > 1) {
+    launch_rows<T, W, 1, true>(a, act, overlap);
+  } else if (a.rows <= 1) {
+    launch_rows<T, W, 1, false>(a, act, overlap);
+  } else if (a.rows <= 2) {
+    launch_rows<T, W, 2, false>(a, act, overlap);
   } else if (a.rows <= 4) {
-    launch_rows<T, W, 4, false>(a, act);
+    launch_rows<T, W, 4, false>(a, act, overlap);
   } else if (a.rows <= 8) {
-    launch_rows<T, W, 8, false>(a, act);
+    launch_rows<T, W, 8, false>(a, act, overlap);
   } else {
-    launch_rows<T, W, 16, false>(a, act);
+    launch_rows<T, W, 16, false>(a, act, overlap);
   }
 }
 
@@ -275,16 +270,18 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   a.n_out = n_out;
   a.k_in = k_in;
   a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
-  a.split = plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk)));
+  // Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
+  // critical path); several rows keep one warp per row.
+  a.split = rows == 1 ? plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk))) : 1;
   // The kernel reads its first weights before its PDL wait, which is safe for weights written long before
   // (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
-  a.overlap = wc.data_ptr() == weight.data_ptr();
+  const bool overlap = wc.data_ptr() == weight.data_ptr();
   const bool int8 = weight.scalar_type() == at::kChar;
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
     if (int8) {
-      launch<scalar_t, int8_t>(a, act);
+      launch<scalar_t, int8_t>(a, act, overlap);
     } else {
-      launch<scalar_t, scalar_t>(a, act);
+      launch<scalar_t, scalar_t>(a, act, overlap);
     }
   });
   return y;
