@@ -95,10 +95,7 @@ def project(linear: nn.Module, x: torch.Tensor, activation: str | None = None,
     tool, captures) is called on its own, so that its hooks see the plain projection, and the epilogue
     follows as separate ops -- the same values in fp32."""
     if linear._forward_hooks or linear._forward_pre_hooks:
-        y = linear(x)
-        if activation is not None:
-            y = ops.activation(y, activation)
-        return y if residual is None else y + residual
+        return ops.epilogue(linear(x), activation, residual)
     return linear.forward(x, activation, residual)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "bias_activation",
     "decode_attention",
     "dequantize_int8",
+    "epilogue",
     "gated_activation",
     "int8_linear",
     "linear",
@@ -221,7 +222,8 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _epilogue(y: torch.Tensor, activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+def epilogue(y: torch.Tensor, activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """``act(y) + residual`` as separate ops: the epilogue of `linear` / `int8_linear` when it is not fused."""
     if activation_kind is not None:
         y = activation(y, activation_kind)
     return y if residual is None else y + residual
@@ -247,7 +249,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and _epilogue_fits(x, weight.shape[0], activation_kind, residual)
             and not _needs_grad(x, weight, bias, residual)):
         return _gemv(x, rows, weight, None, bias, activation_kind, residual)
-    return _epilogue(F.linear(x, weight, bias), activation_kind, residual)
+    return epilogue(F.linear(x, weight, bias), activation_kind, residual)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -265,4 +267,4 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if (_kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual)
             and not _needs_grad(x, scale, bias, residual)):
         return _gemv(x, rows, qweight, scale, bias, activation_kind, residual)
-    return _epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)
+    return epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)
