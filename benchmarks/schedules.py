@@ -42,7 +42,7 @@ from pipeline_prefill import single_device  # noqa: E402
 
 import eet_pipe  # noqa: E402
 from eet_pipe.runtime import PipelineEngine  # noqa: E402
-from eet_pipe.runtime.trace import bubble_fraction, plot_timeline, read_chrome_trace  # noqa: E402
+from eet_pipe.runtime.trace import bubble_fraction, events_span, plot_timeline, read_chrome_trace  # noqa: E402
 from eet_pipe.schedule import build, simulate  # noqa: E402
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
@@ -114,7 +114,7 @@ def run_schedule(opts: dict, ids: torch.Tensor, name: str, ms: list[int], bar) -
             events = engine.last_trace
             sim_makespan, sim_bubble, hop = predicted(events, engine.plan.chunk_labels(), schedule,
                                                       len(opts["devices"]), m, v)
-            measured = max(e["end"] for e in events) - min(e["start"] for e in events)
+            measured = events_span(events)
             rows.append({"system": "eet_pipe", "schedule": schedule, "virtual": v, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": ids.numel() / seconds, "latency_s": seconds,
                          "bubble_measured": bubble_fraction(events, len(opts["devices"])),
@@ -229,8 +229,7 @@ def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
             steps_events = [e for e in events if " t0 " not in e["label"]]
             sim_makespan, sim_bubble, hop = predicted(steps_events, engine.plan.chunk_labels(), "decode", p, m, 1,
                                                       new - 1)
-            measured = (max(e["end"] for e in steps_events) - min(e["start"] for e in steps_events)) if steps_events \
-                else 0.0
+            measured = events_span(steps_events)
             rows.append({"system": "eet_pipe", "schedule": "decode", "virtual": 1, "microbatches": m,
                          "seconds": seconds, "tokens_per_s": tokens / seconds, "latency_s": seconds / new,
                          "bubble_measured": bubble_fraction(steps_events, p), "bubble_simulated": sim_bubble,
@@ -269,10 +268,10 @@ def resimulate(path: str) -> None:
         events = read_chrome_trace(trace)
         makespan, bubble, hop = predicted(events, chunk_labels(events, units), r["schedule"], stages,
                                           r["microbatches"], r["virtual"])
-        span = max(e["end"] for e in events) - min(e["start"] for e in events)
+        traced = events_span(events)
         r.update({"makespan_simulated_s": makespan, "bubble_simulated": bubble, "hop_latency_s": hop,
-                  "simulated_over_measured": makespan / span, "simulated_over_timed": makespan / r["seconds"]})
-        print(f"{name:<13} {r['microbatches']:>3} {hop * 1e6:>7.1f} {makespan / span:>10.3f} "
+                  "simulated_over_measured": makespan / traced, "simulated_over_timed": makespan / r["seconds"]})
+        print(f"{name:<13} {r['microbatches']:>3} {hop * 1e6:>7.1f} {makespan / traced:>10.3f} "
               f"{makespan / r['seconds']:>9.3f}")
     write_json(Path(f"{stem}_resimulated.json"), data)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Tracer", "write_chrome_trace", "read_chrome_trace", "plot_timeline", "bubble_fraction"]
+__all__ = ["Tracer", "write_chrome_trace", "read_chrome_trace", "plot_timeline", "bubble_fraction", "events_span"]
 
 
 class Tracer:
@@ -78,14 +78,19 @@ class Tracer:
         return out
 
 
+def events_span(events: list[dict]) -> float:
+    """Seconds from the first event's start to the last event's end (0 for no events)."""
+    if not events:
+        return 0.0
+    return max(e["end"] for e in events) - min(e["start"] for e in events)
+
+
 def bubble_fraction(events: list[dict], stages: int) -> float:
     """1 - (compute time summed over stages) / (stages x makespan)."""
     if not events:
         return 0.0
-    t0 = min(e["start"] for e in events)
-    t1 = max(e["end"] for e in events)
     busy = sum(e["end"] - e["start"] for e in events if e["kind"] == "compute")
-    return max(0.0, 1.0 - busy / (stages * max(t1 - t0, 1e-12)))
+    return max(0.0, 1.0 - busy / (stages * max(events_span(events), 1e-12)))
 
 
 def write_chrome_trace(events: list[dict], path: str | Path, stages: int, meta: dict | None = None) -> float:
