@@ -109,30 +109,27 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
     lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=dtype,
                                   device=opts["device"])
     try:
-        return _measure_ours(lm, opts, dtype, graphs, tune, gemv, pdl)
+        if tune:
+            lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
+            lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])
+
+        def decode(b: int, steps: int) -> None:
+            lm.generate(_ids(lm.cfg, b, opts["prompt"]), max_new_tokens=steps, ignore_eos=True, cuda_graphs=graphs)
+
+        def prefill(b: int, s: int) -> None:
+            with torch.inference_mode():
+                lm.model(_ids(lm.cfg, b, s).to(lm.device),
+                         prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
+
+        tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
+        name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
+            (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
+            ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
+        return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
+                                                     "gemv": gemv, "pdl": pdl})
     finally:
         if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
             eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
-
-
-def _measure_ours(lm: Any, opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool) -> list[dict]:
-    if tune:
-        lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
-        lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])
-
-    def decode(b: int, steps: int) -> None:
-        lm.generate(_ids(lm.cfg, b, opts["prompt"]), max_new_tokens=steps, ignore_eos=True, cuda_graphs=graphs)
-
-    def prefill(b: int, s: int) -> None:
-        with torch.inference_mode():
-            lm.model(_ids(lm.cfg, b, s).to(lm.device), prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
-
-    tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
-    name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
-        (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
-        ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
-    return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
-                                                 "gemv": gemv, "pdl": pdl})
 
 
 def hf_sdpa(opts: dict) -> list[dict]:
