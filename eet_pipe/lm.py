@@ -154,7 +154,7 @@ def from_pretrained(model: str, weights: str | None = None, dtype: str | torch.d
             quantize="int8-weight") with fp16 activations on CUDA and fp32 on CPU.
         device: "cpu" or "cuda:N".
         quantize: None or "int8-weight" (weight-only int8 for the layers' projections).
-        tune_gemm: per-shape GEMM selection with TunableOp (CUDA only), see `LanguageModel`.
+        tune_gemm: per-shape GEMM selection with TunableOp (ROCm builds; off on CUDA), see `LanguageModel`.
     """
     spec = resolve_model(model, weights, seed)
     dev = parse_device(device)
