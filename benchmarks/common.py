@@ -103,16 +103,19 @@ def save_figure(fig: Any, path: str | Path) -> None:
 
 
 @contextmanager
-def kernel_setting(gemv: bool | None = None, pdl: bool | None = None) -> Iterator[None]:
-    """Inside the block, `eet_pipe.ops.GEMV_ENABLED` forced to `gemv` and programmatic dependent launch
-    (`eet_pipe.ops.set_pdl`) to `pdl`; None leaves a setting as configured. Both are restored after."""
+def kernel_setting(gemv: bool | None = None, pdl: bool | None = None, select: bool | None = None) -> Iterator[None]:
+    """Inside the block, `eet_pipe.ops.GEMV_ENABLED` forced to `gemv`, programmatic dependent launch
+    (`eet_pipe.ops.set_pdl`) to `pdl` and the per-shape cuBLASLt GEMM selection (`eet_pipe.ops.gemm_select.ENABLED`)
+    to `select`; None leaves a setting as configured. All are restored after."""
     from eet_pipe import ops
 
-    saved_gemv, saved_pdl = ops.GEMV_ENABLED, ops.set_pdl(None)
+    saved_gemv, saved_pdl, saved_select = ops.GEMV_ENABLED, ops.set_pdl(None), ops.gemm_select.ENABLED
     try:
         ops.GEMV_ENABLED = saved_gemv if gemv is None else gemv
+        ops.gemm_select.ENABLED = saved_select if select is None else select
         ops.set_pdl(pdl)
         yield
     finally:
         ops.GEMV_ENABLED = saved_gemv
+        ops.gemm_select.ENABLED = saved_select
         ops.set_pdl(saved_pdl)

@@ -7,11 +7,12 @@ HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 unde
 
 Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
 from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
-one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. `tune=yes` asks
-for GEMM tuning in every eet_pipe system and `fp16tuned` always asks, so `tune=no systems=fp16,fp16tuned`
-compares it with the library's heuristics in one run; where TunableOp has nothing to choose (CUDA builds)
-tuning stays off and the system's name says "(tuning unavailable)". A tuned system turns TunableOp
-(process-wide) off again when it is done. A failing system records its error.
+one forward over [batch, seq]. Peak memory: torch.cuda.max_memory_allocated per system. Decode-sized GEMMs run
+cuBLASLt with a per-shape selected algorithm in every eet_pipe system (`eet_pipe.ops.gemm_select`); `fp16plain`
+is fp16 with them on F.linear instead, and the JSON's "gemm_select" lists each shape's winner and F.linear's
+time. `tune=yes` asks for GEMM tuning (the selection's results file on CUDA, TunableOp on ROCm) in every
+eet_pipe system and `fp16tuned` always asks; a tuned system turns it off again when it is done. A failing
+system records its error.
 Writes <out>.json (env, config, rows) and <out>.png.
 """
 
@@ -90,11 +91,13 @@ def _ids(cfg: Any, b: int, s: int) -> torch.Tensor:
 
 
 def ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool | None = None,
-         pdl: bool | None = None) -> list[dict]:
+         pdl: bool | None = None, select: bool | None = None) -> list[dict]:
     """Our engine; `gemv` True / False forces the GEMV kernel for decode-sized dense linears on / off for this
-    run, `pdl` programmatic dependent launch (None: the library's settings, `EET_PIPE_GEMV`, `EET_PIPE_PDL`)."""
-    with kernel_setting(gemv=gemv, pdl=pdl):
-        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED, pdl_in_effect(opts["device"]))
+    run, `pdl` programmatic dependent launch, `select` the per-shape cuBLASLt GEMMs (None: the library's
+    settings, `EET_PIPE_GEMV`, `EET_PIPE_PDL`, `EET_PIPE_GEMM_SELECT`)."""
+    with kernel_setting(gemv=gemv, pdl=pdl, select=select):
+        return _ours(opts, dtype, graphs, tune, eet_pipe.ops.GEMV_ENABLED, pdl_in_effect(opts["device"]),
+                     eet_pipe.ops.gemm_select.ENABLED and eet_pipe.ops.HAVE_EXT)
 
 
 def pdl_in_effect(device: str) -> bool:
@@ -105,7 +108,7 @@ def pdl_in_effect(device: str) -> bool:
             and torch.cuda.get_device_capability(dev)[0] >= 9)
 
 
-def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool) -> list[dict]:
+def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: bool, select: bool) -> list[dict]:
     lm = eet_pipe.from_pretrained(opts["model"], weights=opts["weights"] or None, dtype=dtype,
                                   device=opts["device"])
     try:
@@ -124,9 +127,10 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
         tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
         name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
             (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
-            ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch")
+            ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch") + \
+            ("" if select or not lm.device.type == "cuda" else " F.linear GEMMs")
         return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
-                                                     "gemv": gemv, "pdl": pdl})
+                                                     "gemv": gemv, "pdl": pdl, "gemm_select": select})
     finally:
         if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
             eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
@@ -228,6 +232,8 @@ def main() -> None:
         "fp16tuned": ("eet_pipe fp16 graphs +tuning", lambda: ours(opts, "fp16", graphs=True, tune=True)),
         "fp16serial": (f"eet_pipe fp16 graphs{label} serial launch",
                        lambda: ours(opts, "fp16", graphs=True, tune=tune, pdl=False)),
+        "fp16plain": (f"eet_pipe fp16 graphs{label} F.linear GEMMs",
+                      lambda: ours(opts, "fp16", graphs=True, tune=tune, select=False)),
         "bf16": (f"eet_pipe bf16 graphs{label}", lambda: ours(opts, "bf16", graphs=True, tune=tune)),
         "int8": (f"eet_pipe int8 graphs{label}", lambda: ours(opts, "int8", graphs=True, tune=tune)),
     }
@@ -239,6 +245,8 @@ def main() -> None:
         rows += guarded(name, fn)
         sync([opts["device"]])
     data = {"env": environment(), "config": opts, "ext": eet_pipe.ops.EXT_REASON, "results": rows}
+    if opts["device"].startswith("cuda") and eet_pipe.ops.HAVE_EXT:  # per shape: the winner's and F.linear's us
+        data["gemm_select"] = eet_pipe.ops.gemm_select.choices(torch.device(opts["device"]).index or 0)
     write_json(Path(opts["out"] + ".json"), data)
     plot(data, opts["out"] + ".png")
     print(f"{'system':<50} {'phase':<8} {'shape':>8} {'ms/step':>9} {'tok/s':>11} {'peak MiB':>9}")

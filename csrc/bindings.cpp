@@ -21,6 +21,10 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
+  m.def("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
+        "int workspace) -> Tensor");
+  m.def("gemm_lt_algos(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, int count) "
+        "-> (Tensor, Tensor)");
   // Process-wide launch setting, not a tensor op (no tensor arguments: the catch-all kernel runs).
   m.def("set_pdl(bool? enabled) -> bool", &eet::set_pdl);
 }
@@ -36,6 +40,8 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
   m.impl("decode_attention", &eet::decode_attention);
   m.impl("gemv", &eet::gemv);
+  m.impl("gemm_lt", &eet::gemm_lt);
+  m.impl("gemm_lt_algos", &eet::gemm_lt_algos);
 }
 
 // Importable as eet_pipe._C (setup.py) so that importing it runs the registrations above.

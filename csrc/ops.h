@@ -45,6 +45,20 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
+// gemm_lt.cu -- cuBLASLt GEMM, fp16/bf16: x [M, K], weight [N, K], bias [N], residual [M, N] (only with
+// activation "none"; activation "none", "gelu_new" or "relu"), K and N multiples of 8, 16-byte aligned; returns
+// act(x @ weight.T + bias) + residual, [M, N], run with `algo` (a row of gemm_lt_algos, with the workspace bytes
+// it needs) or, without one, cuBLASLt's first heuristic choice.
+at::Tensor gemm_lt(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& residual, const std::string& activation,
+                   const std::optional<at::Tensor>& algo, int64_t workspace);
+// cuBLASLt's candidate algorithms for that problem, best estimate first: (uint8 [n, 64] algorithms, int64 [n]
+// workspace bytes each), on the CPU, at most `count`.
+std::tuple<at::Tensor, at::Tensor> gemm_lt_algos(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& residual,
+                                                 const std::string& activation, int64_t count);
+
 // launch.cu -- programmatic dependent launch of these kernels on (default) or off (None: unchanged); returns the
 // setting before the call.
 bool set_pdl(std::optional<bool> enabled);

@@ -1,13 +1,17 @@
-"""Per-shape GEMM algorithm selection with PyTorch TunableOp, cached in a file per device and version.
+"""Per-shape GEMM algorithm selection, cached in a file per device and software version.
 
-`enable_gemm_tuning` turns TunableOp on for this process (ROCm builds: rocBLAS and hipBLASLt
-algorithms; on CUDA builds PyTorch offers only cuBLAS's default, so it stays off there, with a warning):
-the first GEMM of each (dtype, layout, M, N, K) benchmarks the candidate algorithms and keeps the
-fastest; the choices are read from and written to
-``<cache_dir>/tunableop_<device name>_torch<version>_cuda<version>.csv``, so a second run with the
-same GPU and software starts with every shape already tuned. Run a warm-up pass over the shapes you
-serve (`warm_up`) at start-up so no request pays for tuning. On CPU it does nothing (one log line).
-TunableOp state is process-wide in PyTorch; this module only configures it.
+`enable_gemm_tuning` turns it on for this process and names the file:
+
+* CUDA builds: `eet_pipe.ops.gemm_select` -- cuBLASLt's candidate algorithms for each decode-sized GEMM
+  (rows a decode batch bucket), timed here with the epilogue fused; the choices live in
+  ``<cache_dir>/gemm_select_<device>_torch<version>_cuda<version>.json``. The selection itself runs in every
+  process (in memory); tuning adds the file, so a second run starts with every shape chosen. PyTorch's
+  TunableOp is not used there: on CUDA it offers only cuBLAS's default.
+* ROCm builds: PyTorch TunableOp (rocBLAS and hipBLASLt algorithms) for every GEMM, results in
+  ``<cache_dir>/tunableop_<device name>_torch<version>_rocm<version>.csv``.
+
+Run a warm-up pass over the shapes you serve (`warm_up`) at start-up so no request pays for tuning. On CPU
+it does nothing (one log line). Both selections are process-wide; this module only configures them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class GemmTuning:
     """Why tuning is off (empty when it is on)."""
     before: tuple[bool, bool] = (False, False)
     """TunableOp's (enabled, tuning enabled) before `enable_gemm_tuning`, which `disable_gemm_tuning` restores."""
+    backend: str = ""
+    """"cublaslt" (`eet_pipe.ops.gemm_select`, CUDA) or "tunableop" (ROCm); empty when off."""
 
     @property
     def enabled(self) -> bool:
@@ -65,7 +71,7 @@ def tuning_filename(device_name: str) -> str:
 
 def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None = None,
                        max_iterations: int = MAX_TUNING_ITERATIONS) -> GemmTuning:
-    """Turn on TunableOp GEMM selection for `device`, reading and writing the per-device results file.
+    """Turn on per-shape GEMM selection for `device` (see the module), reading and writing its results file.
 
     Args:
         device: the device the model runs on; a CPU device makes this a no-op.
@@ -78,17 +84,11 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     if max_iterations < 1:
         raise ValueError(f"max_iterations={max_iterations} is invalid: must be >= 1")
     if device.type != "cuda":
-        why = f"{device} is not a CUDA device (TunableOp tunes CUDA/ROCm GEMMs only)"
+        why = f"{device} is not a CUDA device (GEMM selection is for CUDA and ROCm GEMMs)"
         log.info("GEMM tuning skipped: %s", why)
         return GemmTuning(device, None, why_off=why)
     if torch.version.hip is None:
-        # PyTorch's TunableOp registers more than one GEMM implementation only on ROCm; a CUDA build has just
-        # cuBLAS's default, reached through TunableOp's own dispatch. Measured on an H100 (docs/PERF.md):
-        # every shape "tuned" to Default, and decode at batch 1 ran 18 % slower through that path.
-        why = ("on CUDA builds PyTorch's TunableOp has a single candidate (cuBLAS's default), so there is "
-               "nothing to select; left off")
-        log.warning("GEMM tuning skipped for %s: %s", device, why)
-        return GemmTuning(device, None, why_off=why)
+        return _enable_cublaslt(device, cache_dir)
     from torch.cuda import tunable
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -102,27 +102,62 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     tunable.tuning_enable(True)
     loaded = path.exists() and bool(tunable.read_file(str(path)))
     log.info("GEMM tuning on for %s: results %s %s", device, "read from" if loaded else "will be written to", path)
-    return GemmTuning(device, path, loaded, before=before)
+    return GemmTuning(device, path, loaded, before=before, backend="tunableop")
+
+
+def _enable_cublaslt(device: torch.device, cache_dir: str | Path | None) -> GemmTuning:
+    """CUDA builds: `eet_pipe.ops.gemm_select`'s choices, read from and written to a file in `cache_dir`."""
+    from eet_pipe import ops
+
+    why = ""
+    if not ops.HAVE_EXT:
+        why = f"GEMM selection runs eet_pipe's cuBLASLt op, and the CUDA extension is unavailable ({ops.EXT_REASON})"
+    elif not ops.gemm_select.ENABLED:
+        why = "GEMM selection is turned off (EET_PIPE_GEMM_SELECT=0)"
+    if why:
+        log.warning("GEMM tuning skipped for %s: %s", device, why)
+        return GemmTuning(device, None, why_off=why)
+    ops.gemm_select.set_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    path = ops.gemm_select.cache_path(index)
+    loaded = path is not None and path.exists()
+    log.info("GEMM selection for %s: choices %s %s", device, "read from" if loaded else "will be written to", path)
+    return GemmTuning(device, path, loaded, backend="cublaslt")
 
 
 def save_tuning(tuning: GemmTuning) -> None:
     """Write the results now where this torch can (it also writes them when the process exits)."""
+    if not tuning.enabled:
+        return
+    if tuning.backend == "cublaslt":
+        from eet_pipe import ops
+
+        ops.gemm_select.save()
+        return
     from torch.cuda import tunable
 
     writer = getattr(tunable, "write_file", None)
-    if tuning.enabled and writer is not None:
+    if writer is not None:
         writer(str(tuning.path))
 
 
 def disable_gemm_tuning(tuning: GemmTuning) -> None:
-    """Save `tuning`'s results and put TunableOp back as it was before `enable_gemm_tuning` (normally off), so
-    that GEMMs from now on use the BLAS library's own heuristics (for a model loaded later, or a comparison
-    without tuning in the same process). Does nothing for a `GemmTuning` that is off."""
+    """Save `tuning`'s results and stop using its file. ROCm: TunableOp goes back to how it was before
+    `enable_gemm_tuning` (normally off), so GEMMs from now on use the BLAS library's own heuristics. CUDA: the
+    in-memory selection of `eet_pipe.ops.gemm_select` stays (it is on in every process unless
+    EET_PIPE_GEMM_SELECT=0); only the file is no longer read or written. Does nothing for a `GemmTuning` that is
+    off."""
     if not tuning.enabled:
+        return
+    save_tuning(tuning)
+    if tuning.backend == "cublaslt":  # the selection itself stays on (in memory); only the file goes
+        from eet_pipe import ops
+
+        ops.gemm_select.set_cache_dir(None)
+        log.info("GEMM selection: choices saved to %s; no file from now on", tuning.path)
         return
     from torch.cuda import tunable
 
-    save_tuning(tuning)
     tunable.tuning_enable(tuning.before[1])
     tunable.enable(tuning.before[0])
     log.info("GEMM tuning back to %s (results in %s)", "on" if tuning.before[0] else "off", tuning.path)

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 
-from eet_pipe.ops import _ext, reference
+from eet_pipe.ops import _ext, gemm_select, reference
 from eet_pipe.ops.quant import dequantize_int8, quantize_int8
 from eet_pipe.ops.reference import ACTIVATIONS, GATED_ACTIVATIONS, attention, rotary
 
@@ -24,6 +24,7 @@ __all__ = [
     "INT8_GEMV_MAX_ROWS",
     "GEMV_MAX_ROWS",
     "GEMV_ENABLED",
+    "gemm_select",
     "set_pdl",
     "activation",
     "attention",
@@ -240,8 +241,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         [..., N]. With GEMV_ENABLED, on CUDA in fp16/bf16, inputs of at most GEMV_MAX_ROWS rows (decode
         steps) run the GEMV kernel, which streams each weight once and applies the epilogue before its
-        single rounding (inference only: anything that needs gradients takes F.linear). Everything else is
-        F.linear followed by the activation and the addition as separate ops.
+        single rounding (inference only: anything that needs gradients takes F.linear). On CUDA, fp16/bf16
+        inputs whose row count is a decode batch bucket (`gemm_select.SELECT_ROWS`) run cuBLASLt with the
+        algorithm selected for the shape and the epilogue fused (`gemm_select`). Everything else is F.linear
+        followed by the activation and the addition as separate ops.
     """
     rows = _rows(x)
     if (GEMV_ENABLED and _kernel(x) and 0 < rows <= GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
@@ -249,7 +252,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and _epilogue_fits(x, weight.shape[0], activation_kind, residual)
             and not _needs_grad(x, weight, bias, residual)):
         return _gemv(x, rows, weight, None, bias, activation_kind, residual)
+    if _kernel(x) and not _needs_grad(x, weight, bias, residual):
+        y = _selected_gemm(x, rows, weight, bias, activation_kind, residual)
+        if y is not None:
+            return y
     return epilogue(F.linear(x, weight, bias), activation_kind, residual)
+
+
+def _selected_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                   activation_kind: str | None, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """`linear` through `gemm_select` (cuBLASLt, per-shape algorithm, epilogue fused as far as cuBLASLt can):
+    None when the shape does not take that path or its selection chose the plain one."""
+    n = weight.shape[0]
+    x2 = x.reshape(rows, x.shape[-1])
+    res2 = None if residual is None or residual.shape != (*x.shape[:-1], n) else residual.reshape(rows, n)
+    if not gemm_select.fits(x2, weight, bias, res2):
+        return None
+    # cuBLASLt adds its C matrix before the activation: fuse the activation if it has it, else the residual
+    fused_act = activation_kind if activation_kind in gemm_select.EPILOGUE_ACTIVATIONS else None
+    fused_res = res2 if activation_kind is None else None
+    after_act = activation_kind if fused_act is None else None
+    after_res = residual if fused_res is None else None
+    act = fused_act or "none"
+
+    def plain(w: torch.Tensor) -> torch.Tensor:  # what the cuBLASLt call computes, the way F.linear would
+        return epilogue(F.linear(x2, w, bias), fused_act, fused_res)
+
+    y = gemm_select.run(x2, weight, bias, fused_res, act, plain)
+    if y is None:
+        return None
+    return epilogue(y.view(*x.shape[:-1], n), after_act, after_res)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -66,6 +66,11 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bia
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
+def _gemm_lt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+             activation: str, algo: torch.Tensor | None, workspace: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
+
+
 _FAKES = {
     "layer_norm": _norm,
     "rms_norm": _rms,
@@ -77,7 +82,9 @@ _FAKES = {
     "qkv_rotary_cache": _qkv_rotary_cache,
     "decode_attention": _decode_attention,
     "gemv": _gemv,
+    "gemm_lt": _gemm_lt,
 }
+"""gemm_lt_algos has none: it returns a data-dependent number of CPU rows and is only called eagerly."""
 
 
 def register_fakes() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.cuda import tunable
 
-from eet_pipe import gemm_tuning
+from eet_pipe import gemm_tuning, ops
 from eet_pipe.gemm_tuning import GemmTuning, disable_gemm_tuning, enable_gemm_tuning, tuning_filename
 
 
@@ -40,10 +40,35 @@ def test_cpu_is_a_no_op_and_bad_iterations_are_refused(calls):
         enable_gemm_tuning("cpu", max_iterations=0)
 
 
-def test_a_cuda_build_leaves_tuning_off_with_the_reason(calls, monkeypatch):
+def test_a_cuda_build_without_the_extension_leaves_tuning_off_with_the_reason(calls, monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(ops, "HAVE_EXT", False)
     off = enable_gemm_tuning("cuda:0")
-    assert not off.enabled and "single candidate" in off.why_off
+    assert not off.enabled and "CUDA extension is unavailable" in off.why_off
+    monkeypatch.setattr(ops, "HAVE_EXT", True)
+    monkeypatch.setattr(ops.gemm_select, "ENABLED", False)
+    off = enable_gemm_tuning("cuda:0")
+    assert not off.enabled and "EET_PIPE_GEMM_SELECT=0" in off.why_off
+    assert calls == []  # TunableOp untouched
+
+
+def test_a_cuda_build_keeps_the_cublaslt_selection_in_a_device_file(calls, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(ops, "HAVE_EXT", True)
+    monkeypatch.setattr(ops.gemm_select, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    saved = []
+    monkeypatch.setattr(ops.gemm_select, "save", lambda: saved.append(ops.gemm_select.cache_path(0)) or [])
+    on = enable_gemm_tuning("cuda:0", tmp_path / "sel")
+    try:
+        assert on.enabled and on.backend == "cublaslt" and not on.loaded
+        assert on.path == tmp_path / "sel" / on.path.name and on.path.parent.is_dir()
+        assert on.path.name.startswith("gemm_select_nvidia-h100-80gb-hbm3_torch") and on.path.suffix == ".json"
+        assert ops.gemm_select.cache_path(0) == on.path
+    finally:
+        disable_gemm_tuning(on)
+    assert saved == [on.path]  # saved while the file was still set
+    assert ops.gemm_select.cache_path(0) is None  # then no file
     assert calls == []  # TunableOp untouched
 
 

@@ -155,6 +155,9 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     lib2.define("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor")
     assert _ext._stale(torch.ops.eet_pipe_current_check) == "op set_pdl is missing"
     lib2.define("set_pdl(bool? enabled) -> bool")  # a build before it lacks the launch setting
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op gemm_lt is missing"
+    lib2.define("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
+                "int workspace) -> Tensor")  # a build before the selected cuBLASLt GEMM
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
 
 
