@@ -1,6 +1,7 @@
-"""Decode-step kernels one at a time: our GEMV (dense fp16 and int8, with and without the fused epilogue)
-against cuBLAS (`F.linear`, then the separate activation / residual ops), and decode attention, at the
-GPT-2 XL shapes. Each case is captured in a CUDA graph of `reps` calls and replayed, so the figure is
+"""Decode-step kernels one at a time: our GEMV (dense fp16 and int8, with the fused epilogue) against
+cuBLAS (`F.linear`, then the separate activation / residual ops) and the per-shape selected cuBLASLt GEMM
+with its fused epilogue (`eet_pipe.ops.gemm_select`), int8 as dequantisation kernel + GEMM, and decode
+attention, at the GPT-2 XL shapes. Each case is captured in a CUDA graph of `reps` calls and replayed, so the figure is
 time per call without launch gaps from the host; the calls cycle through enough copies of the weights
 (or caches) that they stream from memory, not from L2, as in a model whose layers each have their own.
 "GB/s" is the bytes the op must read (weights, or K and V) over that time, to compare against the
@@ -89,12 +90,19 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
                           residual=residual) -> torch.Tensor:
                 return ops.int8_linear(x, q, sc, b, act, residual)
 
+            def dequant_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
+                             residual=residual) -> torch.Tensor:  # int8 above the GEMV's rows, at every row count
+                return ops.linear(x, ops.dequantize_int8(q, sc, x.dtype), b, act, residual)
+
             w_bytes, q_bytes = w.numel() * w.element_size(), qweight.numel() + scale.numel() * scale.element_size()
-            cases = {"cuBLAS": (False, cycling(dense_call, dense), w_bytes),  # the dense linear kept off the GEMV
-                     "gemv": (None, cycling(gemv_call, dense), w_bytes),
-                     "int8 gemv": (None, cycling(int8_call, int8), q_bytes)}
-            for system, (gemv, fn, nbytes) in cases.items():
-                with kernel_setting(gemv=gemv):
+            cases = {  # system: (gemv, gemm selection, call, bytes the op must read)
+                "F.linear": (False, False, cycling(dense_call, dense), w_bytes),  # cuBLAS + separate epilogue ops
+                "cuBLASLt selected": (False, True, cycling(dense_call, dense), w_bytes),  # gemm_select, fused
+                "gemv": (None, None, cycling(gemv_call, dense), w_bytes),
+                "int8 gemv": (None, None, cycling(int8_call, int8), q_bytes),  # ops.int8_linear's dispatch
+                "int8 dequant+GEMM": (None, True, cycling(dequant_call, int8), q_bytes)}
+            for system, (gemv, select, fn, nbytes) in cases.items():
+                with kernel_setting(gemv=gemv, select=select):
                     s = per_call_seconds(fn, device, opts["reps"])
                 rows.append({"op": name, "system": system, "rows": m, "n": n, "k": k,
                              "epilogue": "+".join(e for e in ("bias", act, "residual" if residual is not None

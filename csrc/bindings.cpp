@@ -21,6 +21,7 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
+  m.def("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor");
   m.def("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
         "int workspace) -> Tensor");
   m.def("gemm_lt_algos(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, int count) "
@@ -40,6 +41,7 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
   m.impl("decode_attention", &eet::decode_attention);
   m.impl("gemv", &eet::gemv);
+  m.impl("dequantize_int8", &eet::dequantize_int8);
   m.impl("gemm_lt", &eet::gemm_lt);
   m.impl("gemm_lt_algos", &eet::gemm_lt_algos);
 }

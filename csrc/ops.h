@@ -45,7 +45,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
-// gemm_lt.cu -- cuBLASLt GEMM, fp16/bf16: x [M, K], weight [N, K], bias [N], residual [M, N] (only with
+// dequant.cu -- qweight [N, K] int8, scale [N] float: returns qweight * scale[:, None] in the scale's dtype.
+at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scale);
+
+// gemm_lt.cpp -- cuBLASLt GEMM, fp16/bf16: x [M, K], weight [N, K], bias [N], residual [M, N] (only with
 // activation "none"; activation "none", "gelu_new" or "relu"), K and N multiples of 8, 16-byte aligned; returns
 // act(x @ weight.T + bias) + residual, [M, N], run with `algo` (a row of gemm_lt_algos, with the workspace bytes
 // it needs) or, without one, cuBLASLt's first heuristic choice.

@@ -2,7 +2,8 @@
 
 `Int8Linear` holds int8 codes ``qweight`` [N, K] and per-output-channel ``scale`` [N] (from
 ``ops.quantize_int8``) and runs ``ops.int8_linear``: the CUDA GEMV kernel for up to
-``ops.INT8_GEMV_MAX_ROWS`` rows (decode), dequantise + matmul above (prefill) and on CPU.
+``ops.INT8_GEMV_MAX_ROWS`` rows (small-batch decode), the dequantisation kernel + a GEMM above, dequantise +
+matmul on CPU.
 `quantize_model` swaps ``attn.qkv``, ``attn.out``, ``mlp.up``, ``mlp.gate`` and ``mlp.down`` of
 every layer in place, keeping the canonical names (``layers.3.attn.qkv.qweight``,
 ``layers.3.attn.qkv.scale``, ``layers.3.attn.qkv.bias``). Embeddings and the LM head stay in the

@@ -13,8 +13,8 @@ import os
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 
-from eet_pipe.ops import _ext, gemm_select, reference
-from eet_pipe.ops.quant import dequantize_int8, quantize_int8
+from eet_pipe.ops import _ext, gemm_select, quant, reference
+from eet_pipe.ops.quant import quantize_int8
 from eet_pipe.ops.reference import ACTIVATIONS, GATED_ACTIVATIONS, attention, rotary
 
 __all__ = [
@@ -51,9 +51,10 @@ EXT_REASON: str = _ext.reason
 
 DECODE_MAX_HEAD_DIM = 256
 """Largest head dim of the decode_attention kernel (which also needs D % 8 == 0)."""
-INT8_GEMV_MAX_ROWS = 16
-"""Up to this many rows int8_linear runs the GEMV kernel; above, dequantise + matmul (16 is also the
-kernel's limit)."""
+INT8_GEMV_MAX_ROWS = 4
+"""Up to this many rows int8_linear runs the GEMV kernel; above, the dequantisation kernel and `linear` (a
+tensor-core GEMM, selected per shape). The GEMV takes up to 16 rows, but it re-reads x from L1 once per row:
+measured on an H100 (docs/PERF.md, night section) it loses to dequantise + GEMM from 8 rows on."""
 GEMV_MAX_ROWS = 1
 """Up to this many rows `linear` (fp16/bf16 on CUDA) runs the GEMV kernel; above, cuBLAS. Measured on an
 H100 (docs/PERF.md, benchmarks/kernels.py): at one row the kernel with its fused epilogue saves the
@@ -284,6 +285,19 @@ def _selected_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch
     return epilogue(y.view(*x.shape[:-1], n), after_act, after_res)
 
 
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """qweight [N, K] int8 * scale [N] -> [N, K] in `dtype` (default: the scale's dtype); on CUDA one kernel
+    that moves 16 weights per thread (the same values as the reference, `eet_pipe.ops.quant.dequantize_int8`)."""
+    dtype = scale.dtype if dtype is None else dtype
+    if (_kernel(qweight) and qweight.dtype == torch.int8 and qweight.dim() == 2 and dtype in _FLOAT_DTYPES
+            and scale.shape == (qweight.shape[0],)):
+        return torch.ops.eet_pipe.dequantize_int8(qweight, scale.to(dtype))
+    return quant.dequantize_int8(qweight, scale, dtype)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 activation_kind: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only int8 linear ``act(x @ (qweight * scale[:, None]).T + bias) + residual``.
@@ -293,10 +307,15 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         activation_kind, residual: the optional epilogue, as in `linear`.
     Returns:
         [..., N]. On CUDA, up to INT8_GEMV_MAX_ROWS rows run the GEMV kernel with the epilogue fused; more
-        rows dequantise the weight and use a matmul.
+        rows dequantise the weight (one kernel) and run `linear` on it (fp16/bf16: a selected cuBLASLt GEMM with
+        the epilogue fused, for decode-bucket row counts). Elsewhere the reference: dequantise + matmul.
     """
     rows = _rows(x)
-    if (_kernel(x) and 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual)
-            and not _needs_grad(x, scale, bias, residual)):
-        return _gemv(x, rows, qweight, scale, bias, activation_kind, residual)
+    if _kernel(x) and not _needs_grad(x, scale, bias, residual):
+        if 0 < rows <= INT8_GEMV_MAX_ROWS and _epilogue_fits(x, qweight.shape[0], activation_kind, residual):
+            return _gemv(x, rows, qweight, scale, bias, activation_kind, residual)
+        if (rows > INT8_GEMV_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16) and qweight.dtype == torch.int8
+                and qweight.shape == (qweight.shape[0], x.shape[-1]) and scale.shape == (qweight.shape[0],)
+                and (bias is None or bias.dtype == x.dtype)):
+            return linear(x, dequantize_int8(qweight, scale, x.dtype), bias, activation_kind, residual)
     return epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)

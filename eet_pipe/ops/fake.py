@@ -66,6 +66,10 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bia
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
+def _dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return qweight.new_empty(qweight.shape, dtype=scale.dtype)
+
+
 def _gemm_lt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
              activation: str, algo: torch.Tensor | None, workspace: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
@@ -83,6 +87,7 @@ _FAKES = {
     "decode_attention": _decode_attention,
     "gemv": _gemv,
     "gemm_lt": _gemm_lt,
+    "dequantize_int8": _dequantize_int8,
 }
 """gemm_lt_algos has none: it returns a data-dependent number of CPU rows and is only called eagerly."""
 

@@ -157,3 +157,37 @@ def test_a_shape_first_seen_during_capture_runs_untimed(selection) -> None:
     graph.replay()
     torch.testing.assert_close(out, want(x, w, b, "gelu_new", None), atol=2e-3, rtol=2e-3)
     assert gemm_select.choices() == {}  # nothing was timed inside the capture
+
+
+# ---------------------------------------------------------------- int8 above the GEMV's rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F16, BF16])
+@pytest.mark.parametrize(("n", "k"), [(4800, 1600), (33, 40), (7, 16), (5, 3)])
+def test_dequantize_int8_equals_the_reference_bit_for_bit(n: int, k: int, dtype: torch.dtype) -> None:
+    qweight, scale = ops.quantize_int8(rand(n, k, dtype=dtype, seed=("dq", n, k), scale=0.02))
+    want = ops.quant.dequantize_int8(qweight, scale)
+    with poisoned():
+        got = torch.ops.eet_pipe.dequantize_int8(qweight, scale)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(ops.dequantize_int8(qweight, scale, F16), ops.quant.dequantize_int8(qweight, scale, F16))
+        t = qweight.t().contiguous().t()  # a strided view: the op copies it first
+        assert torch.equal(torch.ops.eet_pipe.dequantize_int8(t, scale), want)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        torch.ops.eet_pipe.dequantize_int8(qweight, scale[:-1])
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        torch.ops.eet_pipe.dequantize_int8(qweight.float(), scale)
+
+
+@pytest.mark.parametrize(("rows", "act", "residual"), [(8, None, True), (64, "gelu_new", False), (12, "gelu", True),
+                                                       (256, None, False)])
+def test_int8_linear_above_the_gemv_rows(selection, rows: int, act: str | None, residual: bool) -> None:
+    n, k = 1600, 6400
+    qweight, scale = ops.quantize_int8(rand(n, k, dtype=F16, seed=("i8", rows), scale=k ** -0.5))
+    x, b = rand(rows, k, dtype=F16, seed=("i8x", rows)), rand(n, dtype=F16, seed=("i8b", rows))
+    r = rand(rows, n, dtype=F16, seed=("i8r", rows)) if residual else None
+    assert rows > ops.INT8_GEMV_MAX_ROWS
+    got = ops.int8_linear(x, qweight, scale, b, act, r)
+    expected = want(x, ops.quant.dequantize_int8(qweight, scale), b, act, r)
+    torch.testing.assert_close(got, expected, atol=4e-3, rtol=4e-3)
+    assert bool(gemm_select.choices()) == (rows in gemm_select.SELECT_ROWS)  # decode buckets were selected
