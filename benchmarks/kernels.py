@@ -7,7 +7,7 @@ time per call without launch gaps from the host; the calls cycle through enough 
 "GB/s" is the bytes the op must read (weights, or K and V) over that time, to compare against the
 memory bandwidth.
 
-    python benchmarks/kernels.py device=cuda:0 rows=1,4,8,16
+    python benchmarks/kernels.py device=cuda:0 rows=1,4,8,16,64
     python benchmarks/kernels.py --quick          # CPU smoke run (references, tiny shapes)
     ncu --kernel-name regex:gemv --launch-count 8 --section SpeedOfLight --section Occupancy \
         python benchmarks/kernels.py ops=linear rows=1 reps=4      # one kernel under Nsight Compute
@@ -35,6 +35,10 @@ DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", 
             "out": "bench_results/kernels"}
 QUICK = {"device": "cpu", "hidden": 64, "heads": 4, "rows": ["1", "4"], "context": ["16"], "attn_batches": ["1", "4"],
          "reps": 2, "stream_mib": 1}
+
+
+GEMV_KERNEL_ROWS = 16
+"""Most rows the GEMV kernel takes (csrc/gemv.cu); larger row counts time the GEMM paths only."""
 
 
 def copies(tensors: tuple[torch.Tensor, ...], opts: dict) -> list[tuple[torch.Tensor, ...]]:
@@ -88,7 +92,9 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
 
             def int8_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
                           residual=residual) -> torch.Tensor:
-                return ops.int8_linear(x, q, sc, b, act, residual)
+                if not (ops.HAVE_EXT and x.is_cuda):
+                    return ops.int8_linear(x, q, sc, b, act, residual)
+                return torch.ops.eet_pipe.gemv(x, q, sc, b, residual, act or "none")  # at every row count <= 16
 
             def dequant_call(q: torch.Tensor, sc: torch.Tensor, b: torch.Tensor, x=x, act=act,
                              residual=residual) -> torch.Tensor:  # int8 above the GEMV's rows, at every row count
@@ -99,8 +105,10 @@ def linear_rows(opts: dict, device: torch.device, dtype: torch.dtype) -> list[di
                 "F.linear": (False, False, cycling(dense_call, dense), w_bytes),  # cuBLAS + separate epilogue ops
                 "cuBLASLt selected": (False, True, cycling(dense_call, dense), w_bytes),  # gemm_select, fused
                 "gemv": (None, None, cycling(gemv_call, dense), w_bytes),
-                "int8 gemv": (None, None, cycling(int8_call, int8), q_bytes),  # ops.int8_linear's dispatch
+                "int8 gemv": (None, None, cycling(int8_call, int8), q_bytes),
                 "int8 dequant+GEMM": (None, True, cycling(dequant_call, int8), q_bytes)}
+            if m > GEMV_KERNEL_ROWS:  # the GEMV kernel's limit
+                del cases["gemv"], cases["int8 gemv"]
             for system, (gemv, select, fn, nbytes) in cases.items():
                 with kernel_setting(gemv=gemv, select=select):
                     s = per_call_seconds(fn, device, opts["reps"])

@@ -114,7 +114,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
     try:
         if tune:
             lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
-            lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])
+            lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])  # the shapes measured below
 
         def decode(b: int, steps: int) -> None:
             lm.generate(_ids(lm.cfg, b, opts["prompt"]), max_new_tokens=steps, ignore_eos=True, cuda_graphs=graphs)
@@ -124,7 +124,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
                 lm.model(_ids(lm.cfg, b, s).to(lm.device),
                          prefill_meta(torch.ones(b, s, dtype=torch.bool)).to(lm.device))
 
-        tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off where TunableOp has no choice (CUDA)
+        tuned = lm.gemm_tuning is not None and lm.gemm_tuning.enabled  # off without the extension or selection
         name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
             (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
             ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch") + \

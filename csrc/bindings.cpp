@@ -26,6 +26,7 @@ TORCH_LIBRARY(eet_pipe, m) {
         "int workspace) -> Tensor");
   m.def("gemm_lt_algos(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, int count) "
         "-> (Tensor, Tensor)");
+  m.def("cublaslt_version() -> int", &eet::cublaslt_version);  // no tensors: the catch-all kernel runs
   // Process-wide launch setting, not a tensor op (no tensor arguments: the catch-all kernel runs).
   m.def("set_pdl(bool? enabled) -> bool", &eet::set_pdl);
 }

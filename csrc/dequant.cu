@@ -1,7 +1,7 @@
 // Int8 weight-only dequantisation, w[n, k] = q[n, k] * scale[n] in the scale's dtype: the weight of an int8
 // linear with more rows than the GEMV takes, for the tensor-core GEMM that follows. The whole step is the
 // copy (1 byte read, 2 written per weight), so each thread moves 16 weights at a time: one 16-byte load of
-// int8, two 16-byte stores. Each value is computed as PyTorch's `qweight * scale[:, None]` does it (int8 ->
+// int8, 16-byte stores (two in fp16/bf16, four in fp32). Each value is computed as PyTorch's `qweight * scale[:, None]` does it (int8 ->
 // fp32 exactly, times the scale in fp32, one rounding), so the kernel equals the reference bit for bit.
 // The first chunk is loaded before the PDL wait (the codes and scales are constant); nothing is written
 // before it.
@@ -19,6 +19,7 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) dequant_kernel(T* __restrict__ w, const int8_t* __restrict__ q,
                                                            const T* __restrict__ scale, int64_t rows, int64_t cols) {
   pdl_launch_dependents();
+  constexpr int kOut = 16 / sizeof(T);  // outputs per 16-byte store
   const int64_t per_row = VEC ? cols / kPerChunk : cols;
   const int64_t total = rows * per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -31,15 +32,14 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(T* __restrict__ w, co
       const int4 ahead = next < total ? reinterpret_cast<const int4*>(q)[next] : int4{};
       const float s = to_float(scale[i / per_row]);
       const int8_t* v = reinterpret_cast<const int8_t*>(&packed);
-      Vec<T, 8> lo, hi;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        lo.v[e] = from_float<T>(static_cast<float>(v[e]) * s);
-        hi.v[e] = from_float<T>(static_cast<float>(v[8 + e]) * s);
-      }
       T* out = w + i * kPerChunk;
-      store_vec<T, 8>(out, lo);
-      store_vec<T, 8>(out + 8, hi);
+#pragma unroll
+      for (int part = 0; part < kPerChunk / kOut; ++part) {  // 16-byte stores: 2 (fp16/bf16) or 4 (fp32)
+        Vec<T, kOut> o;
+#pragma unroll
+        for (int e = 0; e < kOut; ++e) o.v[e] = from_float<T>(static_cast<float>(v[part * kOut + e]) * s);
+        store_vec<T, kOut>(out + part * kOut, o);
+      }
       packed = ahead;
     }
   } else {

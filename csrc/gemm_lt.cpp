@@ -181,6 +181,8 @@ at::Tensor gemm_lt(const at::Tensor& x, const at::Tensor& weight, const std::opt
   return y;
 }
 
+int64_t cublaslt_version() { return static_cast<int64_t>(cublasLtGetVersion()); }
+
 std::tuple<at::Tensor, at::Tensor> gemm_lt_algos(const at::Tensor& x, const at::Tensor& weight,
                                                  const std::optional<at::Tensor>& bias,
                                                  const std::optional<at::Tensor>& residual,

@@ -62,6 +62,9 @@ std::tuple<at::Tensor, at::Tensor> gemm_lt_algos(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& residual,
                                                  const std::string& activation, int64_t count);
 
+// The version of the cuBLASLt library loaded (an algorithm from gemm_lt_algos is valid for that version only).
+int64_t cublaslt_version();
+
 // launch.cu -- programmatic dependent launch of these kernels on (default) or off (None: unchanged); returns the
 // setting before the call.
 bool set_pdl(std::optional<bool> enabled);

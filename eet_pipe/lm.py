@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from eet_pipe.cuda_graphs import GraphDecoder
+from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, GraphDecoder
 from eet_pipe.dtypes import parse_device, parse_dtype
 from eet_pipe.gemm_tuning import GemmTuning, enable_gemm_tuning, warm_up
 from eet_pipe.generation import GenerationResult, SamplingParams, StepFn, check_prompts, generate_loop
@@ -77,9 +77,10 @@ class LanguageModel:
     Args:
         model: the canonical model (optionally int8-quantised by `quantize_model`).
         tokenizer, spec: what `from_pretrained` resolved (optional).
-        tune_gemm: choose GEMM algorithms per shape with TunableOp, with a warm-up pass at start-up; results
-            cached under `gemm_cache_dir`. ROCm builds only: on CUDA builds TunableOp has nothing but cuBLAS's
-            default, so tuning stays off with a warning (`self.gemm_tuning.why_off`; see `gemm_tuning`).
+        tune_gemm: measure the GEMM algorithm of every decode shape at start-up (a warm-up pass over the decode
+            batch buckets) and keep the choices in a file under `gemm_cache_dir`, so later processes start with
+            them (CUDA: `eet_pipe.ops.gemm_select`'s cuBLASLt selection; ROCm: TunableOp; see `gemm_tuning`).
+            Where it cannot be on, `self.gemm_tuning.why_off` says why.
         gemm_cache_dir: folder of the tuning results file (default ``~/.cache/eet_pipe/gemm_tuning``).
     """
 
@@ -94,7 +95,7 @@ class LanguageModel:
         if tune_gemm:
             self.gemm_tuning = enable_gemm_tuning(self.device, gemm_cache_dir)
             if self.gemm_tuning.enabled and self.cfg.is_decoder and model.has_head:
-                self.warm_up()
+                self.warm_up(DEFAULT_BUCKETS)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,), prompt_len: int = 32) -> None:
         """Run the model once per shape so GEMM tuning (if on) happens now, not on the first request."""
@@ -154,7 +155,8 @@ def from_pretrained(model: str, weights: str | None = None, dtype: str | torch.d
             quantize="int8-weight") with fp16 activations on CUDA and fp32 on CPU.
         device: "cpu" or "cuda:N".
         quantize: None or "int8-weight" (weight-only int8 for the layers' projections).
-        tune_gemm: per-shape GEMM selection with TunableOp (ROCm builds; off on CUDA), see `LanguageModel`.
+        tune_gemm: measure every decode shape's GEMM algorithm at start-up and keep the choices in a file, see
+            `LanguageModel`.
     """
     spec = resolve_model(model, weights, seed)
     dev = parse_device(device)

@@ -10,15 +10,19 @@ ReLU) and the residual are in cuBLASLt's epilogue, and the algorithm is chosen h
 
 * cuBLASLt's heuristic proposes up to `CANDIDATES` algorithms;
 * each, and the plain path (``F.linear`` plus separate epilogue ops), is timed on copies of the weight that
-  together exceed the L2 cache (in the model every layer's weight is read cold), launches queued behind a
-  GPU sleep so the host's launch rate does not limit them, best of `ROUNDS`;
+  together exceed twice the L2 cache (in the model every layer's weight is read cold; at most 24 copies, so a
+  weight under about 4 MB on an H100 is timed partly from L2), launches queued behind a GPU sleep so the
+  host's launch rate does not limit them, best of `ROUNDS`;
 * the fastest wins; if that is the plain path, `run` returns None and the caller takes it.
 
 The search takes some 100 ms per shape and happens on the first eager call of the shape (CUDA graph
 warm-up runs eagerly before capture, so graphs replay the chosen algorithm). A call during graph capture
 or under torch.compile that finds no choice runs cuBLASLt's first heuristic choice untimed. Choices are
 kept in memory; `set_cache_dir` (what ``tune_gemm=True`` / `eet_pipe.gemm_tuning.enable_gemm_tuning` does
-on CUDA) also reads them from and writes them to ``<dir>/gemm_select_<device>_torch<v>_cuda<v>.json``.
+on CUDA) also reads them from and writes them to
+``<dir>/gemm_select_<device>_torch<v>_cuda<v>_cublaslt<v>.json`` (an algorithm is valid for one cuBLASLt
+version only; one that fails anyway is dropped, that call runs the plain path and the shape is measured
+again).
 ``EET_PIPE_GEMM_SELECT=0`` turns the path off (every such linear is ``F.linear`` again).
 """
 
@@ -44,8 +48,9 @@ log = logging.getLogger(__name__)
 ENABLED: bool = os.environ.get("EET_PIPE_GEMM_SELECT", "1").strip().lower() not in ("0", "false", "no", "off")
 """`linear` runs decode-bucket shapes through cuBLASLt with a selected algorithm (EET_PIPE_GEMM_SELECT=0: off)."""
 SELECT_ROWS = frozenset(2 ** i for i in range(9))
-"""Row counts that take this path: the decode batch buckets 1..256 (eet_pipe.cuda_graphs.DEFAULT_BUCKETS). Other
-row counts (prefill) are compute-bound GEMMs where cuBLAS's own heuristic is right, and would each cost a search."""
+"""Row counts that take this path: the decode batch buckets 1..256 (eet_pipe.cuda_graphs.DEFAULT_BUCKETS), so a
+bounded set of shapes is ever measured (a prefill of exactly that many tokens takes it too). Other row counts are
+prefill GEMMs, compute-bound, where cuBLAS's own heuristic is right, and each would cost a search."""
 EPILOGUE_ACTIVATIONS = ("gelu_new", "relu")
 """Activations cuBLASLt applies in its epilogue (its GELU is the tanh form, gelu_new); others run after it."""
 CANDIDATES = 12
@@ -124,7 +129,10 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resid
         return False
     if x.dim() != 2 or x.shape[0] not in SELECT_ROWS or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if weight.dtype != x.dtype or weight.dim() != 2 or x.shape[1] % 8 or weight.shape[0] % 8:
+    if weight.dtype != x.dtype or weight.dim() != 2 or weight.shape[1] != x.shape[1] or x.shape[1] % 8 \
+            or weight.shape[0] % 8:
+        return False
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         return False
     tensors = [x, weight] + [t for t in (bias, residual) if t is not None]
     if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
@@ -144,14 +152,21 @@ def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residu
     if choice is not None and choice.source == "torch":
         return None
     algo, workspace = (None, 0) if choice is None else (choice.algo, choice.workspace)
-    return torch.ops.eet_pipe.gemm_lt(x, weight, bias, residual, activation, algo, workspace)
+    try:
+        return torch.ops.eet_pipe.gemm_lt(x, weight, bias, residual, activation, algo, workspace)
+    except RuntimeError as err:  # e.g. an algorithm from a file another cuBLASLt wrote: forget it, run plain
+        device = _index(x)
+        _choices.get(device, {}).pop(_key(x, weight, bias, residual, activation), None)
+        log.warning("GEMM selection: cuBLASLt failed on cuda:%d (%s); this call runs F.linear, the shape is "
+                    "measured again on its next eager call", device, err)
+        return None
 
 
 def choice_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                activation: str, plain: Callable[[torch.Tensor], torch.Tensor]) -> Choice | None:
     """The shape's choice: from memory or the cache file, else measured now; None where it cannot be measured
     (during CUDA graph capture or under torch.compile) -- cuBLASLt's first heuristic choice then runs."""
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device = _index(x)
     known = _device_choices(device)
     key = _key(x, weight, bias, residual, activation)
     found = known.get(key)
@@ -166,6 +181,10 @@ def choice_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     log.info("GEMM selection on cuda:%d, %s: %s %.2f us (plain %.2f us, %d candidates)", device, key, found.source,
              found.us, found.plain_us, found.candidates)
     return found
+
+
+def _index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 def _copies(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -196,6 +215,12 @@ def _time_us(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) 
 
 def _search(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
             activation: str, plain: Callable[[torch.Tensor], torch.Tensor]) -> Choice:
+    with torch.cuda.device(x.device):  # the events, the sleep and the synchronisation on x's device
+        return _search_here(x, weight, bias, residual, activation, plain)
+
+
+def _search_here(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                 activation: str, plain: Callable[[torch.Tensor], torch.Tensor]) -> Choice:
     algos, workspaces = torch.ops.eet_pipe.gemm_lt_algos(x, weight, bias, residual, activation, CANDIDATES)
     weights = _copies(weight)
     plain_us = _time_us(plain, weights)
@@ -223,7 +248,8 @@ def _device_choices(device: int) -> dict[str, Choice]:
         _loaded.add(device)
         path = cache_path(device)
         if path is not None and path.exists():
-            known.update(_read(path))
+            for key, choice in _read(path).items():
+                known.setdefault(key, choice)  # a shape measured in this process keeps its newer result
     return known
 
 
@@ -232,14 +258,21 @@ def cache_path(device: int) -> Path | None:
     if _cache_dir is None:
         return None
     name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower() or "device"
-    return _cache_dir / f"gemm_select_{name}_torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}.json"
+    return _cache_dir / (f"gemm_select_{name}_torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}"
+                         f"_cublaslt{_cublaslt_version()}.json")
+
+
+def _cublaslt_version() -> int:
+    """The loaded cuBLASLt's version: a stored algorithm is valid for that version only (0 without the op)."""
+    op = getattr(torch.ops.eet_pipe, "cublaslt_version", None) if hasattr(torch.ops, "eet_pipe") else None
+    return int(op()) if op is not None else 0
 
 
 def _read(path: Path) -> dict[str, Choice]:
     try:
         data = json.loads(path.read_text())
         return {key: Choice.from_json(value) for key, value in data["choices"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("GEMM selection: ignoring %s (%s); shapes will be measured again", path, err)
         return {}
 
@@ -263,10 +296,15 @@ def save() -> list[Path]:
             continue
         merged = {**(_read(path) if path.exists() else {}), **_choices.get(device, {})}
         payload = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                   "cuda": torch.version.cuda, "choices": {k: c.to_json() for k, c in sorted(merged.items())}}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(path)
+                   "cuda": torch.version.cuda, "cublaslt": _cublaslt_version(),
+                   "choices": {k: c.to_json() for k, c in sorted(merged.items())}}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes saving at once never share it
+        try:
+            tmp.write_text(json.dumps(payload, indent=1))
+            tmp.replace(path)  # atomic: a reader sees the old file or the new one
+        except OSError as err:
+            log.warning("GEMM selection: could not write %s (%s); choices stay in memory", path, err)
+            continue
         written.append(path)
     _dirty.clear()
     return written

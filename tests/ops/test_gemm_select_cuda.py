@@ -26,7 +26,7 @@ pytestmark = [
 SHAPES = [(1, 4800, 1600), (8, 1600, 1600), (64, 6400, 1600), (64, 1600, 6400), (256, 264, 72), (2, 8, 8)]
 EPILOGUES = [  # (activation, bias, residual)
     ("none", False, False), ("none", True, False), ("none", True, True), ("none", False, True),
-    ("gelu_new", True, False), ("relu", False, False),
+    ("gelu_new", True, False), ("gelu_new", False, False), ("relu", True, False), ("relu", False, False),
 ]
 
 
@@ -74,9 +74,10 @@ def test_every_candidate_computes_the_fused_linear(m: int, n: int, k: int, act: 
                                                   dtype: torch.dtype) -> None:
     x, w, b, r = problem(m, n, k, dtype, bias, residual, (m, n, k, act, bias, residual))
     expected = want(x, w, b, act, r)
-    algos, workspaces = torch.ops.eet_pipe.gemm_lt_algos(x, w, b, r, act, 8)
+    algos, workspaces = torch.ops.eet_pipe.gemm_lt_algos(x, w, b, r, act, gemm_select.CANDIDATES)  # all it times
     assert algos.dtype == torch.uint8 and algos.device.type == "cpu" and algos.shape[1] == 64
-    assert 1 <= algos.shape[0] <= 8 and workspaces.shape == (algos.shape[0],) and (workspaces >= 0).all()
+    assert 1 <= algos.shape[0] <= gemm_select.CANDIDATES and workspaces.shape == (algos.shape[0],)
+    assert (workspaces >= 0).all()
     with poisoned():
         close(torch.ops.eet_pipe.gemm_lt(x, w, b, r, act, None, 0), expected, k)  # cuBLASLt's first choice, untimed
         for algo, workspace in zip(algos, workspaces.tolist(), strict=True):
@@ -181,12 +182,17 @@ def test_dequantize_int8_equals_the_reference_bit_for_bit(n: int, k: int, dtype:
 
 @pytest.mark.parametrize(("rows", "act", "residual"), [(8, None, True), (64, "gelu_new", False), (12, "gelu", True),
                                                        (256, None, False)])
-def test_int8_linear_above_the_gemv_rows(selection, rows: int, act: str | None, residual: bool) -> None:
+def test_int8_linear_above_the_gemv_rows(selection, monkeypatch, rows: int, act: str | None, residual: bool) -> None:
     n, k = 1600, 6400
     qweight, scale = ops.quantize_int8(rand(n, k, dtype=F16, seed=("i8", rows), scale=k ** -0.5))
     x, b = rand(rows, k, dtype=F16, seed=("i8x", rows)), rand(n, dtype=F16, seed=("i8b", rows))
     r = rand(rows, n, dtype=F16, seed=("i8r", rows)) if residual else None
     assert rows > ops.INT8_GEMV_MAX_ROWS
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("int8_linear took the reference path on CUDA")
+
+    monkeypatch.setattr(reference, "int8_linear", no_reference)
     got = ops.int8_linear(x, qweight, scale, b, act, r)
     expected = want(x, ops.quant.dequantize_int8(qweight, scale), b, act, r)
     torch.testing.assert_close(got, expected, atol=4e-3, rtol=4e-3)

@@ -74,12 +74,37 @@ def test_choices_are_saved_per_device_and_read_back(fake_gpu):
     assert len(json.loads(path.read_text())["choices"]) == 2
 
 
-def test_a_corrupt_file_is_ignored_with_a_warning(fake_gpu, caplog):
+@pytest.mark.parametrize("text", ["{not json", '{"choices": []}', '{"choices": {"k": {"source": "lt"}}}'])
+def test_a_corrupt_file_is_ignored_with_a_warning(fake_gpu, caplog, text):
     path = gemm_select.cache_path(0)
-    path.write_text("{not json")
+    path.write_text(text)
     with caplog.at_level(logging.WARNING, logger="eet_pipe.ops.gemm_select"):
         assert gemm_select._device_choices(0) == {}
     assert "ignoring" in caplog.text and "measured again" in caplog.text
+
+
+def test_a_shape_measured_here_is_not_replaced_by_an_older_file_entry(fake_gpu):
+    key = "float16 m=64 n=4800 k=1600 bias=1 residual=0 act=none"
+    gemm_select._device_choices(0)[key] = lt_choice(1)
+    gemm_select._dirty.add(0)
+    gemm_select.save()
+    gemm_select._choices[0][key] = lt_choice(7)  # measured again in this process
+    gemm_select.set_cache_dir(fake_gpu)  # the file is read again on next use
+    assert gemm_select._device_choices(0)[key].to_json() == lt_choice(7).to_json()
+
+
+def test_an_algorithm_that_fails_is_dropped_and_the_call_runs_plain(fake_gpu, monkeypatch, caplog):
+    x, w = torch.zeros(64, 1600, dtype=torch.float16), torch.zeros(4800, 1600, dtype=torch.float16)
+    key = "float16 m=64 n=4800 k=1600 bias=0 residual=0 act=none"
+    gemm_select._device_choices(0)[key] = lt_choice(3)  # e.g. read from a file another cuBLASLt wrote
+
+    def failing(*args):
+        raise RuntimeError("gemm_lt: the matmul failed: CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(torch.ops.eet_pipe, "gemm_lt", failing, raising=False)
+    with caplog.at_level(logging.WARNING, logger="eet_pipe.ops.gemm_select"):
+        assert gemm_select.run(x, w, None, None, "none", torch.nn.functional.linear) is None
+    assert key not in gemm_select.choices(0) and "measured again" in caplog.text
 
 
 def test_choice_for_uses_memory_skips_capture_and_measures_new_shapes(fake_gpu, monkeypatch):

@@ -158,6 +158,10 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     assert _ext._stale(torch.ops.eet_pipe_current_check) == "op gemm_lt is missing"
     lib2.define("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
                 "int workspace) -> Tensor")  # a build before the selected cuBLASLt GEMM
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op dequantize_int8 is missing"
+    lib2.define("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor")
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op cublaslt_version is missing"
+    lib2.define("cublaslt_version() -> int")
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
 
 
