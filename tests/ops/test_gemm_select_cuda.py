@@ -197,3 +197,19 @@ def test_int8_linear_above_the_gemv_rows(selection, monkeypatch, rows: int, act:
     expected = want(x, ops.quant.dequantize_int8(qweight, scale), b, act, r)
     torch.testing.assert_close(got, expected, atol=4e-3, rtol=4e-3)
     assert bool(gemm_select.choices()) == (rows in gemm_select.SELECT_ROWS)  # decode buckets were selected
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_selection_runs_and_times_on_the_tensors_device(selection) -> None:
+    """A model on cuda:1 while cuda:0 is current: the candidates run, and are timed, on cuda:1."""
+    dev = torch.device("cuda", 1)
+    x, w, b, r = (t.to(dev) for t in problem(64, 1600, 1600, F16, True, True, "dev1"))
+    with torch.cuda.device(0):
+        y = ops.linear(x, w, b, None, r)
+    assert y.device == dev
+    torch.testing.assert_close(y, want(x, w, b, None, r), atol=2e-3, rtol=2e-3)
+    assert gemm_select.choices(0) == {}
+    (choice,) = gemm_select.choices(1).values()
+    # timed on cuda:0's stream, a cuda:1 GEMM would measure as almost nothing; a 5 MB weight takes microseconds
+    assert choice["us"] > 1.0 and choice["plain_us"] > 1.0
