@@ -38,7 +38,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
       ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16,fp16cublas,int8 tune=no} \
       out="$OUT_DIR/single_gpu" 2>&1 \
-      | grep -v "it/s" | tail -25
+      | grep -v "it/s" | tail -60
   has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 \
       device=cuda:0 batches=1,64 out="$OUT_DIR/decode_profile" 2>&1 | grep -v "it/s" | tail -30
   has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py \
