@@ -128,7 +128,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
         name = f"eet_pipe {dtype}" + (" graphs" if graphs else " eager") + \
             (" +tuning" if tuned else " (tuning unavailable)" if tune else "") + \
             ("" if dtype == "int8" else " +gemv" if gemv else " cuBLAS") + ("" if pdl else " serial launch") + \
-            ("" if select or not lm.device.type == "cuda" else " F.linear GEMMs")
+            ("" if select or lm.device.type != "cuda" else " F.linear GEMMs")
         return measure(name, opts, decode, prefill, {"dtype": dtype, "cuda_graphs": graphs, "gemm_tuning": tuned,
                                                      "gemv": gemv, "pdl": pdl, "gemm_select": select})
     finally:

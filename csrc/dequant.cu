@@ -73,13 +73,9 @@ at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scale) {
   // The first codes are read before the PDL wait: fine for the parameters, not for a copy .contiguous() made.
   const bool overlap = q.data_ptr() == qweight.data_ptr();
   EET_DISPATCH_FLOAT(s.scalar_type(), "eet_pipe dequantize_int8", [&] {
-    if (vec) {
-      launch_kernel(overlap, dequant_kernel<scalar_t, true>, blocks, dim3(kThreads), 0, w.data_ptr<scalar_t>(),
-                    q.data_ptr<int8_t>(), s.data_ptr<scalar_t>(), rows, cols);
-    } else {
-      launch_kernel(overlap, dequant_kernel<scalar_t, false>, blocks, dim3(kThreads), 0, w.data_ptr<scalar_t>(),
-                    q.data_ptr<int8_t>(), s.data_ptr<scalar_t>(), rows, cols);
-    }
+    const auto kernel = vec ? dequant_kernel<scalar_t, true> : dequant_kernel<scalar_t, false>;
+    launch_kernel(overlap, kernel, blocks, dim3(kThreads), 0, w.data_ptr<scalar_t>(), q.data_ptr<int8_t>(),
+                  s.data_ptr<scalar_t>(), rows, cols);
   });
   return w;
 }

@@ -4,9 +4,9 @@
 
 * CUDA builds: `eet_pipe.ops.gemm_select` -- cuBLASLt's candidate algorithms for each decode-sized GEMM
   (rows a decode batch bucket), timed here with the epilogue fused; the choices live in
-  ``<cache_dir>/gemm_select_<device>_torch<version>_cuda<version>.json``. The selection itself runs in every
-  process (in memory); tuning adds the file, so a second run starts with every shape chosen. PyTorch's
-  TunableOp is not used there: on CUDA it offers only cuBLAS's default.
+  ``<cache_dir>/gemm_select_<device>_torch<version>_cuda<version>_cublaslt<version>.json``. The selection
+  itself runs in every process (in memory); tuning adds the file, so a second run starts with every shape
+  chosen. PyTorch's TunableOp is not used there: on CUDA it offers only cuBLAS's default.
 * ROCm builds: PyTorch TunableOp (rocBLAS and hipBLASLt algorithms) for every GEMM, results in
   ``<cache_dir>/tunableop_<device name>_torch<version>_rocm<version>.csv``.
 
@@ -17,12 +17,13 @@ it does nothing (one log line). Both selections are process-wide; this module on
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from eet_pipe import ops
 
 __all__ = ["GemmTuning", "enable_gemm_tuning", "disable_gemm_tuning", "tuning_filename", "default_cache_dir",
            "save_tuning", "warm_up"]
@@ -63,7 +64,7 @@ def default_cache_dir() -> Path:
 
 def tuning_filename(device_name: str) -> str:
     """File name keyed by device name and the torch / ROCm or CUDA versions (TunableOp rejects other versions)."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() or "device"
+    slug = ops.gemm_select.device_slug(device_name)
     torch_version = torch.__version__.split("+")[0]
     platform = f"rocm{torch.version.hip}" if torch.version.hip else f"cuda{torch.version.cuda}"
     return f"tunableop_{slug}_torch{torch_version}_{platform}.csv"
@@ -107,8 +108,6 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
 
 def _enable_cublaslt(device: torch.device, cache_dir: str | Path | None) -> GemmTuning:
     """CUDA builds: `eet_pipe.ops.gemm_select`'s choices, read from and written to a file in `cache_dir`."""
-    from eet_pipe import ops
-
     why = ""
     if not ops.HAVE_EXT:
         why = f"GEMM selection runs eet_pipe's cuBLASLt op, and the CUDA extension is unavailable ({ops.EXT_REASON})"
@@ -130,8 +129,6 @@ def save_tuning(tuning: GemmTuning) -> None:
     if not tuning.enabled:
         return
     if tuning.backend == "cublaslt":
-        from eet_pipe import ops
-
         ops.gemm_select.save()
         return
     from torch.cuda import tunable
@@ -151,8 +148,6 @@ def disable_gemm_tuning(tuning: GemmTuning) -> None:
         return
     save_tuning(tuning)
     if tuning.backend == "cublaslt":  # the selection itself stays on (in memory); only the file goes
-        from eet_pipe import ops
-
         ops.gemm_select.set_cache_dir(None)
         log.info("GEMM selection: choices saved to %s; no file from now on", tuning.path)
         return

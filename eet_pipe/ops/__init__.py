@@ -285,6 +285,9 @@ def _selected_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch
     return epilogue(y.view(*x.shape[:-1], n), after_act, after_res)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """qweight [N, K] int8 * scale [N] -> [N, K] in `dtype` (default: the scale's dtype); on CUDA one kernel
     that moves 16 weights per thread (the same values as the reference, `eet_pipe.ops.quant.dequantize_int8`)."""
@@ -294,8 +297,6 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
         return torch.ops.eet_pipe.dequantize_int8(qweight, scale.to(dtype))
     return quant.dequantize_int8(qweight, scale, dtype)
 
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ENABLED", "SELECT_ROWS", "EPILOGUE_ACTIVATIONS", "CANDIDATES", "Choice", "fits", "run", "choice_for",
-           "set_cache_dir", "cache_path", "save", "choices", "clear"]
+           "set_cache_dir", "cache_path", "device_slug", "save", "choices", "clear"]
 
 log = logging.getLogger(__name__)
 
@@ -215,27 +215,22 @@ def _time_us(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) 
 
 def _search(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
             activation: str, plain: Callable[[torch.Tensor], torch.Tensor]) -> Choice:
-    with torch.cuda.device(x.device):  # the events, the sleep and the synchronisation on x's device
-        return _search_here(x, weight, bias, residual, activation, plain)
-
-
-def _search_here(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-                 activation: str, plain: Callable[[torch.Tensor], torch.Tensor]) -> Choice:
     algos, workspaces = torch.ops.eet_pipe.gemm_lt_algos(x, weight, bias, residual, activation, CANDIDATES)
-    weights = _copies(weight)
-    plain_us = _time_us(plain, weights)
-    best = Choice("torch", None, 0, plain_us, plain_us, len(algos))
-    for algo, workspace in zip(algos, workspaces.tolist(), strict=True):
-        def lt(w: torch.Tensor, algo: torch.Tensor = algo, workspace: int = workspace) -> torch.Tensor:
-            return torch.ops.eet_pipe.gemm_lt(x, w, bias, residual, activation, algo, workspace)
+    with torch.cuda.device(x.device):  # the events, the sleep and the synchronisation on x's device
+        weights = _copies(weight)
+        plain_us = _time_us(plain, weights)
+        best = Choice("torch", None, 0, plain_us, plain_us, len(algos))
+        for algo, workspace in zip(algos, workspaces.tolist(), strict=True):
+            def lt(w: torch.Tensor, algo: torch.Tensor = algo, workspace: int = workspace) -> torch.Tensor:
+                return torch.ops.eet_pipe.gemm_lt(x, w, bias, residual, activation, algo, workspace)
 
-        try:
-            us = _time_us(lt, weights)
-        except RuntimeError as err:  # a candidate cuBLASLt proposed but cannot run: skip it
-            log.debug("GEMM candidate skipped: %s", err)
-            continue
-        if us < best.us:
-            best = Choice("lt", algo.clone(), int(workspace), us, plain_us, len(algos))
+            try:
+                us = _time_us(lt, weights)
+            except RuntimeError as err:  # a candidate cuBLASLt proposed but cannot run: skip it
+                log.debug("GEMM candidate skipped: %s", err)
+                continue
+            if us < best.us:
+                best = Choice("lt", algo.clone(), int(workspace), us, plain_us, len(algos))
     return best
 
 
@@ -257,14 +252,19 @@ def cache_path(device: int) -> Path | None:
     """The choices file of CUDA device `device` (None without `set_cache_dir`)."""
     if _cache_dir is None:
         return None
-    name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower() or "device"
+    name = device_slug(torch.cuda.get_device_name(device))
     return _cache_dir / (f"gemm_select_{name}_torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}"
                          f"_cublaslt{_cublaslt_version()}.json")
 
 
+def device_slug(device_name: str) -> str:
+    """A GPU's name as a file-name part: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() or "device"
+
+
 def _cublaslt_version() -> int:
     """The loaded cuBLASLt's version: a stored algorithm is valid for that version only (0 without the op)."""
-    op = getattr(torch.ops.eet_pipe, "cublaslt_version", None) if hasattr(torch.ops, "eet_pipe") else None
+    op = getattr(torch.ops.eet_pipe, "cublaslt_version", None)
     return int(op()) if op is not None else 0
 
 
