@@ -3,7 +3,7 @@
 # two GPUs (DEVICES=cuda:0,cuda:1,cuda:2,cuda:3 for more). Usage:
 #   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [profile] [kernels] [serve]
 # (no part named = all). Knobs: DEVICES, GPU_TESTS, <PART>_S time limits, SCHEDULES_ARGS, SCHEDULES_DECODE=0,
-# SINGLE_ARGS, SERVE_LEVELS, SERVE_REQUESTS. Every part has its own time limit, so one hang cannot eat the others.
+# SINGLE_ARGS, KERNELS_ARGS, SERVE_LEVELS, SERVE_REQUESTS. Every part has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
 PARTS=${*:-tests prefill decode schedules partitions single profile kernels serve}
@@ -44,7 +44,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py \
       model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,8 out="$OUT_DIR/decode_profile_gemv" 2>&1 \
       | grep -v "it/s" | tail -30
-  has kernels && timeout ${KERNELS_S:-120} python3 benchmarks/kernels.py device=cuda:0 out="$OUT_DIR/kernels" 2>&1 \
+  has kernels && timeout ${KERNELS_S:-120} python3 benchmarks/kernels.py device=cuda:0 ${KERNELS_ARGS:-} out="$OUT_DIR/kernels" 2>&1 \
       | grep -v "it/s" | tail -60
   has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
       concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \

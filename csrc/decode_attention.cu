@@ -1,7 +1,7 @@
 // decode_attention: one query token per sequence against its KV-cache slot (flash-decoding).
 //
 // Grid (B * Hq, splits): each block handles one query head over one chunk of cache columns.
-// Inside a block, groups of TPK lanes each own one key at a time (16-byte loads of K and V), keep
+// Inside a block, groups of TPK lanes each own a few keys per round (16-byte loads of K and V), keep
 // an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
 // With splits > 1 every block writes a normalised partial output and its log-sum-exp (base 2) and a
 // second kernel combines them. Keys are columns j < lengths[b] with valid[slot, j]; a sequence with
@@ -71,40 +71,60 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const T* vbase = static_cast<const T*>(a.v) + slot * a.v_stride[0] + g * a.v_stride[1];
   const bool* valid = a.valid + slot * a.valid_stride[0];
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
+  // Each key group takes U keys per round (j0, j0 + groups, ...): all their K, V and mask loads are issued
+  // before any is used, so a round costs one memory latency instead of U. One key per round left GPT-2 XL's
+  // decode at batch 64 latency-bound (5 dependent loads per group over 160 columns).
+  constexpr int U = NVPL == 1 ? 4 : 2;
   float m = -INFINITY, l = 0.f;
-  for (int j = start + kgroup; j < end; j += groups) {
-    // The mask is loaded with K and V, not before them: a branch on it would put a second memory latency in
-    // front of every key. A masked key's score is computed and dropped (j < end <= cache_len: in bounds).
-    const bool keep = valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
-    Vec<T, VEC> kv[NVPL], vv[NVPL];
+  for (int j0 = start + kgroup; j0 < end; j0 += groups * U) {
+    bool keep[U];
+    Vec<T, VEC> kv[U][NVPL], vv[U][NVPL];
 #pragma unroll
-    for (int i = 0; i < NVPL; ++i) {
-      const int vi = lane + i * TPK;
-      if (vi < nv) {
-        kv[i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
-        vv[i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * groups;
+      // The mask is loaded with K and V, not before them: a branch on it would put a second memory latency in
+      // front of the keys. A masked key's score is computed and dropped (j < end <= cache_len: in bounds).
+      keep[u] = j < end && valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
+#pragma unroll
+      for (int i = 0; i < NVPL; ++i) {
+        const int vi = lane + i * TPK;
+        if (j < end && vi < nv) {
+          kv[u][i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
+          vv[u][i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) kv[u][i].v[e] = vv[u][i].v[e] = from_float<T>(0.f);
+        }
       }
     }
-    float s = 0.f;
+    float s[U];
+    float m_new = m;
 #pragma unroll
-    for (int i = 0; i < NVPL; ++i) {
-      if (lane + i * TPK < nv) {
+    for (int u = 0; u < U; ++u) {
+      s[u] = 0.f;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s += qr[i * VEC + e] * to_float(kv[i].v[e]);
+      for (int i = 0; i < NVPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[u] += qr[i * VEC + e] * to_float(kv[u][i].v[e]);
       }
+#pragma unroll
+      for (int offset = TPK / 2; offset > 0; offset >>= 1) s[u] += __shfl_xor_sync(mask, s[u], offset);
+      if (keep[u]) m_new = fmaxf(m_new, s[u]);
     }
+    if (m_new == -INFINITY) continue;  // no kept key in this round (nor before it)
+    const float corr = exp2f(m - m_new);  // 0 while m is -inf
+    l *= corr;
 #pragma unroll
-    for (int offset = TPK / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(mask, s, offset);
-    if (!keep) continue;
-    const float m_new = fmaxf(m, s);
-    const float corr = exp2f(m - m_new);
-    const float p = exp2f(s - m_new);
-    l = l * corr + p;
+    for (int e = 0; e < E; ++e) acc[e] *= corr;
 #pragma unroll
-    for (int i = 0; i < NVPL; ++i) {
-      if (lane + i * TPK < nv) {
+    for (int u = 0; u < U; ++u) {
+      if (!keep[u]) continue;
+      const float p = exp2f(s[u] - m_new);
+      l += p;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[i * VEC + e] = acc[i * VEC + e] * corr + p * to_float(vv[i].v[e]);
+      for (int i = 0; i < NVPL; ++i) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[i * VEC + e] += p * to_float(vv[u][i].v[e]);
       }
     }
     m = m_new;
@@ -176,13 +196,12 @@ __global__ void decode_combine_kernel(const DecodeArgs a) {
 
 template <typename T, int TPK, int NVPL>
 void launch(const DecodeArgs& a, int64_t batch_heads) {
-  // Many blocks over short chunks (decode of a large batch): half-size blocks. At 58 registers per thread a
-  // 256-thread block fits 4 times per SM, so GPT-2 XL at batch 64 (1600 blocks) ran in just over 3 waves,
-  // and each block's merge walks 32 key groups for a few keys each. 128 threads fit 8 times per SM (1.5
-  // waves) and merge 16 groups. Few blocks (one sequence) keep 256 threads: there the keys per group, walked
-  // one after another, are the latency.
+  // Many blocks (decode of a large batch): half-size blocks. A 256-thread block fits 3-4 times per SM, so
+  // GPT-2 XL at batch 64 (1600 blocks) ran in over 3 waves, and each block's merge walks 32 key groups for a
+  // few keys each. 128 threads fit twice as often and merge 16 groups. Few blocks (one sequence) keep 256
+  // threads: there the rounds of keys per group, walked one after another, are the latency.
   const int64_t blocks = batch_heads * a.splits;
-  const int threads = blocks >= 4 * static_cast<int64_t>(num_sms()) && a.chunk <= 128 ? kThreads / 2 : kThreads;
+  const int threads = blocks >= 4 * static_cast<int64_t>(num_sms()) ? kThreads / 2 : kThreads;
   const int groups = threads / TPK;
   const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
