@@ -108,3 +108,15 @@ def test_busy_time_counts_overlapping_kernel_spans_once():
     # [7.2, 7.5] lies inside it
     assert union_length([(2.0, 5.0), (0.0, 3.0), (7.0, 8.0), (7.2, 7.5)]) == pytest.approx(6.0)
     assert union_length([]) == 0.0
+
+
+def test_exposed_time_charges_each_instant_to_the_running_kernel():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode_profile import exposed_times, union_length
+
+    # "norm" [0, 3] runs first; "gemv" launched early (PDL) spans [1, 5]: it runs from 3 to 5 except while
+    # a kernel that ends earlier, "norm" [4.5, 4.8], covers the time; "attn" [7, 8] after a gap adds its span
+    spans = [("gemv", 1.0, 5.0), ("norm", 0.0, 3.0), ("attn", 7.0, 8.0), ("norm", 4.5, 4.8)]
+    charged = exposed_times(spans)
+    assert charged == pytest.approx({"norm": 3.0 + 0.3, "gemv": 1.5 + 0.2, "attn": 1.0})
+    assert sum(charged.values()) == pytest.approx(union_length([(s, e) for _, s, e in spans]))
