@@ -21,6 +21,9 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
+  m.def(
+      "gemv_qkv_cache(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slots, Tensor write_index, int num_heads, int num_kv_heads, int head_dim) -> Tensor");
   m.def("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor");
   m.def("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
         "int workspace) -> Tensor");
@@ -42,6 +45,7 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
   m.impl("decode_attention", &eet::decode_attention);
   m.impl("gemv", &eet::gemv);
+  m.impl("gemv_qkv_cache", &eet::gemv_qkv_cache);
   m.impl("dequantize_int8", &eet::dequantize_int8);
   m.impl("gemm_lt", &eet::gemm_lt);
   m.impl("gemm_lt_algos", &eet::gemm_lt_algos);

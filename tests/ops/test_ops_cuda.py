@@ -335,6 +335,75 @@ def test_gemv_epilogue(n: int, k: int, rows: int, int8: bool, act: str | None, d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize(("rows", "hq", "hkv", "d", "k"), [(1, 25, 25, 64, 1600), (3, 8, 2, 128, 1000),
+                                                          (16, 6, 3, 80, 256), (2, 4, 4, 64, 100)])
+def test_gemv_qkv_cache(rows: int, hq: int, hkv: int, d: int, k: int, int8: bool, dtype: torch.dtype) -> None:
+    """The qkv projection with the cache write as its epilogue: q returned, k and v in their cache columns, the
+    other columns untouched; K = 100 takes the unaligned path."""
+    case = (rows, hq, hkv, d, k, int8, dtype)
+    n, slots_total, length = (hq + 2 * hkv) * d, rows + 3, 9
+    w = rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02)
+    qweight, scale = ops.quantize_int8(w) if int8 else (w, None)
+    x, bias = rand(rows, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
+    k_cache, v_cache = (rand(slots_total, hkv, length, d, dtype=dtype, seed=(case, i)) for i in (4, 5))
+    slots = torch.randperm(slots_total, device="cuda")[:rows]
+    write_index = torch.randint(0, length, (rows, 1), device="cuda")
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qkv = _gemv_want(x, qweight, bias, scale).view(rows, 1, n)
+    want_q = reference.qkv_rotary_cache(qkv, None, None, want_k, want_v, slots, write_index, hq, hkv, d,
+                                        rotary=False)
+    with poisoned() as _pool:
+        q = torch.ops.eet_pipe.gemv_qkv_cache(x, qweight, scale, bias, k_cache, v_cache, slots, write_index, hq, hkv,
+                                              d)
+    tol = "int8" if int8 else "gemv"
+    close(q.view(rows, hq, 1, d), want_q, tol)
+    close(k_cache, want_k, tol)
+    close(v_cache, want_v, tol)
+    written = torch.zeros(slots_total, length, dtype=torch.bool, device="cuda")
+    written[slots, write_index[:, 0]] = True
+    for got, before in ((k_cache, want_k), (v_cache, want_v)):  # outside the written columns: bit for bit
+        assert torch.equal(got.transpose(1, 2)[~written], before.transpose(1, 2)[~written])
+
+
+def test_qkv_projection_cache_checks_its_arguments() -> None:
+    x, w = rand(2, 64, dtype=F16, seed="x"), rand(3 * 4 * 16, 64, dtype=F16, seed="w")
+    cache = rand(4, 4, 8, 16, dtype=F16, seed="c")
+    slots, index = torch.tensor([0, 1], device="cuda"), torch.tensor([[3], [5]], device="cuda")
+    with pytest.raises(RuntimeError, match="output channels"):
+        torch.ops.eet_pipe.gemv_qkv_cache(x, w, None, None, cache, cache.clone(), slots, index, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        torch.ops.eet_pipe.gemv_qkv_cache(x, w, None, None, cache, cache.clone(), slots[:1], index, 4, 4, 16)
+    with pytest.raises(RuntimeError, match="v_cache"):
+        torch.ops.eet_pipe.gemv_qkv_cache(x, w, None, None, cache, cache[:3].clone(), slots, index, 4, 4, 16)
+
+
+def test_qkv_projection_cache_runs_one_kernel_at_a_decode_row() -> None:
+    """ops.qkv_projection_cache at one row is the fused kernel alone; above the GEMV rows, the two-step path."""
+    hq = hkv = 4
+    d, k = 16, 64
+    w, bias = rand(3 * hq * d, k, dtype=F16, seed="w", scale=0.05), rand(3 * hq * d, dtype=F16, seed="b")
+    for rows in (1, 3):
+        x = rand(rows, 1, k, dtype=F16, seed=("x", rows))
+        k_cache, v_cache = (rand(rows + 1, hkv, 6, d, dtype=F16, seed=("c", rows, i)) for i in (1, 2))
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        slots, index = torch.arange(rows, device="cuda"), torch.full((rows, 1), 2, device="cuda")
+        want_q = reference.qkv_rotary_cache(_gemv_want(x.view(rows, k), w, bias).view(rows, 1, -1), None, None,
+                                            want_k, want_v, slots, index, hq, hkv, d, rotary=False)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            q = ops.qkv_projection_cache(x, w, None, bias, k_cache, v_cache, slots, index, hq, hkv, d)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if rows <= ops.GEMV_MAX_ROWS:
+            assert len(kernels) == 1 and "gemv_kernel" in kernels[0], kernels
+        else:
+            assert any("qkv_rotary_cache" in name for name in kernels), kernels
+        close(q, want_q, "gemv")
+        close(k_cache, want_k, "gemv")
+        close(v_cache, want_v, "gemv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "k"), [(3, 256), (1, 5000), (3, 5000)])  # one row of 5000: sliced rows
 def test_gemv_unaligned_inputs(rows: int, k: int, dtype: torch.dtype) -> None:
     n = 300
