@@ -1,14 +1,12 @@
 // decode_attention: one query token per sequence against its KV-cache slot (flash-decoding).
 //
-// A work item is one query head of one sequence over one chunk (split) of its cache columns. Groups of TPK
-// lanes each own a few keys per round (16-byte loads of K and V) and keep an online softmax (running max m,
-// sum l, accumulator). Block mode (few items: small batches) gives each item a block of 256 threads whose key
-// groups merge through shared memory; warp mode (many items) gives each a warp whose groups merge by shuffles.
-// With splits > 1 every item writes a normalised partial output and its log-sum-exp (base 2) and a
+// Grid (B * Hq, splits): each block handles one query head over one chunk of cache columns.
+// Inside a block, groups of TPK lanes each own a few keys per round (16-byte loads of K and V), keep
+// an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
+// With splits > 1 every block writes a normalised partial output and its log-sum-exp (base 2) and a
 // second kernel combines them. Keys are columns j < lengths[b] with valid[slot, j]; a sequence with
 // no such key gets zeros. All arithmetic in fp32.
 #include <cmath>
-#include <type_traits>
 
 #include "common.h"
 #include "ops.h"
@@ -16,10 +14,8 @@
 namespace eet {
 namespace {
 
-constexpr int kThreads = 256;  // block mode
-constexpr int kWarpModeThreads = 128;  // warp mode: four work items per block
-constexpr int kMinChunk = 384;  // fewest keys worth a split of their own (block mode; plan_splits)
-constexpr int kMinWarpChunk = 128;  // the same in warp mode
+constexpr int kThreads = 256;
+constexpr int kMinChunk = 64;  // fewest keys worth a split of their own (a few keys per key group)
 constexpr int kMaxSplits = 64;
 constexpr int kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
@@ -40,41 +36,25 @@ struct DecodeArgs {
   float scale_log2;  // softmax scale * log2(e): scores live in the base-2 domain
 };
 
-// One (sequence, head, split) work item's query and keys, as seen by one lane of a key group of TPK lanes: the
-// lane holds E = VEC * NVPL elements of the head dim (vector vi = lane + i * TPK), and key group `kgroup` of
-// `groups` takes keys start + kgroup, + groups, ... below `end`.
 template <typename T, int TPK, int NVPL>
-struct Item {
-  static constexpr int VEC = 16 / sizeof(T);
-  static constexpr int E = VEC * NVPL;
-  int bh, b, g, start, end;
-  int64_t slot;
-};
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeArgs a) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int E = VEC * NVPL;  // elements of the head dim each lane holds
+  extern __shared__ float smem[];  // [groups * D] accumulators, [groups] max, sum, weight
+  pdl_launch_dependents();
+  pdl_wait();
 
-template <typename T, int TPK, int NVPL>
-__device__ __forceinline__ Item<T, TPK, NVPL> make_item(const DecodeArgs& a, int bh, int split) {
-  Item<T, TPK, NVPL> it;
-  it.bh = bh;
-  it.b = bh / a.num_heads;
-  it.g = bh % a.num_heads / a.group;
-  it.slot = a.slots[it.b];
-  CUDA_KERNEL_ASSERT(it.slot >= 0 && it.slot < a.num_slots && "decode_attention: slot out of range");
-  const int len = static_cast<int>(min(max(a.lengths[it.b], int64_t{0}), static_cast<int64_t>(a.cache_len)));
-  it.start = split * a.chunk;
-  it.end = min(it.start + a.chunk, len);
-  return it;
-}
+  const int bh = blockIdx.x, split = blockIdx.y;
+  const int b = bh / a.num_heads, h = bh % a.num_heads, g = h / a.group;
+  const int D = a.head_dim, nv = D / VEC;
+  const int lane = threadIdx.x % TPK, kgroup = threadIdx.x / TPK, groups = blockDim.x / TPK;
+  const int64_t slot = a.slots[b];
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < a.num_slots && "decode_attention: slot out of range");
+  const int len = static_cast<int>(min(max(a.lengths[b], int64_t{0}), static_cast<int64_t>(a.cache_len)));
+  const int start = split * a.chunk, end = min(start + a.chunk, len);
 
-// The online softmax of one key group over its keys: running max m, sum l and the accumulator acc (lane's
-// slice), all in the base-2 domain. Each round takes U keys (j0, j0 + groups, ...) and issues all their K, V
-// and mask loads before using any, so a round costs one memory latency instead of U.
-template <typename T, int TPK, int NVPL, int U>
-__device__ __forceinline__ void attend(const DecodeArgs& a, const Item<T, TPK, NVPL>& it, int lane, int kgroup,
-                                       int groups, float (&acc)[Item<T, TPK, NVPL>::E], float& m, float& l) {
-  constexpr int VEC = Item<T, TPK, NVPL>::VEC, E = Item<T, TPK, NVPL>::E;
-  const int nv = a.head_dim / VEC;
-  float qr[E];
-  const T* q = static_cast<const T*>(a.q) + static_cast<int64_t>(it.bh) * a.head_dim;
+  float qr[E], acc[E];
+  const T* q = static_cast<const T*>(a.q) + static_cast<int64_t>(bh) * D;
 #pragma unroll
   for (int i = 0; i < NVPL; ++i) {
     const int vi = lane + i * TPK;
@@ -86,13 +66,17 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const Item<T, TPK, N
       acc[i * VEC + e] = 0.f;
     }
   }
-  const T* kbase = static_cast<const T*>(a.k) + it.slot * a.k_stride[0] + it.g * a.k_stride[1];
-  const T* vbase = static_cast<const T*>(a.v) + it.slot * a.v_stride[0] + it.g * a.v_stride[1];
-  const bool* valid = a.valid + it.slot * a.valid_stride[0];
+
+  const T* kbase = static_cast<const T*>(a.k) + slot * a.k_stride[0] + g * a.k_stride[1];
+  const T* vbase = static_cast<const T*>(a.v) + slot * a.v_stride[0] + g * a.v_stride[1];
+  const bool* valid = a.valid + slot * a.valid_stride[0];
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
-  m = -INFINITY;
-  l = 0.f;
-  for (int j0 = it.start + kgroup; j0 < it.end; j0 += groups * U) {
+  // Each key group takes U keys per round (j0, j0 + groups, ...): all their K, V and mask loads are issued
+  // before any is used, so a round costs one memory latency instead of U. One key per round left GPT-2 XL's
+  // decode at batch 64 latency-bound (5 dependent loads per group over 160 columns).
+  constexpr int U = NVPL == 1 ? 4 : 2;
+  float m = -INFINITY, l = 0.f;
+  for (int j0 = start + kgroup; j0 < end; j0 += groups * U) {
     bool keep[U];
     Vec<T, VEC> kv[U][NVPL], vv[U][NVPL];
 #pragma unroll
@@ -100,11 +84,11 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const Item<T, TPK, N
       const int j = j0 + u * groups;
       // The mask is loaded with K and V, not before them: a branch on it would put a second memory latency in
       // front of the keys. A masked key's score is computed and dropped (j < end <= cache_len: in bounds).
-      keep[u] = j < it.end && valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
+      keep[u] = j < end && valid[j * a.valid_stride[1]];  // uniform across the TPK lanes of this key
 #pragma unroll
       for (int i = 0; i < NVPL; ++i) {
         const int vi = lane + i * TPK;
-        if (j < it.end && vi < nv) {
+        if (j < end && vi < nv) {
           kv[u][i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
           vv[u][i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
         } else {
@@ -145,38 +129,8 @@ __device__ __forceinline__ void attend(const DecodeArgs& a, const Item<T, TPK, N
     }
     m = m_new;
   }
-}
 
-// Element d of the item's output, normalised by its sum (`inv`), or its split's partial output; lse: the split's
-// log-sum-exp (base 2), written by one thread.
-template <typename T>
-__device__ __forceinline__ void store_out(const DecodeArgs& a, int bh, int split, int d, float o) {
-  if (a.splits == 1) {
-    static_cast<T*>(a.out)[static_cast<int64_t>(bh) * a.head_dim + d] = from_float<T>(o);
-  } else {
-    a.part_out[(static_cast<int64_t>(bh) * a.splits + split) * a.head_dim + d] = o;
-  }
-}
-
-__device__ __forceinline__ void store_lse(const DecodeArgs& a, int bh, int split, float mx, float total) {
-  if (a.splits > 1) a.part_lse[static_cast<int64_t>(bh) * a.splits + split] = total > 0.f ? mx + log2f(total) : -INFINITY;
-}
-
-// Block mode (few work items: small batches): one block per (sequence, head, split), its key groups merged
-// through shared memory.
-template <typename T, int TPK, int NVPL, int U>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeArgs a) {
-  constexpr int E = Item<T, TPK, NVPL>::E, VEC = Item<T, TPK, NVPL>::VEC;
-  extern __shared__ float smem[];  // [groups * D] accumulators, [groups] max, sum, weight
-  pdl_launch_dependents();
-  pdl_wait();
-  const int split = blockIdx.y;
-  const auto it = make_item<T, TPK, NVPL>(a, blockIdx.x, split);
-  const int D = a.head_dim, nv = D / VEC;
-  const int lane = threadIdx.x % TPK, kgroup = threadIdx.x / TPK, groups = blockDim.x / TPK;
-  float acc[E], m, l;
-  attend<T, TPK, NVPL, U>(a, it, lane, kgroup, groups, acc, m, l);
-
+  // Merge the key groups of this block.
   float* red_acc = smem;
   float* red_m = smem + groups * D;
   float* red_l = red_m + groups;
@@ -206,54 +160,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
     for (int k = 0; k < groups; ++k) o += red_w[k] == 0.f ? 0.f : red_acc[k * D + d] * red_w[k];
-    store_out<T>(a, it.bh, split, d, o * inv);
-  }
-  if (threadIdx.x == 0) store_lse(a, it.bh, split, mx, total);
-}
-
-// Warp mode (many work items: large batches): each warp is one (sequence, head, split), its 32 / TPK key groups
-// merged by shuffles. No shared memory or block barrier, and a grid of a quarter as many blocks: GPT-2 XL at
-// batch 64 is 1600 items, which fit on an H100 at once, where one block per item ran in 2 waves and a tail.
-template <typename T, int TPK, int NVPL, int U>
-__global__ void __launch_bounds__(kWarpModeThreads, 4) decode_attention_warp_kernel(const DecodeArgs a,
-                                                                                 int64_t items) {
-  constexpr int E = Item<T, TPK, NVPL>::E, VEC = Item<T, TPK, NVPL>::VEC;
-  pdl_launch_dependents();
-  pdl_wait();
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * (kWarpModeThreads / 32) + threadIdx.x / 32;
-  if (item >= items) return;  // whole warps
-  const int split = static_cast<int>(item % a.splits);
-  const auto it = make_item<T, TPK, NVPL>(a, static_cast<int>(item / a.splits), split);
-  const int lane = threadIdx.x % TPK, kgroup = (threadIdx.x & 31) / TPK;
-  float acc[E], m, l;
-  attend<T, TPK, NVPL, U>(a, it, lane, kgroup, 32 / TPK, acc, m, l);
-#pragma unroll
-  for (int offset = TPK; offset < 32; offset <<= 1) {
-    const float m_o = __shfl_xor_sync(0xffffffffu, m, offset);
-    const float l_o = __shfl_xor_sync(0xffffffffu, l, offset);
-    const float mx = fmaxf(m, m_o);
-    const float w = m == -INFINITY ? 0.f : exp2f(m - mx);
-    const float w_o = m_o == -INFINITY ? 0.f : exp2f(m_o - mx);
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const float acc_o = __shfl_xor_sync(0xffffffffu, acc[e], offset);
-      acc[e] = acc[e] * w + acc_o * w_o;
-    }
-    l = l * w + l_o * w_o;
-    m = mx;
-  }
-  if (kgroup != 0) return;
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-  const int nv = a.head_dim / VEC;
-#pragma unroll
-  for (int i = 0; i < NVPL; ++i) {
-    const int vi = lane + i * TPK;
-    if (vi < nv) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) store_out<T>(a, it.bh, split, vi * VEC + e, acc[i * VEC + e] * inv);
+    if (a.splits == 1) {
+      static_cast<T*>(a.out)[static_cast<int64_t>(bh) * D + d] = from_float<T>(o * inv);
+    } else {
+      a.part_out[(static_cast<int64_t>(bh) * a.splits + split) * D + d] = o * inv;
     }
   }
-  if (lane == 0) store_lse(a, it.bh, split, m, l);
+  if (a.splits > 1 && threadIdx.x == 0) {
+    a.part_lse[static_cast<int64_t>(bh) * a.splits + split] = total > 0.f ? mx + log2f(total) : -INFINITY;
+  }
 }
 
 // Second pass: out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max); empty splits have lse -inf.
@@ -279,27 +194,18 @@ __global__ void decode_combine_kernel(const DecodeArgs a) {
   }
 }
 
-// Warp mode from this many (sequence, head) pairs per SM: one warp per item then still gives each SM
-// several items, each over a few rounds.
-bool warp_mode(int64_t batch_heads) { return batch_heads >= num_sms(); }
-
 template <typename T, int TPK, int NVPL>
 void launch(const DecodeArgs& a, int64_t batch_heads) {
-  // Keys per group per round: 8 (4 at two vectors per lane), 16-32 KB of K and V in flight per 256 threads. bf16
-  // takes half as many: its K and V vectors compile to twice the registers (182 against 123 per thread at 8
-  // keys), which would halve the warps per SM.
-  constexpr int U = (std::is_same_v<T, c10::BFloat16> ? 4 : 8) / NVPL;
-  const int64_t items = batch_heads * a.splits;
-  if (warp_mode(batch_heads)) {
-    constexpr int warps = kWarpModeThreads / 32;
-    launch_kernel(decode_attention_warp_kernel<T, TPK, NVPL, U>, dim3(static_cast<unsigned>(ceil_div(items, warps))),
-                  dim3(kWarpModeThreads), 0, a, items);
-  } else {
-    const int groups = kThreads / TPK;
-    const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
-    const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
-    launch_kernel(decode_attention_kernel<T, TPK, NVPL, U>, grid, dim3(kThreads), smem, a);
-  }
+  // Many blocks (decode of a large batch): half-size blocks. A 256-thread block fits 3-4 times per SM, so
+  // GPT-2 XL at batch 64 (1600 blocks) ran in over 3 waves, and each block's merge walks 32 key groups for a
+  // few keys each. 128 threads fit twice as often and merge 16 groups. Few blocks (one sequence) keep 256
+  // threads: there the rounds of keys per group, walked one after another, are the latency.
+  const int64_t blocks = batch_heads * a.splits;
+  const int threads = blocks >= 4 * static_cast<int64_t>(num_sms()) ? kThreads / 2 : kThreads;
+  const int groups = threads / TPK;
+  const size_t smem = (static_cast<size_t>(groups) * a.head_dim + 3 * groups) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(a.splits));
+  launch_kernel(decode_attention_kernel<T, TPK, NVPL>, grid, dim3(threads), smem, a);
   if (a.splits > 1) {
     const int combine_threads = static_cast<int>(ceil_div(a.head_dim, 32) * 32);
     launch_kernel(decode_combine_kernel<T>, dim3(static_cast<unsigned>(batch_heads)), dim3(combine_threads), 0, a);
@@ -321,14 +227,10 @@ void dispatch_lanes(const DecodeArgs& a, int64_t batch_heads) {
   }
 }
 
-// Splits of the cache columns: enough work items to fill the GPU (2 blocks per SM in block mode, 8 warps in warp
-// mode), but at least kMinChunk (kMinWarpChunk) columns per split. A split costs the combine kernel, about
-// as much as two more rounds of keys, so a block takes up to 384 columns (1.5 rounds of 256) before splitting.
+// Enough blocks to fill the GPU twice, but at least kMinChunk columns per split.
 void plan_splits(DecodeArgs& a, int64_t batch_heads) {
-  const bool warps = warp_mode(batch_heads);
-  const int64_t wanted = ceil_div((warps ? 8 : 2) * static_cast<int64_t>(num_sms()), batch_heads);
-  const int64_t min_chunk = warps ? kMinWarpChunk : kMinChunk;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({wanted, ceil_div(a.cache_len, min_chunk), kMaxSplits}));
+  const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms()), batch_heads);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({wanted, ceil_div(a.cache_len, kMinChunk), kMaxSplits}));
   a.chunk = static_cast<int>(ceil_div(a.cache_len, splits));
   a.splits = static_cast<int>(ceil_div(a.cache_len, a.chunk));
 }
