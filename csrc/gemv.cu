@@ -12,9 +12,6 @@
 // be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
 // that writes x (programmatic dependent launch, common.h), so a short kernel before it (a norm, the
 // attention) and its own start-up overlap the weight stream.
-#include <atomic>
-#include <cstdlib>
-
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -36,7 +33,6 @@ struct GemvArgs {
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
   int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
-  int ahead;  // > 0: each block has the weight rows of block blockIdx.x + ahead brought into L2 (prefetch_later)
   // The KV-cache epilogue (gemv_qkv_cache), on when k_cache is set: the output channels are q heads, then k heads,
   // then v heads of head_dim each; q goes to y ([M, q_size]), k and v of row m to column write_index[m] of cache
   // row slots[m].
@@ -67,23 +63,6 @@ __device__ __forceinline__ int4 load_stream(const int4* ptr) {
   return out;
 }
 
-// Ask for the weight rows of block blockIdx.x + a.ahead to be brought into L2 (one bulk prefetch, sm_90+). A grid
-// larger than what fits on the GPU at once runs in waves, and a block of a later wave starts its loads only
-// when it starts, behind the blocks before it. With ahead = the blocks that fit at once, the first wave asks for
-// the second's rows before its own PDL wait, the second for the third's, so later waves read from L2.
-template <typename W>
-__device__ __forceinline__ void prefetch_later(const GemvArgs& a, int rows_per_block) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (a.ahead <= 0 || threadIdx.x != 0) return;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) + a.ahead) * rows_per_block;
-  if (n0 >= a.n_out) return;
-  const int64_t rows = min(static_cast<int64_t>(rows_per_block), a.n_out - n0);
-  const W* start = static_cast<const W*>(a.w) + n0 * a.k_in;
-  const uint32_t bytes = static_cast<uint32_t>(rows * a.k_in * static_cast<int64_t>(sizeof(W)));
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(start), "r"(bytes) : "memory");
-#endif
-}
-
 // Multiply one 16-byte chunk of weights (WV of them, starting at column k) into every row's sum.
 template <typename T, typename W, int MT>
 __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, const T* __restrict__ x, int rows,
@@ -111,15 +90,8 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
 // SPLIT: the row's warps each read a slice (a.split of them, plan_split); otherwise one warp per row, with no
 // slice bookkeeping or shared-memory sum (which cost registers: 79 against 64 per thread at one row, one
 // block per SM less).
-// Dense weights at one row: capped at 64 (80 sliced) registers per thread, 4 (3) blocks per SM, which is what
-// they compile to without the L2 prefetch's few extra registers; a block less per SM costs more than it saves.
-template <typename T, typename W, int MT, bool SPLIT>
-constexpr int min_blocks() {
-  return MT == 1 && sizeof(W) == sizeof(T) ? (SPLIT ? 3 : 4) : 1;
-}
-
 template <typename T, typename W, int MT, Act A, bool SPLIT>
-__global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
   const int split = SPLIT ? a.split : 1;
@@ -135,7 +107,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_
 
   // The weights are constant, so the first kLoads chunks per lane are requested before waiting for the
   // kernel that produces x (PDL): they stream in while that one finishes.
-  prefetch_later<W>(a, kWarps / split);
   int4 packed[kLoads];
   int c0 = part * per_part + lane;
   if (active) {
@@ -220,47 +191,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_
   }
 }
 
-// Whether GEMVs prefetch later waves' weights into L2 (prefetch_later): EET_PIPE_GEMV_PREFETCH=0 turns it off.
-bool prefetch_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("EET_PIPE_GEMV_PREFETCH");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return enabled;
-}
-
-// Blocks of `kernel` that fit on the current GPU at once (per device; the kernel is fixed by the template).
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];
-  const int device = at::cuda::current_device();
-  int blocks = device >= 0 && device < kMaxDevices ? known[device].load(std::memory_order_relaxed) : 0;
-  if (blocks == 0) {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    blocks = std::max(1, per_sm) * num_sms();
-    if (device >= 0 && device < kMaxDevices) known[device].store(blocks, std::memory_order_relaxed);
-  }
-  return blocks;
-}
-
-// overlap: launch with PDL (the weight was not written by the kernel just before); only then may the kernel
-// touch the weights before its PDL wait, so only then does it prefetch later waves' rows.
+// overlap: launch with PDL (the weight was not written by the kernel just before).
 template <typename T, typename W, int MT, bool SPLIT>
-void launch_rows(GemvArgs a, Act act, bool overlap) {
-  const int64_t grid = ceil_div(a.n_out, kWarps / a.split);
-  const dim3 blocks(static_cast<unsigned>(grid));
-  auto with_ahead = [&](auto kernel) {
-    const bool prefetch = overlap && a.k_chunks > 0 && prefetch_enabled() && pdl_enabled();
-    const int fit = prefetch ? resident_blocks(kernel) : 0;
-    a.ahead = fit > 0 && fit < grid ? fit : 0;
-    return kernel;
-  };
+void launch_rows(const GemvArgs& a, Act act, bool overlap) {
+  const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                                                     \
-  case ACT:                                                                                                    \
-    launch_kernel(overlap, with_ahead(gemv_kernel<T, W, MT, ACT, SPLIT>), blocks, dim3(kThreads), 0, a);      \
+#define EET_GEMV_CASE(ACT)                                                                 \
+  case ACT:                                                                                \
+    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
