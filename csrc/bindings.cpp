@@ -20,6 +20,9 @@ TORCH_LIBRARY(eet_pipe, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor valid, "
       "float scale) -> Tensor");
+  m.def(
+      "decode_attention_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor write_index, "
+      "Tensor lengths, Tensor valid, int num_heads, float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
   m.def(
       "gemv_qkv_cache(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -44,6 +47,7 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("gated_activation", &eet::gated_activation);
   m.impl("qkv_rotary_cache", &eet::qkv_rotary_cache);
   m.impl("decode_attention", &eet::decode_attention);
+  m.impl("decode_attention_qkv", &eet::decode_attention_qkv);
   m.impl("gemv", &eet::gemv);
   m.impl("gemv_qkv_cache", &eet::gemv_qkv_cache);
   m.impl("dequantize_int8", &eet::dequantize_int8);

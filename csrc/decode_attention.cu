@@ -21,7 +21,13 @@ constexpr int kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
 
 struct DecodeArgs {
-  const void* q;  // [B, Hq, D] contiguous
+  const void* q;  // row b, head h at q + b * q_stride + h * D
+  int64_t q_stride;  // Hq * D ([B, Hq, D] contiguous), or the fused projection's width (decode_attention_qkv)
+  // decode_attention_qkv: sequence b's new key and value (its kv head g at k_new + b * q_stride + g * D), which go
+  // to cache column write_index[b] of its slot; null otherwise.
+  const int64_t* write_index;
+  const void* k_new;
+  const void* v_new;
   const void* k;  // [S, Hkv, L, D] strided, last dim contiguous
   const void* v;
   void* out;  // [B, Hq, D] contiguous
@@ -54,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const int start = split * a.chunk, end = min(start + a.chunk, len);
 
   float qr[E], acc[E];
-  const T* q = static_cast<const T*>(a.q) + static_cast<int64_t>(bh) * D;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride + static_cast<int64_t>(h) * D;
 #pragma unroll
   for (int i = 0; i < NVPL; ++i) {
     const int vi = lane + i * TPK;
@@ -69,6 +75,27 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 
   const T* kbase = static_cast<const T*>(a.k) + slot * a.k_stride[0] + g * a.k_stride[1];
   const T* vbase = static_cast<const T*>(a.v) + slot * a.v_stride[0] + g * a.v_stride[1];
+  // decode_attention_qkv: column `fresh` is this step's key and value, read from the projection (k_new, v_new);
+  // the first query head of the kv group, in the split that holds the column, also stores them in the cache.
+  // No block reads that column from the cache, so the store races with nothing.
+  int fresh = -1;
+  const T* knew = nullptr;
+  const T* vnew = nullptr;
+  if (a.write_index != nullptr) {
+    const int64_t col = a.write_index[b];
+    CUDA_KERNEL_ASSERT(col >= 0 && col < a.cache_len && "decode_attention_qkv: write_index out of range");
+    fresh = static_cast<int>(col);
+    knew = static_cast<const T*>(a.k_new) + b * a.q_stride + static_cast<int64_t>(g) * D;
+    vnew = static_cast<const T*>(a.v_new) + b * a.q_stride + static_cast<int64_t>(g) * D;
+    if (h % a.group == 0 && split == min(fresh / a.chunk, a.splits - 1)) {
+      T* kdst = const_cast<T*>(kbase) + col * a.k_stride[2];
+      T* vdst = const_cast<T*>(vbase) + col * a.v_stride[2];
+      for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        kdst[d] = knew[d];
+        vdst[d] = vnew[d];
+      }
+    }
+  }
   const bool* valid = a.valid + slot * a.valid_stride[0];
   const unsigned mask = TPK == 32 ? 0xffffffffu : (((1u << TPK) - 1u) << ((threadIdx.x & 31) / TPK * TPK));
   // Each key group takes U keys per round (j0, j0 + groups, ...): all their K, V and mask loads are issued
@@ -89,8 +116,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       for (int i = 0; i < NVPL; ++i) {
         const int vi = lane + i * TPK;
         if (j < end && vi < nv) {
-          kv[u][i] = load_vec<T, VEC>(kbase + j * a.k_stride[2] + vi * VEC);
-          vv[u][i] = load_vec<T, VEC>(vbase + j * a.v_stride[2] + vi * VEC);
+          const bool is_new = j == fresh;
+          kv[u][i] = load_vec<T, VEC>((is_new ? knew : kbase + j * a.k_stride[2]) + vi * VEC);
+          vv[u][i] = load_vec<T, VEC>((is_new ? vnew : vbase + j * a.v_stride[2]) + vi * VEC);
         } else {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) kv[u][i].v[e] = vv[u][i].v[e] = from_float<T>(0.f);
@@ -273,20 +301,15 @@ void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at:
 
 }  // namespace
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
-                            double scale) {
-  check_decode_args(q, k_cache, v_cache, slots, lengths, valid);
-  at::Tensor qc = q.contiguous();
-  if (!is_aligned(qc.data_ptr(), 16)) qc = qc.clone();  // 16-byte loads of q rows
-  at::Tensor out = at::empty_like(qc);
-  const int64_t batch_heads = q.size(0) * q.size(1);
-  if (batch_heads == 0) return out;
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor slots_c = slots.contiguous(), lengths_c = lengths.contiguous();
+namespace {
 
-  DecodeArgs a{};
-  a.q = qc.data_ptr();
+// Everything but q: fills a from the cache, slots, lengths and valid, plans the splits and launches. q_rows: q's
+// data with a.q / a.q_stride set, out [B, Hq, 1, D].
+void run_decode(DecodeArgs& a, const at::Tensor& q_like, int64_t batch, int64_t num_heads, const at::Tensor& out,
+                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                const at::Tensor& lengths, const at::Tensor& valid, double scale) {
+  const int64_t batch_heads = batch * num_heads;
+  const at::Tensor slots_c = slots.contiguous(), lengths_c = lengths.contiguous();
   a.k = k_cache.data_ptr();
   a.v = v_cache.data_ptr();
   a.out = out.data_ptr();
@@ -300,20 +323,77 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   a.valid_stride[0] = valid.stride(0);
   a.valid_stride[1] = valid.stride(1);
   a.num_slots = k_cache.size(0);
-  a.num_heads = static_cast<int>(q.size(1));
-  a.group = static_cast<int>(q.size(1) / k_cache.size(1));
-  a.head_dim = static_cast<int>(q.size(3));
+  a.num_heads = static_cast<int>(num_heads);
+  a.group = static_cast<int>(num_heads / k_cache.size(1));
+  a.head_dim = static_cast<int>(k_cache.size(3));
   a.cache_len = static_cast<int>(k_cache.size(2));
   a.scale_log2 = static_cast<float>(scale * kLog2e);
   plan_splits(a, batch_heads);
   at::Tensor part_out, part_lse;
   if (a.splits > 1) {
-    part_out = at::empty({batch_heads, a.splits, a.head_dim}, q.options().dtype(at::kFloat));
-    part_lse = at::empty({batch_heads, a.splits}, q.options().dtype(at::kFloat));
+    part_out = at::empty({batch_heads, a.splits, a.head_dim}, q_like.options().dtype(at::kFloat));
+    part_lse = at::empty({batch_heads, a.splits}, q_like.options().dtype(at::kFloat));
     a.part_out = part_out.data_ptr<float>();
     a.part_lse = part_lse.data_ptr<float>();
   }
-  EET_DISPATCH_FLOAT(q.scalar_type(), "eet_pipe decode_attention", [&] { dispatch_lanes<scalar_t>(a, batch_heads); });
+  EET_DISPATCH_FLOAT(q_like.scalar_type(), "eet_pipe decode_attention",
+                     [&] { dispatch_lanes<scalar_t>(a, batch_heads); });
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
+                            double scale) {
+  check_decode_args(q, k_cache, v_cache, slots, lengths, valid);
+  at::Tensor qc = q.contiguous();
+  if (!is_aligned(qc.data_ptr(), 16)) qc = qc.clone();  // 16-byte loads of q rows
+  at::Tensor out = at::empty_like(qc);
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(q.device());
+  DecodeArgs a{};
+  a.q = qc.data_ptr();
+  a.q_stride = q.size(1) * q.size(3);
+  run_decode(a, qc, q.size(0), q.size(1), out, k_cache, v_cache, slots, lengths, valid, scale);
+  return out;
+}
+
+at::Tensor decode_attention_qkv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                                const at::Tensor& slots, const at::Tensor& write_index, const at::Tensor& lengths,
+                                const at::Tensor& valid, int64_t num_heads, double scale) {
+  const char* op = "decode_attention_qkv";
+  check_cuda(qkv, op, "qkv");
+  check_float_dtype(qkv, op, "qkv");
+  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must have shape [S, Hkv, L, D], got ", shape(k_cache.sizes()));
+  const int64_t batch = qkv.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(3);
+  TORCH_CHECK(num_heads > 0 && kv_heads > 0 && num_heads % kv_heads == 0, op, ": num_heads (", num(num_heads),
+              ") must be a positive multiple of the cache's kv heads (", num(kv_heads), ")");
+  const int64_t width = (num_heads + 2 * kv_heads) * dim;
+  TORCH_CHECK((qkv.dim() == 2 || (qkv.dim() == 3 && qkv.size(1) == 1)) && qkv.size(-1) == width, op,
+              ": qkv must have shape [B, (num_heads + 2 * kv_heads) * D = ", num(width), "] or [B, 1, ", num(width),
+              "] (one token per sequence), got ", shape(qkv.sizes()));
+  at::Tensor rows = qkv.reshape({batch, width});
+  if (rows.stride(1) != 1 || rows.stride(0) % 8 != 0 || !is_aligned(rows.data_ptr(), 16)) rows = rows.contiguous();
+  if (!is_aligned(rows.data_ptr(), 16)) rows = rows.clone();  // 16-byte loads of q, k and v rows
+  const at::Tensor q_view = rows.narrow(1, 0, num_heads * dim).view({batch, num_heads, 1, dim});
+  check_decode_args(q_view, k_cache, v_cache, slots, lengths, valid);
+  check_index(write_index, qkv, op, "write_index");
+  TORCH_CHECK(write_index.numel() == batch && (write_index.dim() == 1 || write_index.dim() == 2), op,
+              ": write_index must have shape [B] or [B, 1] with B = ", num(batch), ", got ",
+              shape(write_index.sizes()));
+  at::Tensor out = at::empty({batch, num_heads, 1, dim}, qkv.options());
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const at::Tensor index_c = write_index.contiguous();
+  DecodeArgs a{};
+  const char* base = static_cast<const char*>(rows.data_ptr());
+  const int64_t elem = rows.element_size();
+  a.q = base;
+  a.q_stride = rows.stride(0);
+  a.write_index = index_c.const_data_ptr<int64_t>();
+  a.k_new = base + num_heads * dim * elem;
+  a.v_new = base + (num_heads + kv_heads) * dim * elem;
+  run_decode(a, rows, batch, num_heads, out, k_cache, v_cache, slots, lengths, valid, scale);
   return out;
 }
 

@@ -37,6 +37,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& slots, const at::Tensor& lengths, const at::Tensor& valid,
                             double scale);
 
+// The same for a decode step straight from the fused projection, without rotary: qkv [B, (Hq + 2 Hkv) D] (or
+// [B, 1, ...]) holds q, then k, then v heads; sequence b's k and v are stored in cache column write_index[b] ([B] or
+// [B, 1]) of row slots[b] and take part as that column. k_cache / v_cache are written in place.
+at::Tensor decode_attention_qkv(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                                const at::Tensor& slots, const at::Tensor& write_index, const at::Tensor& lengths,
+                                const at::Tensor& valid, int64_t num_heads, double scale);
+
 // gemv.cu -- x: [M <= 16, K]; weight: [N, K] in x's dtype, or int8 with scale [N]; bias: [N];
 // the weight must not be written by the kernel launched just before (it is read early, see gemv.cu);
 // residual: [M, N]; activation: "none", "gelu", "gelu_new" or "relu". Returns

@@ -138,21 +138,19 @@ class Attention(nn.Module):
     def cached(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache,
                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Attention with the KV cache: one fused op splits heads, applies rotary and writes k/v into the
-        cache (at a decode step without rotary, the projection's own kernel does); decode steps (one token) use
-        the decode-attention kernel, prefill the SDPA path."""
+        cache; decode steps (one token) use the decode-attention kernel (without rotary, straight from the
+        projection: it stores the new k and v itself), prefill the SDPA path."""
         cfg, i = self.cfg, self.index
-        qkv = self.qkv
-        if x.shape[1] == 1 and rope is None and not (qkv._forward_hooks or qkv._forward_pre_hooks):
-            # a decode step without rotary: the projection writes k and v into the cache itself (one kernel)
-            qweight = getattr(qkv, "qweight", None)  # Int8Linear
-            weight, scale = (qkv.weight, None) if qweight is None else (qweight, qkv.scale)
-            q = ops.qkv_projection_cache(x, weight, scale, qkv.bias, cache.k[i], cache.v[i], meta.slots,
-                                         meta.write_index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        else:
-            cos, sin = rope if rope is not None else (None, None)
-            q = ops.qkv_rotary_cache(qkv(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
-                                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
-                                     positions=meta.positions)
+        if x.shape[1] == 1 and rope is None:
+            # a decode step without rotary: the attention kernel stores the new k and v itself (one kernel less)
+            k_len = meta.kv_len
+            return ops.decode_attention_qkv(self.qkv(x), cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
+                                            meta.slots, meta.write_index, meta.lengths_after_write(),
+                                            cache.valid[:, :k_len], cfg.num_heads, cfg.num_kv_heads)
+        cos, sin = rope if rope is not None else (None, None)
+        q = ops.qkv_rotary_cache(self.qkv(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
+                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
+                                 positions=meta.positions)
         if x.shape[1] == 1:
             k_len = meta.kv_len
             return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,

@@ -30,6 +30,7 @@ __all__ = [
     "attention",
     "bias_activation",
     "decode_attention",
+    "decode_attention_qkv",
     "dequantize_int8",
     "epilogue",
     "gated_activation",
@@ -231,6 +232,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if _kernel(q) and q.shape[-1] % 8 == 0 and q.shape[-1] <= DECODE_MAX_HEAD_DIM:
         return torch.ops.eet_pipe.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
     return reference.decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
+
+
+def decode_attention_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                         write_index: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, num_heads: int,
+                         num_kv_heads: int, scale: float | None = None) -> torch.Tensor:
+    """A decode step's attention straight from the fused q/k/v projection, without rotary: each sequence's new k
+    and v are written into the cache (in place) and attended to with the rest of its cache slot --
+    `decode_attention(qkv_rotary_cache(qkv, ..., rotary=False), ...)` in one kernel.
+
+    Args:
+        qkv: [B, 1, (Hq + 2 * Hkv) * D] (q heads, then k heads, then v heads).
+        k_cache, v_cache: [S, Hkv, K, D] (may be a view ``[:, :, :K]`` of a longer cache); column
+            ``write_index[b]`` of row ``slots[b]`` is written.
+        slots, lengths, valid, scale: as in `decode_attention` (lengths counting the new column).
+        write_index: [B, 1] int64 cache columns of the new tokens.
+        num_heads, num_kv_heads: Hq, Hkv.
+    Returns:
+        [B, Hq, 1, D] in qkv's dtype.
+    """
+    d = k_cache.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    if _kernel(qkv) and d % 8 == 0 and d <= DECODE_MAX_HEAD_DIM:
+        return torch.ops.eet_pipe.decode_attention_qkv(qkv, k_cache, v_cache, slots, write_index, lengths, valid,
+                                                       num_heads, scale)
+    q = reference.qkv_rotary_cache(qkv, None, None, k_cache, v_cache, slots, write_index, num_heads, num_kv_heads,
+                                   d, rotary=False)
+    return decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
 
 
 def _gemv(x: torch.Tensor, rows: int, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -61,6 +61,12 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return _like(q)  # [B, Hq, 1, D]
 
 
+def _decode_attention_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                          write_index: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, num_heads: int,
+                          scale: float) -> torch.Tensor:
+    return qkv.new_empty((qkv.shape[0], num_heads, 1, k_cache.shape[-1]))  # [B, Hq, 1, D]
+
+
 def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
           residual: torch.Tensor | None, activation: str) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
@@ -91,6 +97,7 @@ _FAKES = {
     "gated_activation": _gated,
     "qkv_rotary_cache": _qkv_rotary_cache,
     "decode_attention": _decode_attention,
+    "decode_attention_qkv": _decode_attention_qkv,
     "gemv": _gemv,
     "gemv_qkv_cache": _gemv_qkv_cache,
     "gemm_lt": _gemm_lt,
