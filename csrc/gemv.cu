@@ -90,17 +90,8 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
 // SPLIT: the row's warps each read a slice (a.split of them, plan_split); otherwise one warp per row, with no
 // slice bookkeeping or shared-memory sum (which cost registers: 79 against 64 per thread at one row, one
 // block per SM less).
-// CACHE: the KV-cache epilogue (gemv_qkv_cache) instead of the activation and residual; its own instantiation, so
-// that the branch does not change the register allocation of the plain GEMVs.
-// Dense weights at one row, one warp per channel: held to 64 registers per thread (4 blocks per SM), what they need;
-// left alone, the compiler gives some variants 79, a block per SM less.
-template <typename T, typename W, int MT, bool SPLIT>
-constexpr int min_blocks() {
-  return MT == 1 && !SPLIT && sizeof(W) == sizeof(T) ? 4 : 1;
-}
-
-template <typename T, typename W, int MT, Act A, bool SPLIT, bool CACHE>
-__global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_kernel(const GemvArgs a) {
+template <typename T, typename W, int MT, Act A, bool SPLIT>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
   const int split = SPLIT ? a.split : 1;
@@ -159,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_
   const float b = active && a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
   auto store = [&](int m, float total) {  // row m of output channel n, through the epilogue
     float v = apply<A>(total * s + b);
-    if constexpr (CACHE) {
+    if (a.k_cache != nullptr) {
       if (n < a.q_size) {
         static_cast<T*>(a.y)[static_cast<int64_t>(m) * a.q_size + n] = from_float<T>(v);
         return;
@@ -204,15 +195,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T, W, MT, SPLIT>()) gemv_
 template <typename T, typename W, int MT, bool SPLIT>
 void launch_rows(const GemvArgs& a, Act act, bool overlap) {
   const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
-  if (a.k_cache != nullptr) {
-    TORCH_CHECK(act == Act::kNone, "gemv_qkv_cache: no activation with the cache epilogue");
-    launch_kernel(overlap, gemv_kernel<T, W, MT, Act::kNone, SPLIT, true>, blocks, dim3(kThreads), 0, a);
-    return;
-  }
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                                        \
-  case ACT:                                                                                       \
-    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT, false>, blocks, dim3(kThreads), 0, a); \
+#define EET_GEMV_CASE(ACT)                                                                 \
+  case ACT:                                                                                \
+    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
