@@ -33,16 +33,6 @@ struct GemvArgs {
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
   int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
-  // The KV-cache epilogue (gemv_qkv_cache), on when k_cache is set: the output channels are q heads, then k heads,
-  // then v heads of head_dim each; q goes to y ([M, q_size]), k and v of row m to column write_index[m] of cache
-  // row slots[m].
-  void* k_cache;
-  void* v_cache;
-  const int64_t* slots;  // [M]
-  const int64_t* write_index;  // [M]
-  int64_t k_stride[3], v_stride[3];  // slot, head, column strides in elements
-  int64_t num_slots, cache_len;
-  int q_size, kv_size, head_dim;
 };
 
 // Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
@@ -149,23 +139,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   const float s = active && a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
   const float b = active && a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
   auto store = [&](int m, float total) {  // row m of output channel n, through the epilogue
-    float v = apply<A>(total * s + b);
-    if (a.k_cache != nullptr) {
-      if (n < a.q_size) {
-        static_cast<T*>(a.y)[static_cast<int64_t>(m) * a.q_size + n] = from_float<T>(v);
-        return;
-      }
-      const bool is_v = n >= a.q_size + a.kv_size;
-      const int c = n - a.q_size - (is_v ? a.kv_size : 0);
-      const int64_t slot = a.slots[m], col = a.write_index[m];
-      CUDA_KERNEL_ASSERT(slot >= 0 && slot < a.num_slots && "gemv_qkv_cache: slot out of range");
-      CUDA_KERNEL_ASSERT(col >= 0 && col < a.cache_len && "gemv_qkv_cache: write_index out of range");
-      const int64_t* st = is_v ? a.v_stride : a.k_stride;
-      static_cast<T*>(is_v ? a.v_cache : a.k_cache)[slot * st[0] + c / a.head_dim * st[1] + col * st[2] +
-                                                     c % a.head_dim] = from_float<T>(v);
-      return;
-    }
     const int64_t i = static_cast<int64_t>(m) * a.n_out + n;
+    float v = apply<A>(total * s + b);
     if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
     static_cast<T*>(a.y)[i] = from_float<T>(v);
   };
@@ -267,26 +242,32 @@ void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
 
 }  // namespace
 
-namespace {
-
-// Fills a (all but the epilogue's outputs) and launches: the shared part of gemv and gemv_qkv_cache.
-void run_gemv(GemvArgs& a, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, Act act) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                const std::string& activation) {
+  check_gemv_args(x, weight, scale, bias, residual);
+  const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
   const int rows = static_cast<int>(x.size(0));
+  const int n_out = static_cast<int>(weight.size(0));
   const int k_in = static_cast<int>(x.size(1));
+  at::Tensor y = at::empty({rows, n_out}, x.options());
+  if (y.numel() == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
   const int64_t per_chunk = 16 / static_cast<int64_t>(weight.element_size());
   const bool vec = k_in % per_chunk == 0 && is_aligned(xc.data_ptr(), 16) && is_aligned(wc.data_ptr(), 16);
+  GemvArgs a{};
+  a.y = y.data_ptr();
   a.x = xc.data_ptr();
   a.w = wc.data_ptr();
   a.scale = sc.defined() ? sc.data_ptr() : nullptr;
   a.bias = bc.defined() ? bc.data_ptr() : nullptr;
   a.residual = rc.defined() ? rc.data_ptr() : nullptr;
   a.rows = rows;
-  a.n_out = static_cast<int>(weight.size(0));
+  a.n_out = n_out;
   a.k_in = k_in;
   a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
   // Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
@@ -303,78 +284,7 @@ void run_gemv(GemvArgs& a, const at::Tensor& x, const at::Tensor& weight, const 
       launch<scalar_t, scalar_t>(a, act, overlap);
     }
   });
-}
-
-void check_cache_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& write_index,
-                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  const char* op = "gemv_qkv_cache";
-  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && head_dim > 0 && num_heads % num_kv_heads == 0, op,
-              ": need num_heads, num_kv_heads, head_dim > 0 with num_heads a multiple of num_kv_heads, got ",
-              num(num_heads), ", ", num(num_kv_heads), ", ", num(head_dim));
-  TORCH_CHECK(weight.size(0) == (num_heads + 2 * num_kv_heads) * head_dim, op, ": weight has ", num(weight.size(0)),
-              " output channels but (num_heads + 2 * num_kv_heads) * head_dim = ",
-              num((num_heads + 2 * num_kv_heads) * head_dim));
-  for (const auto& [cache, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
-    check_like(*cache, x, op, name, "x");
-    TORCH_CHECK(cache->dim() == 4 && cache->size(1) == num_kv_heads && cache->size(3) == head_dim &&
-                    cache->size(0) > 0 && cache->size(2) > 0 && cache->stride(3) == 1,
-                op, ": ", name, " must have shape [S, Hkv=", num(num_kv_heads), ", L, D=", num(head_dim),
-                "], contiguous in its last dimension, got ", shape(cache->sizes()), " with strides ",
-                shape(cache->strides()));
-  }
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache has shape ", shape(v_cache.sizes()),
-              " but k_cache has shape ", shape(k_cache.sizes()));
-  check_index(slots, x, op, "slots");
-  check_index(write_index, x, op, "write_index");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && write_index.numel() == x.size(0), op,
-              ": slots and write_index must have one entry per row of x (", num(x.size(0)), "), got ",
-              shape(slots.sizes()), " and ", shape(write_index.sizes()));
-}
-
-}  // namespace
-
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                const std::string& activation) {
-  check_gemv_args(x, weight, scale, bias, residual);
-  const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
-  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (y.numel() == 0) return y;
-  const c10::cuda::CUDAGuard guard(x.device());
-  GemvArgs a{};
-  a.y = y.data_ptr();
-  run_gemv(a, x, weight, scale, bias, residual, act);
   return y;
-}
-
-at::Tensor gemv_qkv_cache(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                          const std::optional<at::Tensor>& bias, at::Tensor& k_cache, at::Tensor& v_cache,
-                          const at::Tensor& slots, const at::Tensor& write_index, int64_t num_heads,
-                          int64_t num_kv_heads, int64_t head_dim) {
-  check_gemv_args(x, weight, scale, bias, std::nullopt);
-  check_cache_args(x, weight, k_cache, v_cache, slots, write_index, num_heads, num_kv_heads, head_dim);
-  at::Tensor q = at::empty({x.size(0), num_heads * head_dim}, x.options());
-  if (x.size(0) == 0) return q;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor slots_c = slots.contiguous(), index_c = write_index.contiguous();
-  GemvArgs a{};
-  a.y = q.data_ptr();
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.slots = slots_c.const_data_ptr<int64_t>();
-  a.write_index = index_c.const_data_ptr<int64_t>();
-  for (int i = 0; i < 3; ++i) {
-    a.k_stride[i] = k_cache.stride(i);
-    a.v_stride[i] = v_cache.stride(i);
-  }
-  a.num_slots = k_cache.size(0);
-  a.cache_len = k_cache.size(2);
-  a.q_size = static_cast<int>(num_heads * head_dim);
-  a.kv_size = static_cast<int>(num_kv_heads * head_dim);
-  a.head_dim = static_cast<int>(head_dim);
-  run_gemv(a, x, weight, scale, bias, std::nullopt, Act::kNone);
-  return q;
 }
 
 }  // namespace eet

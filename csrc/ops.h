@@ -52,15 +52,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
-// The same GEMV for the fused q/k/v projection of one decode token per row, writing k and v into the KV cache:
-// weight's N = (num_heads + 2 * num_kv_heads) * head_dim output channels are q, k and v heads; k_cache and
-// v_cache [S, Hkv, L, D] in x's dtype, last dim contiguous; slots [M] and write_index [M] (or [M, 1]) int64.
-// Row m's k and v go to [slots[m], :, write_index[m]]; returns q, [M, num_heads * head_dim].
-at::Tensor gemv_qkv_cache(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                          const std::optional<at::Tensor>& bias, at::Tensor& k_cache, at::Tensor& v_cache,
-                          const at::Tensor& slots, const at::Tensor& write_index, int64_t num_heads,
-                          int64_t num_kv_heads, int64_t head_dim);
-
 // dequant.cu -- qweight [N, K] int8, scale [N] float: returns qweight * scale[:, None] in the scale's dtype.
 at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scale);
 

@@ -37,7 +37,6 @@ __all__ = [
     "int8_linear",
     "linear",
     "layer_norm",
-    "qkv_projection_cache",
     "qkv_rotary_cache",
     "quantize_int8",
     "residual_layer_norm",
@@ -183,36 +182,6 @@ def qkv_rotary_cache(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Ten
                                                    num_heads, num_kv_heads, head_dim, rotary, positions)
     return reference.qkv_rotary_cache(qkv, cos, sin, k_cache, v_cache, slots, write_index, num_heads,
                                       num_kv_heads, head_dim, rotary, positions)
-
-
-def qkv_projection_cache(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                         bias: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slots: torch.Tensor, write_index: torch.Tensor, num_heads: int, num_kv_heads: int,
-                         head_dim: int) -> torch.Tensor:
-    """The fused q/k/v projection of one decode token per sequence, without rotary: k and v go into the cache in
-    place, q is returned -- `qkv_rotary_cache(linear(x, weight, bias), ..., rotary=False)` in one op.
-
-    Args:
-        x: [B, 1, H]; weight: [(Hq + 2 * Hkv) * D, H] in x's dtype, or int8 with its per-channel `scale` [N]
-            (`int8_linear`); bias: [N] or None.
-        k_cache, v_cache, slots, write_index, num_heads, num_kv_heads, head_dim: as in `qkv_rotary_cache`
-            (write_index [B, 1]).
-    Returns:
-        q: [B, Hq, 1, D] contiguous. On CUDA, decode-sized batches (the GEMV rows of `linear` / `int8_linear`)
-        run the GEMV kernel with the cache write as its epilogue (one kernel instead of two); otherwise the
-        projection and `qkv_rotary_cache` run one after the other.
-    """
-    b = x.shape[0]
-    gemv_rows = GEMV_MAX_ROWS if scale is None else INT8_GEMV_MAX_ROWS
-    if (GEMV_ENABLED and _kernel(x) and x.dim() == 3 and x.shape[1] == 1 and 0 < b <= gemv_rows
-            and x.dtype in (torch.float16, torch.bfloat16) and (scale is None) == (weight.dtype != torch.int8)
-            and k_cache.dtype == x.dtype and not _needs_grad(x, weight, scale, bias)):
-        q = torch.ops.eet_pipe.gemv_qkv_cache(x.reshape(b, x.shape[-1]), weight, scale, bias, k_cache, v_cache,
-                                              slots, write_index, num_heads, num_kv_heads, head_dim)
-        return q.view(b, num_heads, 1, head_dim)
-    qkv = linear(x, weight, bias) if scale is None else int8_linear(x, weight, scale, bias)
-    return qkv_rotary_cache(qkv, None, None, k_cache, v_cache, slots, write_index, num_heads, num_kv_heads,
-                            head_dim, rotary=False)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

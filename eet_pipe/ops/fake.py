@@ -72,12 +72,6 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bia
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
-def _gemv_qkv_cache(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, write_index: torch.Tensor,
-                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], num_heads * head_dim))  # q: [M, Hq * D]
-
-
 def _dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return qweight.new_empty(qweight.shape, dtype=scale.dtype)
 
@@ -99,7 +93,6 @@ _FAKES = {
     "decode_attention": _decode_attention,
     "decode_attention_qkv": _decode_attention_qkv,
     "gemv": _gemv,
-    "gemv_qkv_cache": _gemv_qkv_cache,
     "gemm_lt": _gemm_lt,
     "dequantize_int8": _dequantize_int8,
 }

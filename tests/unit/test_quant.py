@@ -162,10 +162,6 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     lib2.define("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor")
     assert _ext._stale(torch.ops.eet_pipe_current_check) == "op cublaslt_version is missing"
     lib2.define("cublaslt_version() -> int")
-    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op gemv_qkv_cache is missing"
-    lib2.define("gemv_qkv_cache(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor(a!) k_cache, "
-                "Tensor(b!) v_cache, Tensor slots, Tensor write_index, int num_heads, int num_kv_heads, "
-                "int head_dim) -> Tensor")  # a build before the projection's cache epilogue
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
 
 
