@@ -246,6 +246,47 @@ def test_decode_attention(b: int, hq: int, hkv: int, d: int, length: int, dtype:
         assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "hq", "hkv", "d", "length"), DECODE_CASES)
+def test_decode_attention_qkv(b: int, hq: int, hkv: int, d: int, length: int, dtype: torch.dtype) -> None:
+    """Attention straight from the fused projection: the new k and v land in the cache (the other columns keep
+    their old values) and take part as the newest column, on a view [:, :, :length] of a longer cache."""
+    case = ("qkv", b, hq, hkv, d, length, dtype)
+    _, k_full, v_full, slots, lengths, valid = _decode_inputs(b, hq, hkv, d, length + 5, dtype, case)
+    lengths = lengths.clamp(max=length)
+    write_index = (lengths - 1).view(b, 1)
+    valid[slots, write_index[:, 0]] = True
+    qkv = rand(b, 1, (hq + 2 * hkv) * d, dtype=dtype, seed=(case, 9))
+    want_k, want_v = k_full.clone(), v_full.clone()
+    q = reference.qkv_rotary_cache(qkv, None, None, want_k[:, :, :length], want_v[:, :, :length], slots, write_index,
+                                   hq, hkv, d, rotary=False)
+    want = reference.decode_attention(q, want_k[:, :, :length], want_v[:, :, :length], slots, lengths,
+                                      valid[:, :length], d**-0.5)
+    with poisoned() as _pool:
+        out = torch.ops.eet_pipe.decode_attention_qkv(qkv, k_full[:, :, :length], v_full[:, :, :length], slots,
+                                                      write_index, lengths, valid[:, :length], hq, d**-0.5)
+    close(out, want, "attention")
+    written = torch.zeros(k_full.shape[0], length + 5, dtype=torch.bool, device="cuda")
+    written[slots, write_index[:, 0]] = True
+    for got, ref in ((k_full, want_k), (v_full, want_v)):  # the new columns as given, the rest untouched
+        assert torch.equal(got.transpose(1, 2)[written], ref.transpose(1, 2)[written])
+        assert torch.equal(got.transpose(1, 2)[~written], ref.transpose(1, 2)[~written])
+
+
+def test_decode_attention_qkv_checks_its_arguments() -> None:
+    qkv = rand(2, 1, 3 * 4 * 16, dtype=F16, seed="qkv")
+    cache = rand(4, 4, 8, 16, dtype=F16, seed="c")
+    slots, index = torch.tensor([0, 1], device="cuda"), torch.tensor([[3], [5]], device="cuda")
+    lengths, valid = index.view(2) + 1, torch.ones(4, 8, dtype=torch.bool, device="cuda")
+    op = torch.ops.eet_pipe.decode_attention_qkv
+    with pytest.raises(RuntimeError, match="qkv must have shape"):
+        op(qkv, cache, cache.clone(), slots, index, lengths, valid, 2, 0.25)  # 2 q heads + 8 kv: 160 wide
+    with pytest.raises(RuntimeError, match="write_index must have shape"):
+        op(qkv, cache, cache.clone(), slots, index[:1], lengths, valid, 4, 0.25)
+    with pytest.raises(RuntimeError, match="multiple"):
+        op(qkv, cache, cache.clone(), slots, index, lengths, valid, 3, 0.25)
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_decode_attention_on_a_cache_view(dtype: torch.dtype) -> None:
     """A [:, :, :K] view of a longer cache (strided rows) gives the same as a compact copy."""

@@ -162,6 +162,9 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     lib2.define("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor")
     assert _ext._stale(torch.ops.eet_pipe_current_check) == "op cublaslt_version is missing"
     lib2.define("cublaslt_version() -> int")
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op decode_attention_qkv is missing"
+    lib2.define("decode_attention_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
+                "Tensor write_index, Tensor lengths, Tensor valid, int num_heads, float scale) -> Tensor")
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
 
 
