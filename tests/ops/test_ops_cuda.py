@@ -375,6 +375,71 @@ def test_gemv_epilogue(n: int, k: int, rows: int, int8: bool, act: str | None, d
     close(got, _gemv_want(x, qweight, bias, scale, act, residual), "int8" if int8 else "gemv")
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("norm", "norm_bias"), [("layernorm", True), ("layernorm", False), ("rmsnorm", False)])
+@pytest.mark.parametrize(("n", "k", "act"), [(4800, 1600, None), (6400, 1600, "gelu_new"), (700, 4096, "relu"),
+                                             (300, 100, "gelu")])  # K = 4096: sliced rows; K = 100: unaligned
+def test_gemv_norm(n: int, k: int, act: str | None, norm: str, norm_bias: bool, with_residual: bool, int8: bool,
+                   dtype: torch.dtype) -> None:
+    """The GEMV with the (residual add +) norm in its prologue against the norm reference, then the GEMV's."""
+    case = (n, k, act, norm, norm_bias, with_residual, int8, dtype)
+    w = rand(n, k, dtype=dtype, seed=(case, 1), scale=0.02)
+    qweight, scale = ops.quantize_int8(w) if int8 else (w, None)
+    x, bias = rand(1, k, dtype=dtype, seed=(case, 2)), rand(n, dtype=dtype, seed=(case, 3))
+    residual = rand(1, k, dtype=dtype, seed=(case, 4)) if with_residual else None
+    nw = 1 + 0.1 * rand(k, dtype=dtype, seed=(case, 5))
+    nb = rand(k, dtype=dtype, seed=(case, 6)) if norm_bias else None
+    summed = x if residual is None else (x.float() + residual.float()).to(dtype)
+    normed = (reference.rms_norm(summed, nw, 1e-5) if norm == "rmsnorm"
+              else reference.layer_norm(summed, nw, nb, 1e-5))
+    with poisoned() as _pool:
+        y, got_sum = torch.ops.eet_pipe.gemv_norm(x, qweight, scale, bias, act or "none", norm, nw, nb, residual, 1e-5)
+    close(y, _gemv_want(normed, qweight, bias, scale, act), "int8" if int8 else "gemv")
+    if residual is None:
+        assert got_sum.numel() == 0
+    else:
+        assert torch.equal(got_sum, summed)
+
+
+def test_gemv_norm_checks_its_arguments() -> None:
+    x, w, nw = rand(1, 64, dtype=F16, seed="x"), rand(32, 64, dtype=F16, seed="w"), rand(64, dtype=F16, seed="n")
+    op = torch.ops.eet_pipe.gemv_norm
+    with pytest.raises(RuntimeError, match="one row"):
+        op(x.expand(2, 64), w, None, None, "none", "layernorm", nw, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="norm must be"):
+        op(x, w, None, None, "none", "batchnorm", nw, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="norm_bias is only taken"):
+        op(x, w, None, None, "none", "rmsnorm", nw, nw, None, 1e-5)
+    with pytest.raises(RuntimeError, match="norm_weight must have shape"):
+        op(x, w, None, None, "none", "rmsnorm", nw[:10], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="fp16 or bf16"):
+        op(x.float(), w.float(), None, None, "none", "rmsnorm", nw.float(), None, None, 1e-5)
+
+
+def test_norm_linear_fuses_the_norm_at_one_row() -> None:
+    """ops.norm_linear at one row is one kernel (the GEMV with the norm in its prologue); at two rows, the norm
+    kernel and then the projection."""
+    k, n = 256, 384
+    w, nw = rand(n, k, dtype=F16, seed="w", scale=0.05), 1 + 0.1 * rand(k, dtype=F16, seed="nw")
+    nb, bias = rand(k, dtype=F16, seed="nb"), rand(n, dtype=F16, seed="b")
+    for rows in (1, 2):
+        x, res = rand(rows, 1, k, dtype=F16, seed=("x", rows)), rand(rows, 1, k, dtype=F16, seed=("r", rows))
+        summed = (x.float() + res.float()).half()
+        want = _gemv_want(reference.layer_norm(summed, nw, nb, 1e-5).view(rows, k), w, bias, act="gelu_new")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            y, got_sum = ops.norm_linear(x, "layernorm", nw, nb, 1e-5, w, None, bias, "gelu_new", res)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if rows == 1:
+            assert len(kernels) == 1 and "gemv_kernel" in kernels[0], kernels
+        else:
+            assert any("norm_kernel" in name for name in kernels), kernels
+        close(y.view(rows, n), want, "gemv")
+        assert torch.equal(got_sum, summed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "k"), [(3, 256), (1, 5000), (3, 5000)])  # one row of 5000: sliced rows
 def test_gemv_unaligned_inputs(rows: int, k: int, dtype: torch.dtype) -> None:
