@@ -54,9 +54,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const int b = bh / a.num_heads, h = bh % a.num_heads, g = h / a.group;
   const int D = a.head_dim, nv = D / VEC;
   const int lane = threadIdx.x % TPK, kgroup = threadIdx.x / TPK, groups = blockDim.x / TPK;
+  // The per-sequence values are loaded together, before any check: a load after an assert's branch waits for
+  // the loads before it, and every key's address depends on these.
   const int64_t slot = a.slots[b];
+  const int64_t length = a.lengths[b];
+  const int64_t col = a.write_index != nullptr ? a.write_index[b] : -1;
   CUDA_KERNEL_ASSERT(slot >= 0 && slot < a.num_slots && "decode_attention: slot out of range");
-  const int len = static_cast<int>(min(max(a.lengths[b], int64_t{0}), static_cast<int64_t>(a.cache_len)));
+  const int len = static_cast<int>(min(max(length, int64_t{0}), static_cast<int64_t>(a.cache_len)));
   const int start = split * a.chunk, end = min(start + a.chunk, len);
 
   float qr[E], acc[E];
@@ -82,7 +86,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const T* knew = nullptr;
   const T* vnew = nullptr;
   if (a.write_index != nullptr) {
-    const int64_t col = a.write_index[b];
     CUDA_KERNEL_ASSERT(col >= 0 && col < a.cache_len && "decode_attention_qkv: write_index out of range");
     fresh = static_cast<int>(col);
     knew = static_cast<const T*>(a.k_new) + b * a.q_stride + static_cast<int64_t>(g) * D;

@@ -280,7 +280,7 @@ def test_decode_attention_qkv_checks_its_arguments() -> None:
     lengths, valid = index.view(2) + 1, torch.ones(4, 8, dtype=torch.bool, device="cuda")
     op = torch.ops.eet_pipe.decode_attention_qkv
     with pytest.raises(RuntimeError, match="qkv must have shape"):
-        op(qkv, cache, cache.clone(), slots, index, lengths, valid, 2, 0.25)  # 2 q heads + 8 kv: 160 wide
+        op(qkv, cache, cache.clone(), slots, index, lengths, valid, 8, 0.25)  # 8 q heads + 8 kv: 256 wide
     with pytest.raises(RuntimeError, match="write_index must have shape"):
         op(qkv, cache, cache.clone(), slots, index[:1], lengths, valid, 4, 0.25)
     with pytest.raises(RuntimeError, match="multiple"):
