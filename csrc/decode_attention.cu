@@ -15,7 +15,7 @@ namespace eet {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMinChunk = 64;  // fewest keys worth a split of their own (a few keys per key group)
+constexpr int kMinChunk = 256;  // fewest keys worth a split (a split costs the combine kernel, about two rounds of keys)
 constexpr int kMaxSplits = 64;
 constexpr int kMaxHeadDim = 256;
 constexpr double kLog2e = 1.4426950408889634;
