@@ -5,7 +5,9 @@
 // an online softmax (running max m, sum l, accumulator) and are merged through shared memory.
 // With splits > 1 every block writes a normalised partial output and its log-sum-exp (base 2) and a
 // second kernel combines them. Keys are columns j < lengths[b] with valid[slot, j]; a sequence with
-// no such key gets zeros. All arithmetic in fp32.
+// no such key gets zeros. All arithmetic in fp32. decode_attention_qkv reads q from the fused qkv projection
+// and takes the step's own k and v from it too (as column write_index[b]); one block per kv group stores them
+// in the cache, which spares the split-and-scatter kernel (qkv_rotary_cache) of a decode step without rotary.
 #include <cmath>
 
 #include "common.h"
