@@ -11,9 +11,7 @@
 // the epilogue (scale, bias, activation, residual) -- the activation and residual add would otherwise
 // be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
 // that writes x (programmatic dependent launch, common.h), so a short kernel before it (a norm, the
-// attention) and its own start-up overlap the weight stream. gemv_norm is the same kernel at one row with the
-// pre-norm in its prologue: every block adds the residual, normalises the row into shared memory and multiplies
-// that, so the norm kernel before the projection (a whole dependent launch at one row) is not needed.
+// attention) and its own start-up overlap the weight stream.
 #include <vector>
 
 #include "activation.h"
