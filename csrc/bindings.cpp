@@ -24,9 +24,6 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor write_index, "
       "Tensor lengths, Tensor valid, int num_heads, float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
-  m.def(
-      "gemv_norm(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str activation, str norm, Tensor norm_weight, "
-      "Tensor? norm_bias, Tensor? norm_residual, float eps) -> (Tensor, Tensor)");
   m.def("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor");
   m.def("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
         "int workspace) -> Tensor");
@@ -49,7 +46,6 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("decode_attention", &eet::decode_attention);
   m.impl("decode_attention_qkv", &eet::decode_attention_qkv);
   m.impl("gemv", &eet::gemv);
-  m.impl("gemv_norm", &eet::gemv_norm);
   m.impl("dequantize_int8", &eet::dequantize_int8);
   m.impl("gemm_lt", &eet::gemm_lt);
   m.impl("gemm_lt_algos", &eet::gemm_lt_algos);

@@ -12,8 +12,6 @@
 // be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
 // that writes x (programmatic dependent launch, common.h), so a short kernel before it (a norm, the
 // attention) and its own start-up overlap the weight stream.
-#include <vector>
-
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -35,64 +33,7 @@ struct GemvArgs {
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
   int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
-  // The norm prologue (gemv_norm, NORM != 0, one row): x [+ norm_residual] is normalised first, into shared memory,
-  // as the norm kernel would have written it; with a residual, block 0 also stores the sum in norm_summed.
-  const void* norm_weight;  // [K]
-  const void* norm_bias;  // [K] or null (LayerNorm only)
-  const void* norm_residual;  // [K] or null
-  void* norm_summed;  // [K] (with norm_residual)
-  float norm_eps;
 };
-
-constexpr int kNoNorm = 0, kLayerNorm = 1, kRmsNorm = 2;
-
-// The norm prologue: every block normalises the row of x (K = a.k_in elements) into shared memory, with the
-// arithmetic of norm.cu (sum rounded to T first; fp32 statistics, two passes for LayerNorm; RMS in LLaMA order),
-// and returns it. Each element stays with one thread through the passes; the last barrier publishes the row.
-template <typename T, int NORM>
-__device__ __forceinline__ const T* normalize_row(const GemvArgs& a) {
-  extern __shared__ __align__(16) unsigned char norm_smem[];
-  T* xs = reinterpret_cast<T*>(norm_smem);
-  const T* x = static_cast<const T*>(a.x);
-  const T* res = static_cast<const T*>(a.norm_residual);
-  const int k_in = a.k_in;
-  float acc = 0.f;
-  for (int k = threadIdx.x; k < k_in; k += blockDim.x) {
-    T v = x[k];
-    if (res != nullptr) {
-      v = from_float<T>(to_float(v) + to_float(res[k]));
-      if (blockIdx.x == 0) static_cast<T*>(a.norm_summed)[k] = v;
-    }
-    xs[k] = v;
-    const float f = to_float(v);
-    acc += NORM == kRmsNorm ? f * f : f;
-  }
-  const float stat = block_sum(acc) / k_in;
-  float mean = 0.f, rstd;
-  if constexpr (NORM == kRmsNorm) {
-    rstd = rsqrtf(stat + a.norm_eps);
-  } else {
-    mean = stat;
-    float var = 0.f;
-    for (int k = threadIdx.x; k < k_in; k += blockDim.x) {
-      const float d = to_float(xs[k]) - mean;
-      var += d * d;
-    }
-    rstd = rsqrtf(block_sum(var) / k_in + a.norm_eps);
-  }
-  const T* w = static_cast<const T*>(a.norm_weight);
-  const T* b = static_cast<const T*>(a.norm_bias);
-  for (int k = threadIdx.x; k < k_in; k += blockDim.x) {
-    const float n = (to_float(xs[k]) - mean) * rstd;
-    if constexpr (NORM == kRmsNorm) {
-      xs[k] = from_float<T>(to_float(w[k]) * round_to<T>(n));
-    } else {
-      xs[k] = from_float<T>(n * to_float(w[k]) + (b != nullptr ? to_float(b[k]) : 0.f));
-    }
-  }
-  __syncthreads();
-  return xs;
-}
 
 // Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
 // in flight at once, and requested before the PDL wait), at most a block's worth. A long row read by one
@@ -139,7 +80,7 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
 // SPLIT: the row's warps each read a slice (a.split of them, plan_split); otherwise one warp per row, with no
 // slice bookkeeping or shared-memory sum (which cost registers: 79 against 64 per thread at one row, one
 // block per SM less).
-template <typename T, typename W, int MT, Act A, bool SPLIT, int NORM>
+template <typename T, typename W, int MT, Act A, bool SPLIT>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
@@ -148,6 +89,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   const int n = blockIdx.x * (kWarps / split) + warp / split;
   const int part = warp % split;  // which slice of the row this warp reads
   const bool active = n < a.n_out;  // the warps of one row are active or not together
+  const T* __restrict__ x = static_cast<const T*>(a.x);
   const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
   const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
   const int per_part = SPLIT ? (a.k_chunks + split - 1) / split : a.k_chunks;
@@ -164,7 +106,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
   }
   pdl_wait();
-  const T* __restrict__ x = NORM == kNoNorm ? static_cast<const T*>(a.x) : normalize_row<T, NORM>(a);
   if constexpr (!SPLIT) {
     if (!active) return;  // no block-wide sum follows
   }
@@ -226,14 +167,13 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
 }
 
 // overlap: launch with PDL (the weight was not written by the kernel just before).
-template <typename T, typename W, int MT, bool SPLIT, int NORM = kNoNorm>
+template <typename T, typename W, int MT, bool SPLIT>
 void launch_rows(const GemvArgs& a, Act act, bool overlap) {
   const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
-  const size_t smem = NORM == kNoNorm ? 0 : static_cast<size_t>(a.k_in) * sizeof(T);  // the normalised row
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                                              \
-  case ACT:                                                                                             \
-    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT, NORM>, blocks, dim3(kThreads), smem, a);     \
+#define EET_GEMV_CASE(ACT)                                                                 \
+  case ACT:                                                                                \
+    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -260,16 +200,6 @@ void launch(const GemvArgs& a, Act act, bool overlap) {
     launch_rows<T, W, 8, false>(a, act, overlap);
   } else {
     launch_rows<T, W, 16, false>(a, act, overlap);
-  }
-}
-
-// One row with the norm prologue (gemv_norm).
-template <typename T, typename W, int NORM>
-void launch_norm(const GemvArgs& a, Act act, bool overlap) {
-  if (a.split > 1) {
-    launch_rows<T, W, 1, true, NORM>(a, act, overlap);
-  } else {
-    launch_rows<T, W, 1, false, NORM>(a, act, overlap);
   }
 }
 
@@ -312,55 +242,40 @@ void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
 
 }  // namespace
 
-namespace {
-
-// The launch arguments shared by gemv and gemv_norm (x_aligned: whether x's rows allow 16-byte loads); the
-// tensors whose pointers go into a are returned, to live until the launch.
-std::vector<at::Tensor> fill_args(GemvArgs& a, const at::Tensor& x, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                                  const std::optional<at::Tensor>& residual, bool x_aligned) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                const std::string& activation) {
+  check_gemv_args(x, weight, scale, bias, residual);
+  const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
   const int rows = static_cast<int>(x.size(0));
+  const int n_out = static_cast<int>(weight.size(0));
   const int k_in = static_cast<int>(x.size(1));
+  at::Tensor y = at::empty({rows, n_out}, x.options());
+  if (y.numel() == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
   const int64_t per_chunk = 16 / static_cast<int64_t>(weight.element_size());
-  const bool vec = k_in % per_chunk == 0 && (!x_aligned || is_aligned(xc.data_ptr(), 16)) &&
-                   is_aligned(wc.data_ptr(), 16);
+  const bool vec = k_in % per_chunk == 0 && is_aligned(xc.data_ptr(), 16) && is_aligned(wc.data_ptr(), 16);
+  GemvArgs a{};
+  a.y = y.data_ptr();
   a.x = xc.data_ptr();
   a.w = wc.data_ptr();
   a.scale = sc.defined() ? sc.data_ptr() : nullptr;
   a.bias = bc.defined() ? bc.data_ptr() : nullptr;
   a.residual = rc.defined() ? rc.data_ptr() : nullptr;
   a.rows = rows;
-  a.n_out = static_cast<int>(weight.size(0));
+  a.n_out = n_out;
   a.k_in = k_in;
   a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
   // Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
   // critical path); several rows keep one warp per row.
   a.split = rows == 1 ? plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk))) : 1;
-  return {xc, wc, sc, bc, rc};
-}
-
-// The kernel reads its first weights before its PDL wait, which is safe for weights written long before
-// (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
-bool may_overlap(const GemvArgs& a, const at::Tensor& weight) { return a.w == weight.data_ptr(); }
-
-}  // namespace
-
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                const std::string& activation) {
-  check_gemv_args(x, weight, scale, bias, residual);
-  const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
-  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (y.numel() == 0) return y;
-  const c10::cuda::CUDAGuard guard(x.device());
-  GemvArgs a{};
-  a.y = y.data_ptr();
-  const auto keep = fill_args(a, x, weight, scale, bias, residual, /*x_aligned=*/true);
-  const bool overlap = may_overlap(a, weight);
+  // The kernel reads its first weights before its PDL wait, which is safe for weights written long before
+  // (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
+  const bool overlap = wc.data_ptr() == weight.data_ptr();
   const bool int8 = weight.scalar_type() == at::kChar;
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
     if (int8) {
@@ -370,74 +285,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     }
   });
   return y;
-}
-
-std::tuple<at::Tensor, at::Tensor> gemv_norm(const at::Tensor& x, const at::Tensor& weight,
-                                             const std::optional<at::Tensor>& scale,
-                                             const std::optional<at::Tensor>& bias, const std::string& activation,
-                                             const std::string& norm, const at::Tensor& norm_weight,
-                                             const std::optional<at::Tensor>& norm_bias,
-                                             const std::optional<at::Tensor>& norm_residual, double eps) {
-  const char* op = "gemv_norm";
-  check_gemv_args(x, weight, scale, bias, std::nullopt);
-  const Act act = parse_activation(activation, op, /*allow_none=*/true);
-  TORCH_CHECK(norm == "layernorm" || norm == "rmsnorm", op, ": norm must be \"layernorm\" or \"rmsnorm\", got \"",
-              norm, "\"");
-  TORCH_CHECK(x.size(0) == 1, op, ": takes one row (a decode step of one sequence), got ", num(x.size(0)));
-  TORCH_CHECK(x.scalar_type() != at::kFloat, op, ": x must be fp16 or bf16, got fp32");
-  const int64_t k_in = x.size(1);
-  TORCH_CHECK(k_in > 0 && k_in * x.element_size() <= 48 * 1024, op, ": the normalised row (", num(k_in),
-              " elements) must fit in 48 KiB of shared memory");
-  check_like(norm_weight, x, op, "norm_weight", "x");
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == k_in, op, ": norm_weight must have shape [K=",
-              num(k_in), "], got ", shape(norm_weight.sizes()));
-  if (norm_bias.has_value()) {
-    TORCH_CHECK(norm == "layernorm", op, ": norm_bias is only taken with a LayerNorm");
-    check_like(*norm_bias, x, op, "norm_bias", "x");
-    TORCH_CHECK(norm_bias->dim() == 1 && norm_bias->size(0) == k_in, op, ": norm_bias must have shape [K=",
-                num(k_in), "], got ", shape(norm_bias->sizes()));
-  }
-  if (norm_residual.has_value()) {
-    check_like(*norm_residual, x, op, "norm_residual", "x");
-    TORCH_CHECK(norm_residual->sizes() == x.sizes(), op, ": norm_residual must have x's shape ", shape(x.sizes()),
-                ", got ", shape(norm_residual->sizes()));
-  }
-  at::Tensor y = at::empty({1, weight.size(0)}, x.options());
-  at::Tensor summed = norm_residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
-  const c10::cuda::CUDAGuard guard(x.device());
-  GemvArgs a{};
-  a.y = y.data_ptr();
-  const auto keep = fill_args(a, x, weight, scale, bias, std::nullopt, /*x_aligned=*/false);  // x: shared memory
-  const at::Tensor nw = norm_weight.contiguous();
-  const at::Tensor nb = norm_bias.has_value() ? norm_bias->contiguous() : at::Tensor();
-  const at::Tensor nr = norm_residual.has_value() ? norm_residual->contiguous() : at::Tensor();
-  a.norm_weight = nw.data_ptr();
-  a.norm_bias = nb.defined() ? nb.data_ptr() : nullptr;
-  a.norm_residual = nr.defined() ? nr.data_ptr() : nullptr;
-  a.norm_summed = norm_residual.has_value() ? summed.data_ptr() : nullptr;
-  a.norm_eps = static_cast<float>(eps);
-  const bool overlap = may_overlap(a, weight);
-  const bool int8 = weight.scalar_type() == at::kChar;
-  const bool rms = norm == "rmsnorm";
-  AT_DISPATCH_SWITCH(x.scalar_type(), "eet_pipe gemv_norm",
-                     AT_DISPATCH_CASE(at::ScalarType::Half, [&] {
-                       if (int8) {
-                         rms ? launch_norm<scalar_t, int8_t, kRmsNorm>(a, act, overlap)
-                             : launch_norm<scalar_t, int8_t, kLayerNorm>(a, act, overlap);
-                       } else {
-                         rms ? launch_norm<scalar_t, scalar_t, kRmsNorm>(a, act, overlap)
-                             : launch_norm<scalar_t, scalar_t, kLayerNorm>(a, act, overlap);
-                       }
-                     }) AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] {
-                       if (int8) {
-                         rms ? launch_norm<scalar_t, int8_t, kRmsNorm>(a, act, overlap)
-                             : launch_norm<scalar_t, int8_t, kLayerNorm>(a, act, overlap);
-                       } else {
-                         rms ? launch_norm<scalar_t, scalar_t, kRmsNorm>(a, act, overlap)
-                             : launch_norm<scalar_t, scalar_t, kLayerNorm>(a, act, overlap);
-                       }
-                     }));
-  return {y, summed};
 }
 
 }  // namespace eet

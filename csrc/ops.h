@@ -52,16 +52,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
-// The same GEMV for one row with the norm before it in the prologue: norm(x [+ norm_residual]) @ W.T (+ bias,
-// activation), norm "layernorm" (norm_bias optional) or "rmsnorm"; fp16/bf16 x [1, K], K * 2 bytes <= 48 KiB.
-// Returns (y [1, N], the sum x + norm_residual, or an empty tensor without a residual).
-std::tuple<at::Tensor, at::Tensor> gemv_norm(const at::Tensor& x, const at::Tensor& weight,
-                                             const std::optional<at::Tensor>& scale,
-                                             const std::optional<at::Tensor>& bias, const std::string& activation,
-                                             const std::string& norm, const at::Tensor& norm_weight,
-                                             const std::optional<at::Tensor>& norm_bias,
-                                             const std::optional<at::Tensor>& norm_residual, double eps);
-
 // dequant.cu -- qweight [N, K] int8, scale [N] float: returns qweight * scale[:, None] in the scale's dtype.
 at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scale);
 

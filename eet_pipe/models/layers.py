@@ -99,27 +99,6 @@ def project(linear: nn.Module, x: torch.Tensor, activation: str | None = None,
     return linear.forward(x, activation, residual)
 
 
-def _plain(module: nn.Module) -> bool:
-    """No forward hooks and no instance-level wrapper (the precision comparison tool's ``Norm.residual``)."""
-    return not (module._forward_hooks or module._forward_pre_hooks or "residual" in module.__dict__)
-
-
-def project_normed(linear: nn.Module, norm: Norm, x: torch.Tensor, activation: str | None = None,
-                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(act(linear(norm(x [+ residual]))), x + residual or None)`` with the norm fused into the projection's
-    kernel where it has one (`ops.norm_linear`: one decode row). A norm or linear carrying hooks or a wrapper
-    (the precision comparison tool) runs as its own module call, so that they see the same values."""
-    qweight = getattr(linear, "qweight", None)  # models.quant.Int8Linear
-    if not (_plain(norm) and _plain(linear) and (isinstance(linear, Linear) or qweight is not None)):
-        if residual is None:
-            return project(linear, norm(x), activation), None
-        normed, summed = norm.residual(x, residual)
-        return project(linear, normed, activation), summed
-    weight, scale = (linear.weight, None) if qweight is None else (qweight, linear.scale)
-    return ops.norm_linear(x, norm.kind, norm.weight, norm.bias, norm.eps, weight, scale, linear.bias, activation,
-                           residual)
-
-
 class Attention(nn.Module):
     """Fused q/k/v projection, optional rotary, softmax attention, output projection."""
 
@@ -130,16 +109,12 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
         self.out = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
 
-    def qkv_projection(self, x: torch.Tensor, normed: bool) -> torch.Tensor:
-        """The fused q/k/v projection of x, after this block's norm unless x is already `normed`."""
-        return self.qkv(x) if normed else project_normed(self.qkv, self.norm, x)[0]
-
-    def project(self, x: torch.Tensor, meta: StepMeta, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                normed: bool = True) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, meta: StepMeta,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] with rotary applied."""
         cfg = self.cfg
         b, t, _ = x.shape
-        qkv = self.qkv_projection(x, normed)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                              cfg.num_kv_heads * cfg.head_dim], dim=-1)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -151,19 +126,17 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None, normed: bool = True) -> torch.Tensor:
-        """x: [B, T, H], already normed, or (normed=False, pre-norm) normed here on its way into the qkv
-        projection."""
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
         if cache is None:
-            q, k, v = self.project(x, meta, rope, normed)
+            q, k, v = self.project(x, meta, rope)
             o = ops.attention(q, k, v, mask, causal=self.cfg.causal)  # [B, Hq, T, D]
         else:
-            o = self.cached(x, meta, mask, cache, rope, normed)
+            o = self.cached(x, meta, mask, cache, rope)
         b, _, t, _ = o.shape
         return self.out(o.transpose(1, 2).reshape(b, t, -1))
 
     def cached(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache,
-               rope: tuple[torch.Tensor, torch.Tensor] | None, normed: bool = True) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Attention with the KV cache: one fused op splits heads, applies rotary and writes k/v into the
         cache; decode steps (one token) use the decode-attention kernel (without rotary, straight from the
         projection: it stores the new k and v itself), prefill the SDPA path."""
@@ -171,14 +144,13 @@ class Attention(nn.Module):
         if x.shape[1] == 1 and rope is None:
             # a decode step without rotary: the attention kernel stores the new k and v itself (one kernel less)
             k_len = meta.kv_len
-            return ops.decode_attention_qkv(self.qkv_projection(x, normed), cache.k[i][:, :, :k_len],
-                                            cache.v[i][:, :, :k_len], meta.slots, meta.write_index,
-                                            meta.lengths_after_write(), cache.valid[:, :k_len], cfg.num_heads,
-                                            cfg.num_kv_heads)
+            return ops.decode_attention_qkv(self.qkv(x), cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
+                                            meta.slots, meta.write_index, meta.lengths_after_write(),
+                                            cache.valid[:, :k_len], cfg.num_heads, cfg.num_kv_heads)
         cos, sin = rope if rope is not None else (None, None)
-        q = ops.qkv_rotary_cache(self.qkv_projection(x, normed), cos, sin, cache.k[i], cache.v[i], meta.slots,
-                                 meta.write_index, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                 rotary=rope is not None, positions=meta.positions)
+        q = ops.qkv_rotary_cache(self.qkv(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
+                                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
+                                 positions=meta.positions)
         if x.shape[1] == 1:
             k_len = meta.kv_len
             return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,
@@ -206,15 +178,6 @@ class MLP(nn.Module):
             h = project(self.up, x, self.activation)
         return project(self.down, h, residual=residual)
 
-    def residual_forward(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The pre-norm block: ``h + down(act(up(norm(h))))`` with ``h = a + x``. Without a gate, the up
-        projection takes the residual add and the norm into its kernel where it can (`project_normed`)."""
-        if self.gate is not None:
-            normed, h = self.norm.residual(a, x)
-            return self(normed, residual=h)
-        up, h = project_normed(self.up, self.norm, a, self.activation, residual=x)
-        return project(self.down, up, residual=h)
-
 
 class TransformerLayer(nn.Module):
     """One block; pre-norm (GPT-2, LLaMA) or post-norm (BERT) by the config."""
@@ -227,9 +190,10 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.pre_norm:  # each norm goes into the projection after it (project_normed)
-            a = self.attn(x, meta, mask, cache, rope, normed=False)
-            return self.mlp.residual_forward(a, x)
+        if self.pre_norm:
+            a = self.attn(self.attn.norm(x), meta, mask, cache, rope)
+            normed, h = self.mlp.norm.residual(a, x)
+            return self.mlp(normed, residual=h)
         a = self.attn(x, meta, mask, cache, rope)
         h, _ = self.attn.norm.residual(a, x)
         out, _ = self.mlp.norm.residual(self.mlp(h), h)

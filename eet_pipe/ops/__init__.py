@@ -36,8 +36,6 @@ __all__ = [
     "gated_activation",
     "int8_linear",
     "linear",
-    "norm_linear",
-    "NORM_KINDS",
     "layer_norm",
     "qkv_rotary_cache",
     "quantize_int8",
@@ -288,52 +286,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if y is not None:
             return y
     return epilogue(F.linear(x, weight, bias), activation_kind, residual)
-
-
-NORM_KINDS = ("layernorm", "rmsnorm")
-
-
-def norm_linear(x: torch.Tensor, norm_kind: str, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-                eps: float, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                activation_kind: str | None = None,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A pre-norm projection: ``act(norm(x [+ residual]) @ W.T + bias)``, W dense or int8 with its `scale`.
-
-    Args:
-        x: [..., K]; norm_kind: "layernorm" or "rmsnorm"; norm_weight, norm_bias (LayerNorm, may be None): [K];
-        eps: the norm's epsilon; weight: [N, K] in x's dtype, or int8 with scale [N] (`int8_linear`);
-        bias: [N] or None; activation_kind: None or one of ACTIVATIONS;
-        residual: [..., K] added to x before the norm (`residual_layer_norm`), or None.
-    Returns:
-        (y [..., N], x + residual or None). On CUDA, one fp16/bf16 row (a decode step of one sequence) runs the
-        GEMV kernel with the norm in its prologue: every block normalises the row into shared memory, so the
-        norm kernel before the projection is not launched. Otherwise the norm (`layer_norm`, `rms_norm` or their
-        residual forms) and then `linear` / `int8_linear`.
-    """
-    _check_kind(norm_kind, NORM_KINDS, "norm")
-    rows, k = _rows(x), x.shape[-1]
-    if (GEMV_ENABLED and _kernel(x) and rows == 1 and x.dtype in (torch.float16, torch.bfloat16)
-            and k * x.element_size() <= 48 * 1024 and (scale is None) == (weight.dtype != torch.int8)
-            and (scale is not None or weight.dtype == x.dtype) and norm_weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype) and (norm_bias is None or norm_bias.dtype == x.dtype)
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
-            and _epilogue_fits(x, weight.shape[0], activation_kind, None)
-            and not _needs_grad(x, weight, scale, bias, norm_weight, norm_bias, residual)):
-        y, summed = torch.ops.eet_pipe.gemv_norm(
-            x.reshape(1, k), weight, scale, bias, activation_kind or "none", norm_kind, norm_weight,
-            norm_bias if norm_kind == "layernorm" else None, None if residual is None else residual.reshape(1, k),
-            float(eps))
-        return y.view(*x.shape[:-1], weight.shape[0]), None if residual is None else summed.view(x.shape)
-    rms, summed = norm_kind == "rmsnorm", None
-    if residual is None:
-        normed = rms_norm(x, norm_weight, eps) if rms else layer_norm(x, norm_weight, norm_bias, eps)
-    elif rms:
-        normed, summed = residual_rms_norm(x, residual, norm_weight, eps)
-    else:
-        normed, summed = residual_layer_norm(x, residual, norm_weight, norm_bias, eps)
-    if scale is None:
-        return linear(normed, weight, bias, activation_kind), summed
-    return int8_linear(normed, weight, scale, bias, activation_kind), summed
 
 
 def _selected_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -72,13 +72,6 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bia
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
-def _gemv_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-               activation: str, norm: str, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-               norm_residual: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = _like(x) if norm_residual is not None else x.new_empty((0,))
-    return x.new_empty((x.shape[0], weight.shape[0])), summed  # y [1, N], the sum or nothing
-
-
 def _dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return qweight.new_empty(qweight.shape, dtype=scale.dtype)
 
@@ -100,7 +93,6 @@ _FAKES = {
     "decode_attention": _decode_attention,
     "decode_attention_qkv": _decode_attention_qkv,
     "gemv": _gemv,
-    "gemv_norm": _gemv_norm,
     "gemm_lt": _gemm_lt,
     "dequantize_int8": _dequantize_int8,
 }
