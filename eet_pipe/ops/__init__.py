@@ -225,8 +225,8 @@ def decode_attention_qkv(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if _kernel(qkv) and d % 8 == 0 and d <= DECODE_MAX_HEAD_DIM:
         return torch.ops.eet_pipe.decode_attention_qkv(qkv, k_cache, v_cache, slots, write_index, lengths, valid,
                                                        num_heads, scale)
-    q = reference.qkv_rotary_cache(qkv, None, None, k_cache, v_cache, slots, write_index, num_heads, num_kv_heads,
-                                   d, rotary=False)
+    q = qkv_rotary_cache(qkv, None, None, k_cache, v_cache, slots, write_index, num_heads, num_kv_heads, d,
+                         rotary=False)
     return decode_attention(q, k_cache, v_cache, slots, lengths, valid, scale)
 
 
