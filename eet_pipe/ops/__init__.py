@@ -8,8 +8,6 @@ reference. Shapes: B batch, T tokens, H hidden, D head dim, S cache slots, L cac
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual PyTorch alias)
 
@@ -63,12 +61,7 @@ activation, residual-add and split-K reduce kernels of the cuBLAS path (decode s
 on cuBLAS's tensor-core tiles are faster (the kernel re-reads x per row from L1)."""
 
 
-def _env_on(name: str) -> bool:
-    """An on-by-default switch from the environment: 0, false, no or off turn it off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-GEMV_ENABLED: bool = _env_on("EET_PIPE_GEMV")
+GEMV_ENABLED: bool = _ext.env_on("EET_PIPE_GEMV")
 """`linear` may use the GEMV kernel (default); EET_PIPE_GEMV=0 (or false/no/off) keeps every dense linear on
 cuBLAS."""
 
@@ -88,7 +81,7 @@ if HAVE_EXT:
     from eet_pipe.ops.fake import register_fakes
 
     register_fakes()
-    set_pdl(_env_on("EET_PIPE_PDL"))
+    set_pdl(_ext.env_on("EET_PIPE_PDL"))
 
 
 def _kernel(x: torch.Tensor) -> bool:
@@ -324,7 +317,6 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
             and scale.shape == (qweight.shape[0],)):
         return torch.ops.eet_pipe.dequantize_int8(qweight, scale.to(dtype))
     return quant.dequantize_int8(qweight, scale, dtype)
-
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

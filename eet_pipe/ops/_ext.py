@@ -30,6 +30,12 @@ _CXX_FLAGS = ["-O3"]
 _NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
+def env_on(name: str) -> bool:
+    """An on-by-default kernel switch from the environment (EET_PIPE_GEMV, EET_PIPE_PDL, EET_PIPE_GEMM_SELECT):
+    0, false, no or off turn it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 _SCHEMA_ARGS = {"rms_norm": 3, "gemv": 6, "set_pdl": 1, "gemm_lt": 7, "dequantize_int8": 2, "cublaslt_version": 0,
                 "decode_attention_qkv": 9}
 """Ops whose argument counts tell a build of the current csrc/ from an older one (a `pip install -e` checkout

@@ -40,12 +40,14 @@ from pathlib import Path
 
 import torch
 
+from eet_pipe.ops._ext import env_on
+
 __all__ = ["ENABLED", "SELECT_ROWS", "EPILOGUE_ACTIVATIONS", "CANDIDATES", "Choice", "fits", "run", "choice_for",
            "set_cache_dir", "cache_path", "device_slug", "save", "choices", "clear"]
 
 log = logging.getLogger(__name__)
 
-ENABLED: bool = os.environ.get("EET_PIPE_GEMM_SELECT", "1").strip().lower() not in ("0", "false", "no", "off")
+ENABLED: bool = env_on("EET_PIPE_GEMM_SELECT")
 """`linear` runs decode-bucket shapes through cuBLASLt with a selected algorithm (EET_PIPE_GEMM_SELECT=0: off)."""
 SELECT_ROWS = frozenset(2 ** i for i in range(9))
 """Row counts that take this path: the decode batch buckets 1..256 (eet_pipe.cuda_graphs.DEFAULT_BUCKETS), so a
