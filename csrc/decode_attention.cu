@@ -304,12 +304,8 @@ void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at:
               shape(valid.sizes()));
 }
 
-}  // namespace
-
-namespace {
-
-// Everything but q: fills a from the cache, slots, lengths and valid, plans the splits and launches. q_rows: q's
-// data with a.q / a.q_stride set, out [B, Hq, 1, D].
+// Everything but q (a.q and a.q_stride set by the caller; q_like: a tensor with q's dtype and device): fills a
+// from the cache, slots, lengths and valid, plans the splits and launches into out [B, Hq, 1, D].
 void run_decode(DecodeArgs& a, const at::Tensor& q_like, int64_t batch, int64_t num_heads, const at::Tensor& out,
                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                 const at::Tensor& lengths, const at::Tensor& valid, double scale) {

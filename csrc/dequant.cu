@@ -1,8 +1,9 @@
 // Int8 weight-only dequantisation, w[n, k] = q[n, k] * scale[n] in the scale's dtype: the weight of an int8
 // linear with more rows than the GEMV takes, for the tensor-core GEMM that follows. The whole step is the
 // copy (1 byte read, 2 written per weight), so each thread moves 16 weights at a time: one 16-byte load of
-// int8, 16-byte stores (two in fp16/bf16, four in fp32). Each value is computed as PyTorch's `qweight * scale[:, None]` does it (int8 ->
-// fp32 exactly, times the scale in fp32, one rounding), so the kernel equals the reference bit for bit.
+// int8, 16-byte stores (two in fp16/bf16, four in fp32). Each value is computed as PyTorch's
+// `qweight * scale[:, None]` does it (int8 -> fp32 exactly, times the scale in fp32, one rounding), so the kernel
+// equals the reference bit for bit.
 // The first chunk is loaded before the PDL wait (the codes and scales are constant); nothing is written
 // before it.
 #include "common.h"
