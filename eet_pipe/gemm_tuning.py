@@ -88,11 +88,11 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
         why = f"{device} is not a CUDA device (GEMM selection is for CUDA and ROCm GEMMs)"
         log.info("GEMM tuning skipped: %s", why)
         return GemmTuning(device, None, why_off=why)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if torch.version.hip is None:
-        return _enable_cublaslt(device, cache_dir)
+        return _enable_cublaslt(device, folder)
     from torch.cuda import tunable
 
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / tuning_filename(torch.cuda.get_device_name(device))
     before = (tunable.is_enabled(), tunable.tuning_is_enabled())
@@ -106,8 +106,8 @@ def enable_gemm_tuning(device: torch.device | str, cache_dir: str | Path | None 
     return GemmTuning(device, path, loaded, before=before, backend="tunableop")
 
 
-def _enable_cublaslt(device: torch.device, cache_dir: str | Path | None) -> GemmTuning:
-    """CUDA builds: `eet_pipe.ops.gemm_select`'s choices, read from and written to a file in `cache_dir`."""
+def _enable_cublaslt(device: torch.device, folder: Path) -> GemmTuning:
+    """CUDA builds: `eet_pipe.ops.gemm_select`'s choices, read from and written to a file in `folder`."""
     why = ""
     if not ops.HAVE_EXT:
         why = f"GEMM selection runs eet_pipe's cuBLASLt op, and the CUDA extension is unavailable ({ops.EXT_REASON})"
@@ -116,7 +116,7 @@ def _enable_cublaslt(device: torch.device, cache_dir: str | Path | None) -> Gemm
     if why:
         log.warning("GEMM tuning skipped for %s: %s", device, why)
         return GemmTuning(device, None, why_off=why)
-    ops.gemm_select.set_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    ops.gemm_select.set_cache_dir(folder)
     index = device.index if device.index is not None else torch.cuda.current_device()
     path = ops.gemm_select.cache_path(index)
     loaded = path is not None and path.exists()
