@@ -20,7 +20,6 @@ import torch
 for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(defaults: dict[str, Any], quick: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:

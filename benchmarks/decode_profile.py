@@ -1,8 +1,8 @@
 """Where one decode step's time goes: kernels per step, GPU busy time per step against the wall time per
 step, and the kernels that take the most time (torch.profiler over a greedy `generate`, after warm-up).
 
-    python benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,64
-    python benchmarks/decode_profile.py --quick          # CPU smoke run (tiny model; CPU ops instead of kernels)
+    python -m benchmarks.decode_profile model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,64
+    python -m benchmarks.decode_profile --quick          # CPU smoke run (tiny model; CPU ops instead of kernels)
 
 Writes <out>.json and <out>.png: per batch size, wall ms per step, device-busy ms per step, kernels per step and the top
 kernels (name, calls per step, ms per step, and the exposed ms per step: the part of the busy time that the kernel
@@ -24,10 +24,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, save_figure, sync, write_json  # noqa: E402
-
-import eet_pipe  # noqa: E402
+import eet_pipe
+from benchmarks.common import environment, parse_args, save_figure, sync, write_json
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "device": "cuda:0", "batches": ["1", "64"],
             "prompt": 32, "new": 32, "top": 12, "out": "bench_results/decode_profile"}

@@ -25,28 +25,28 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
         ${GPU_TESTS:-tests/ops/test_ops_cuda.py tests/distributed/test_multigpu.py tests/integration/test_gpu_parity.py tests/integration/test_cuda_graphs.py tests/integration/test_serve_gpu.py} \
         2>&1 | grep -v "it/s" | tail -60
   fi
-  has prefill && timeout ${PREFILL_S:-240} python3 benchmarks/pipeline_prefill.py $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
+  has prefill && timeout ${PREFILL_S:-240} python3 -m benchmarks.pipeline_prefill $XL $TWO batch=32 seq=512 microbatches=4,8,16,32 \
       warmup=2 repeats=3 out="$OUT_DIR/pipeline_prefill" 2>&1 | grep -v "it/s" | tail -20
-  has decode && timeout ${DECODE_S:-180} python3 benchmarks/pipeline_decode.py $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
+  has decode && timeout ${DECODE_S:-180} python3 -m benchmarks.pipeline_decode $XL $TWO prompt=32 new=64 batch=32 repeats=2 \
       out="$OUT_DIR/pipeline_decode" 2>&1 | grep -v "it/s" | tail -10
-  has schedules && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO batch=32 seq=512 ${SCHEDULES_ARGS:-microbatches=1,4,16,32} \
+  has schedules && timeout ${SCHEDULES_S:-300} python3 -m benchmarks.schedules $XL $TWO batch=32 seq=512 ${SCHEDULES_ARGS:-microbatches=1,4,16,32} \
       out="$OUT_DIR/schedules/schedules" 2>&1 | grep -v "it/s" | tail -25
-  has schedules && [[ ${SCHEDULES_DECODE:-1} == 1 ]] && timeout ${SCHEDULES_S:-300} python3 benchmarks/schedules.py $XL $TWO workload=decode batch=64 prompt=32 \
+  has schedules && [[ ${SCHEDULES_DECODE:-1} == 1 ]] && timeout ${SCHEDULES_S:-300} python3 -m benchmarks.schedules $XL $TWO workload=decode batch=64 prompt=32 \
       new=64 microbatches=1,2,4,8 out="$OUT_DIR/schedules/decode" 2>&1 | grep -v "it/s" | tail -8
-  has partitions && timeout ${PARTITIONS_S:-240} python3 benchmarks/partitions.py $XL $TWO batch=8 seq=512 microbatches=8 \
+  has partitions && timeout ${PARTITIONS_S:-240} python3 -m benchmarks.partitions $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
-  has single && timeout ${SINGLE_S:-420} python3 benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0 \
+  has single && timeout ${SINGLE_S:-420} python3 -m benchmarks.single_gpu model=gpt2-xl weights=random device=cuda:0 \
       ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16,fp16cublas,int8 tune=no} \
       out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -60
-  has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py model=gpt2-xl weights=random dtype=fp16 \
+  has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 -m benchmarks.decode_profile model=gpt2-xl weights=random dtype=fp16 \
       device=cuda:0 batches=1,64 out="$OUT_DIR/decode_profile" 2>&1 | grep -v "it/s" | tail -30
-  has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 benchmarks/decode_profile.py \
+  has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 -m benchmarks.decode_profile \
       model=gpt2-xl weights=random dtype=fp16 device=cuda:0 batches=1,8 out="$OUT_DIR/decode_profile_gemv" 2>&1 \
       | grep -v "it/s" | tail -30
-  has kernels && timeout ${KERNELS_S:-120} python3 benchmarks/kernels.py device=cuda:0 ${KERNELS_ARGS:-} out="$OUT_DIR/kernels" 2>&1 \
+  has kernels && timeout ${KERNELS_S:-120} python3 -m benchmarks.kernel_timings device=cuda:0 ${KERNELS_ARGS:-} out="$OUT_DIR/kernels" 2>&1 \
       | grep -v "it/s" | tail -60
-  has serve && timeout ${SERVE_S:-300} python3 benchmarks/serve_load.py model=gpt2-xl stages=$NSTAGES \
+  has serve && timeout ${SERVE_S:-300} python3 -m benchmarks.serve_load model=gpt2-xl stages=$NSTAGES \
       concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
       "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -40
   date -u

@@ -1,9 +1,9 @@
 """Partition quality: an even split vs fairscale's `balance_by_time` vs our `auto_plan`, in one run on
 the same devices.
 
-    python benchmarks/partitions.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+    python -m benchmarks.partitions model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
         batch=8 seq=512 microbatches=8
-    python benchmarks/partitions.py --quick        # CPU smoke run: tiny preset on cpu,cpu (< 60 s)
+    python -m benchmarks.partitions --quick        # CPU smoke run: tiny preset on cpu,cpu (< 60 s)
 
 `batch` is the whole batch; one microbatch is ceil(batch / microbatches) x seq tokens. For each method:
 the plan; each stage's measured forward time (its units built on its device, timed on one microbatch);
@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, progress, time_it, write_json  # noqa: E402
-
-from eet_pipe.cuda_graphs import graphed  # noqa: E402
-from eet_pipe.dtypes import dtype_name, parse_dtype  # noqa: E402
-from eet_pipe.loading import load_units  # noqa: E402
-from eet_pipe.models.meta import StepMeta, prefill_meta  # noqa: E402
-from eet_pipe.partition import Plan, PlanInputs, StagePlan, Workload  # noqa: E402
-from eet_pipe.partition.auto import measure_inputs, plan_from_inputs  # noqa: E402
-from eet_pipe.presets import ModelSpec, resolve_model  # noqa: E402
-from eet_pipe.runtime import PipelineEngine  # noqa: E402
+from benchmarks.common import environment, parse_args, progress, time_it, write_json
+from eet_pipe import PipelineEngine
+from eet_pipe.cuda_graphs import graphed
+from eet_pipe.dtypes import dtype_name, parse_dtype
+from eet_pipe.loading import load_units
+from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.partition import Plan, PlanInputs, StagePlan, Workload
+from eet_pipe.partition.auto import measure_inputs, plan_from_inputs
+from eet_pipe.presets import ModelSpec, resolve_model
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 8,
             "seq": 512, "microbatches": 8, "warmup": 2, "repeats": 5, "fairscale_timeout": 2.0,

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import time_it
 from torch import nn
+
+from benchmarks.common import time_it
 
 
 class _Slice(nn.Module):

@@ -1,8 +1,8 @@
 """Microbatched decode over the pipeline vs our single device, in one run.
 
-    python benchmarks/pipeline_decode.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+    python -m benchmarks.pipeline_decode model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
         prompt=32 new=128 batch=32
-    python benchmarks/pipeline_decode.py --quick
+    python -m benchmarks.pipeline_decode --quick
 
 Reports per-token latency at batch 1 (single device vs pipeline with one group) and aggregate
 tokens/s with `len(devices)` groups of `batch` sequences in flight vs the single device at `batch`.
@@ -11,17 +11,14 @@ Writes <out>.json and <out>.png.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, progress, sync, write_json  # noqa: E402
-
-import eet_pipe  # noqa: E402
-from eet_pipe.runtime import PipelineEngine  # noqa: E402
+import eet_pipe
+from benchmarks.common import environment, parse_args, progress, sync, write_json
+from eet_pipe import PipelineEngine
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "prompt": 32,
             "new": 128, "batch": 32, "repeats": 3, "out": "bench_results/pipeline_decode"}

@@ -1,9 +1,9 @@
 """Prefill throughput: our single GPU vs our gpipe / interleaved pipelines vs torch.distributed.pipelining,
 all in one run on the same devices.
 
-    python benchmarks/pipeline_prefill.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+    python -m benchmarks.pipeline_prefill model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
         batch=32 seq=512 microbatches=4,8,16,32
-    python benchmarks/pipeline_prefill.py --quick        # CPU smoke run (tiny model, 2 gloo stages)
+    python -m benchmarks.pipeline_prefill --quick        # CPU smoke run (tiny model, 2 gloo stages)
 
 Our pipelines use `plan=auto` (profiled and balanced; `plan=even` splits layers evenly); the peer
 splits layers evenly. "of bound" compares with our single device running the whole batch at once; "same-M bound" with our
@@ -15,21 +15,18 @@ GPipe bound P·M/(M+P−1) × our single-device figure), and a trace timeline of
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json  # noqa: E402
-from peers import torch_pipelining  # noqa: E402
-
-import eet_pipe  # noqa: E402
-from eet_pipe.cuda_graphs import graphed  # noqa: E402
-from eet_pipe.models.meta import StepMeta, prefill_meta  # noqa: E402
-from eet_pipe.runtime import PipelineEngine  # noqa: E402
-from eet_pipe.runtime.commands import split_rows  # noqa: E402
+import eet_pipe
+from benchmarks.common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json
+from benchmarks.peers import torch_pipelining
+from eet_pipe import PipelineEngine
+from eet_pipe.cuda_graphs import graphed
+from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.runtime.commands import split_rows
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["4", "8", "16", "32"], "warmup": 2, "repeats": 5, "peer": "yes", "plan": "auto",

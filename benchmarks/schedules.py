@@ -3,11 +3,11 @@ engine's trace) next to the simulator's prediction for the same schedule and the
 costs, plus the peers in the same run: our single device, HF transformers on one device,
 torch.distributed.pipelining (GPipe and interleaved) and fairscale `Pipe` (when installed).
 
-    python benchmarks/schedules.py model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
+    python -m benchmarks.schedules model=gpt2-xl weights=random dtype=fp16 devices=cuda:0,cuda:1 \
         batch=32 seq=512 microbatches=1,2,4,8,16,32
-    python benchmarks/schedules.py workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
-    python benchmarks/schedules.py --quick          # CPU smoke run (tiny model, 2 gloo stages)
-    python benchmarks/schedules.py resimulate=docs/perf/2026-11-26-eve/h200x4/schedules.json   # re-analyse a run
+    python -m benchmarks.schedules workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
+    python -m benchmarks.schedules --quick          # CPU smoke run (tiny model, 2 gloo stages)
+    python -m benchmarks.schedules resimulate=docs/perf/2026-11-26-eve/h200x4/schedules.json   # re-analyse a run
 
 Two warm-up calls by default: with CUDA graphs a new shape runs eager on its first call and is captured on
 its second, so a single warm-up would leave a capture inside the timed calls.
@@ -30,20 +30,17 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from pipeline_prefill import single_device
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json  # noqa: E402
-from peers import fairscale_pipe, hf_gpt2, torch_pipelining  # noqa: E402
-from pipeline_prefill import single_device  # noqa: E402
-
-import eet_pipe  # noqa: E402
-from eet_pipe.runtime import PipelineEngine  # noqa: E402
-from eet_pipe.runtime.trace import bubble_fraction, events_span, plot_timeline, read_chrome_trace  # noqa: E402
-from eet_pipe.schedule import build, simulate  # noqa: E402
+import eet_pipe
+from benchmarks.common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json
+from benchmarks.peers import fairscale_pipe, hf_gpt2, torch_pipelining
+from eet_pipe import PipelineEngine
+from eet_pipe.runtime.trace import bubble_fraction, events_span, plot_timeline, read_chrome_trace
+from eet_pipe.schedule import build, simulate
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,
             "seq": 512, "microbatches": ["1", "2", "4", "8", "16", "32"], "schedules": ["sequential", "gpipe",

@@ -1,8 +1,8 @@
 """Capacity of the HTTP server's host side alone: the real app, scheduler, sampler bookkeeping and
 SSE streaming in front of a pipeline that answers every step at once (no model runs).
 
-    python benchmarks/serve_frontend.py concurrency=1,16,64,256 max_tokens=64
-    python benchmarks/serve_frontend.py --quick
+    python -m benchmarks.serve_frontend concurrency=1,16,64,256 max_tokens=64
+    python -m benchmarks.serve_frontend --quick
 
 Besides tokens/s, each level records the server process's CPU time per generated token (user + system,
 all threads): what the host side costs independent of how fast the load generator on the same machine
@@ -23,14 +23,12 @@ from pathlib import Path
 import httpx
 import psutil
 import torch
+from serve_load import plot, sweep
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, write_json  # noqa: E402
-from serve_load import plot, sweep  # noqa: E402
-
-from eet_pipe.runtime.serving_engine import StepDriver, resolve_setup  # noqa: E402
-from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand  # noqa: E402
-from eet_pipe.runtime.supervisor import free_port  # noqa: E402
+from benchmarks.common import environment, parse_args, write_json
+from eet_pipe.runtime.serving_engine import StepDriver, resolve_setup
+from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
+from eet_pipe.runtime.supervisor import free_port
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
             "temperature": 0.0, "model": "tiny", "groups": 2, "out": "bench_results/serve_frontend"}

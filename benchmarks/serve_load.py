@@ -1,7 +1,7 @@
 """Load test of the HTTP server: throughput, TTFT and TPOT percentiles per concurrency level.
 
-    python benchmarks/serve_load.py url=http://127.0.0.1:8000 concurrency=1,4,16,64,256 requests=256 max_tokens=64
-    python benchmarks/serve_load.py --quick      # starts a tiny 2-stage CPU server itself (concurrency 1,4,16)
+    python -m benchmarks.serve_load url=http://127.0.0.1:8000 concurrency=1,4,16,64,256 requests=256 max_tokens=64
+    python -m benchmarks.serve_load --quick      # starts a tiny 2-stage CPU server itself (concurrency 1,4,16)
 
 Every request streams (SSE) with ignore_eos and return_token_ids, so each produces exactly max_tokens
 tokens and every token arrives in its own chunk (a token whose text is still incomplete, or empty as with
@@ -25,10 +25,8 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_args, write_json  # noqa: E402
-
-from eet_pipe.serving.process import ServerProcess  # noqa: E402
+from benchmarks.common import environment, parse_args, write_json
+from eet_pipe.serving.process import ServerProcess
 
 DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
             "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2,

@@ -1,9 +1,9 @@
 """One GPU, one run: eet_pipe fp16 / bf16 / int8 (CUDA graphs + GEMM tuning) and fp16 eager, against
 HF transformers (eager + SDPA, fp16) and a plain-PyTorch static-cache GPT-2 under torch.compile.
 
-    python benchmarks/single_gpu.py model=gpt2-xl weights=random device=cuda:0
-    python benchmarks/single_gpu.py --quick out=/tmp/x      # CPU smoke run (tiny, batch 1/2, 8 tokens)
-    python benchmarks/single_gpu.py systems=hf,static,fp16,int8 tune=no     # a subset, no GEMM tuning
+    python -m benchmarks.single_gpu model=gpt2-xl weights=random device=cuda:0
+    python -m benchmarks.single_gpu --quick out=/tmp/x      # CPU smoke run (tiny, batch 1/2, 8 tokens)
+    python -m benchmarks.single_gpu systems=hf,static,fp16,int8 tune=no     # a subset, no GEMM tuning
 
 Decode: ms per step at each batch (prompt `prompt` tokens, `new_tokens` greedy steps, EOS ignored),
 from (time of generate(new_tokens) - time of generate(1)) / (new_tokens - 1). Prefill: tokens/s of
@@ -27,13 +27,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, kernel_setting, parse_args, sync, time_it, write_json  # noqa: E402
-from peer_static_gpt2 import prefill_seconds, run_peer  # noqa: E402
-from peers import hf_gpt2  # noqa: E402
-
-import eet_pipe  # noqa: E402
-from eet_pipe.models.meta import prefill_meta  # noqa: E402
+import eet_pipe
+from benchmarks.common import environment, kernel_setting, parse_args, sync, time_it, write_json
+from benchmarks.peer_static_gpt2 import prefill_seconds, run_peer
+from benchmarks.peers import hf_gpt2
+from eet_pipe.models.meta import prefill_meta
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "device": "cuda:0", "batches": ["1", "16", "64"],
             "prompt": 32, "new_tokens": 128, "prefill": ["1x512", "8x512", "32x512"], "repeats": 3,

@@ -56,7 +56,7 @@ tensor-core GEMM, selected per shape). The GEMV takes up to 16 rows, but it re-r
 measured on an H100 (docs/PERF.md, night section) it loses to dequantise + GEMM from 8 rows on."""
 GEMV_MAX_ROWS = 1
 """Up to this many rows `linear` (fp16/bf16 on CUDA) runs the GEMV kernel; above, cuBLAS. Measured on an
-H100 (docs/PERF.md, benchmarks/kernels.py): at one row the kernel with its fused epilogue saves the
+H100 (docs/PERF.md, benchmarks/kernel_timings.py): at one row the kernel with its fused epilogue saves the
 activation, residual-add and split-K reduce kernels of the cuBLAS path (decode step -10 %); from four rows
 on cuBLAS's tensor-core tiles are faster (the kernel re-reads x per row from L1)."""
 

@@ -21,7 +21,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "serve_load.py": ["concurrency"],
     "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token"],
     "single_gpu.py": ["system"],
-    "kernels.py": ["op", "system", "rows", "us", "gb_per_s"],
+    "kernel_timings.py": ["op", "system", "rows", "us", "gb_per_s"],
 }
 
 
@@ -29,7 +29,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_quick_run_writes_json_and_plot(script, tmp_path):
     out = tmp_path / "result"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", f"out={out}"],
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", f"out={out}"],
                           capture_output=True, text=True, timeout=230, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(Path(f"{out}.json").read_text())
@@ -45,7 +45,7 @@ def test_quick_run_writes_json_and_plot(script, tmp_path):
 
 def _quick_schedules(out: Path, *args: str) -> list[dict]:
     """Run `schedules.py --quick` with `args`; its result rows."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"), "--quick", *args, f"out={out}"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.schedules", "--quick", *args, f"out={out}"],
                           capture_output=True, text=True, timeout=230, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(Path(f"{out}.json").read_text())["results"]
@@ -66,7 +66,7 @@ def test_schedules_decode_workload_and_peers(tmp_path):
 def test_schedules_prefill_records_the_single_device_peers(tmp_path):
     rows = _quick_schedules(tmp_path / "result", "microbatches=2", "schedules=gpipe")
     # a finished run re-analysed from its JSON and traces
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "schedules.py"),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.schedules",
                            f"resimulate={tmp_path / 'result.json'}"], capture_output=True, text=True, timeout=60,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,8 +83,7 @@ def test_schedules_prefill_records_the_single_device_peers(tmp_path):
 
 
 def test_hop_latency_takes_messages_whose_receiver_was_waiting():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from schedules import hop_latency
+    from benchmarks.schedules import hop_latency
 
     def ev(stage, kind, label, start, end):
         return {"stage": stage, "kind": kind, "label": label, "start": start, "end": end}
@@ -101,8 +100,7 @@ def test_hop_latency_takes_messages_whose_receiver_was_waiting():
 
 
 def test_busy_time_counts_overlapping_kernel_spans_once():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from decode_profile import union_length
+    from benchmarks.decode_profile import union_length
 
     # a kernel launched early (PDL) spans its wait: [0, 3] and [2, 5] overlap on [2, 3]; [7, 8] stands alone,
     # [7.2, 7.5] lies inside it
@@ -111,8 +109,7 @@ def test_busy_time_counts_overlapping_kernel_spans_once():
 
 
 def test_exposed_time_charges_each_instant_to_the_running_kernel():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from decode_profile import exposed_times, union_length
+    from benchmarks.decode_profile import exposed_times, union_length
 
     # "norm" [0, 3] runs first; "gemv" launched early (PDL) spans [1, 5]: it runs from 3 to 5 except while
     # a kernel that ends earlier, "norm" [4.5, 4.8], covers the time; "attn" [7, 8] after a gap adds its span

@@ -7,28 +7,25 @@ time per call without launch gaps from the host; the calls cycle through enough 
 "GB/s" is the bytes the op must read (weights, or K and V) over that time, to compare against the
 memory bandwidth.
 
-    python benchmarks/kernels.py device=cuda:0 rows=1,4,8,16,64
-    python benchmarks/kernels.py --quick          # CPU smoke run (references, tiny shapes)
+    python -m benchmarks.kernel_timings device=cuda:0 rows=1,4,8,16,64
+    python -m benchmarks.kernel_timings --quick          # CPU smoke run (references, tiny shapes)
     ncu --kernel-name regex:gemv --launch-count 8 --section SpeedOfLight --section Occupancy \
-        python benchmarks/kernels.py ops=linear rows=1 reps=4      # one kernel under Nsight Compute
+        python -m benchmarks.kernel_timings ops=linear rows=1 reps=4      # one kernel under Nsight Compute
 
 Writes <out>.json (one row per op x shape x rows) and <out>.png.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, kernel_setting, parse_args, save_figure, time_it, write_json  # noqa: E402
-
-from eet_pipe import ops  # noqa: E402
-from eet_pipe.cuda_graphs import graphed  # noqa: E402
+from benchmarks.common import environment, kernel_setting, parse_args, save_figure, time_it, write_json
+from eet_pipe import ops
+from eet_pipe.cuda_graphs import graphed
 
 DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", "8", "16"], "context": ["64", "512"],
             "attn_batches": ["1", "64"], "reps": 48, "stream_mib": 400, "ops": ["linear", "attention"],
