@@ -23,6 +23,7 @@ from eet_pipe.runtime.supervisor import Supervisor, free_port
 from eet_pipe.runtime.torchrun import DistTransport, under_torchrun
 from eet_pipe.runtime.trace import plot_timeline, write_chrome_trace
 from eet_pipe.runtime.worker import WorkerArgs
+from eet_pipe.schedule import check_args
 
 __all__ = ["PipelineEngine"]
 
@@ -80,6 +81,8 @@ class PipelineEngine:
         self.devices = pipeline_devices(devices, stages, allow_duplicate_devices)
         self.schedule, self.microbatches = schedule, microbatches
         self.virtual = virtual if schedule == "interleaved" else 1
+        # every schedule / microbatches / virtual combination is checked here, before any process starts
+        check_args(schedule, len(self.devices), microbatches or 1, self.virtual)
         self.dtype = parse_dtype(dtype)
         self.trace_path = trace
         self.cpu_threads = cpu_threads
@@ -165,8 +168,12 @@ class PipelineEngine:
         plot_timeline(events, path.with_suffix(".png"), self.num_stages, title=what)
 
     def _microbatches(self, batch: int, requested: int | None) -> int:
-        """Microbatches of one forward: requested, else the engine's, else up to 4 per stage."""
-        return min(requested or self.microbatches or min(batch, 4 * self.num_stages), batch)
+        """Microbatches of one forward: requested, else the engine's, else up to 4 per stage (1 for the
+        sequential schedule, which takes the batch whole). Checked here, before the command is sent."""
+        automatic = 1 if self.schedule == "sequential" else min(batch, 4 * self.num_stages)
+        count = min(requested or self.microbatches or automatic, batch)
+        check_args(self.schedule, self.num_stages, count, self.virtual)
+        return count
 
     def _forward_command(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          token_type_ids: torch.Tensor | None, microbatches: int | None, **fields: Any) -> ForwardCommand:

@@ -12,6 +12,7 @@ from eet_pipe.schedule.actions import (
 from eet_pipe.schedule.schedules import (
     SCHEDULES,
     build,
+    check_args,
     clock_table,
     decode,
     gpipe,
@@ -38,6 +39,7 @@ __all__ = [
     "SimResult",
     "TransferCost",
     "build",
+    "check_args",
     "clock_table",
     "decode",
     "decode_utilisation",

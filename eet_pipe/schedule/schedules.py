@@ -201,13 +201,15 @@ def build(name: str, num_stages: int, microbatches: int = 1, virtual: int = 1,
     Returns:
         The validated schedule.
     """
-    _check_build_args(name, num_stages, microbatches, virtual, steps)  # before the cache: 2.0 == 2 there
+    check_args(name, num_stages, microbatches, virtual, steps)  # before the cache: 2.0 == 2 there
     if name == "decode":
         return _build(name, num_stages, microbatches, virtual, steps)
     return _build_cached(name, num_stages, microbatches, virtual, steps)
 
 
-def _check_build_args(name: str, num_stages: int, microbatches: int, virtual: int, steps: int) -> None:
+def check_args(name: str, num_stages: int, microbatches: int = 1, virtual: int = 1, steps: int = 1) -> None:
+    """Raise ValueError, naming the parameter, unless `build` accepts these arguments. Callers that start
+    processes check here first, so a bad combination fails before anything is spawned."""
     if name not in SCHEDULES:
         raise ValueError(f"name={name!r} is not a known schedule: allowed {', '.join(SCHEDULES)}")
     _check_int("num_stages", num_stages, 1)
