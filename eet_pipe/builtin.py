@@ -4,6 +4,7 @@ embedded text, in a few seconds on a CPU, then cached. No download, no files in 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -77,12 +78,17 @@ def builtin_state(cfg: ArchConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     path = cache_dir() / "builtin" / f"{cfg.model_type}-{_key(cfg, seed)}.safetensors"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        state = _train(cfg, seed)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent builders never see a partial file
-        log.info("built-in weights written to %s in %.1f s", path, time.perf_counter() - start)
+        # one builder at a time (workers, torchrun ranks and test processes may all start cold):
+        # the others wait on the lock, then read the file the first one wrote
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                start = time.perf_counter()
+                state = _train(cfg, seed)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                save_file(state, str(tmp))
+                os.replace(tmp, path)  # atomic: readers that skip the lock never see a partial file
+                log.info("built-in weights written to %s in %.1f s", path, time.perf_counter() - start)
     state = load_file(str(path))
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.tok.weight"]
