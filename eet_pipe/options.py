@@ -44,7 +44,7 @@ class EngineOptions(ModelOptions):
     timeout: float = 60.0
     """Seconds to wait for a worker before declaring it dead."""
     allow_duplicate_devices: bool = False
-    """Allow a GPU to appear twice in `devices` (several stages on one GPU)."""
+    """Allow a GPU to appear twice in `devices`: several stages on one GPU, joined through host memory."""
     cuda_graphs: bool = True
     """Replay GPU stages' forwards and decode steps from CUDA graphs."""
 

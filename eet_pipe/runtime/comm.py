@@ -7,6 +7,10 @@ the data. On CPU (gloo) receives are posted one message ahead (prefetch). On GPU
 only when the schedule reaches it: an NCCL receive kernel spins until its data arrives, and a
 spinning kernel on one communicator while the same GPU starts work on another communicator is not
 guaranteed to make progress (NCCL's rule for concurrent communicators).
+
+Two stages on one GPU are joined by a gloo link (NCCL refuses two ranks on one device): their
+messages are staged through host memory, a copy to the host before the send and one to the GPU after
+the receive. That is slower than NCCL but exact, so pipelines can be run and tested on one GPU.
 """
 
 from __future__ import annotations
@@ -59,9 +63,10 @@ class P2P:
         # late which receives remain (decode) turns it off
         self.early = ctx.device.type != "cuda" if early is None else early
         self.pool = _BufferPool(ctx.device)
+        self.host_pool = _BufferPool(torch.device("cpu"))  # receive staging of links within one GPU
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self._upcoming: deque[Action] = deque()
-        self._posted: dict[Action, tuple[list[dist.Work], list[torch.Tensor]]] = {}
+        self._posted: dict[Action, tuple[list[dist.Work], list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def expect(self, recvs: Sequence[Action]) -> None:
         """The receives of this command, in schedule order; the first one is posted at once."""
@@ -77,8 +82,10 @@ class P2P:
         action = self._upcoming.popleft()
         group = self.ctx.link(action.peer, self.ctx.rank)
         tensors = [self.pool.take(spec) for spec in self.specs(action)]
-        works = [dist.irecv(t, src=action.peer, group=group) for t in tensors]
-        self._posted[action] = (works, tensors)
+        staged = self.ctx.is_staged(action.peer, self.ctx.rank)
+        landing = [self.host_pool.take(spec) for spec in self.specs(action)] if staged else tensors
+        works = [dist.irecv(t, src=action.peer, group=group) for t in landing]
+        self._posted[action] = (works, tensors, landing)
 
     def recv(self, action: Action, prefetch: bool = True) -> list[torch.Tensor]:
         """Wait for the message of `action`; then post the next receive unless `prefetch` is False
@@ -87,9 +94,12 @@ class P2P:
             self._post_next()
         if action not in self._posted:
             raise RuntimeError(f"stage {self.ctx.rank}: receive {action} was not expected by the schedule")
-        works, tensors = self._posted.pop(action)
+        works, tensors, landing = self._posted.pop(action)
         for w in works:
             w.wait()
+        for t, host in zip(tensors, landing, strict=True):
+            if t is not host:
+                t.copy_(host)  # a link within one GPU: from host memory onto the device
         if prefetch:
             self.prefetch()
         return tensors
@@ -106,8 +116,9 @@ class P2P:
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending `tensors` to `action.peer` (returns at once)."""
         group = self.ctx.link(self.ctx.rank, action.peer)
+        staged = self.ctx.is_staged(self.ctx.rank, action.peer)
         for t in tensors:
-            t = t.contiguous()
+            t = t.contiguous().cpu() if staged else t.contiguous()  # within one GPU: through host memory (waits for t)
             self._sends.append((dist.isend(t, dst=action.peer, group=group), t))
 
     def release_sends(self) -> list[tuple[dist.Work, torch.Tensor]]:

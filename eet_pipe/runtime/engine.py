@@ -131,7 +131,7 @@ class PipelineEngine:
         init = f"tcp://127.0.0.1:{free_port()}"
         args = [WorkerArgs(rank=r, world=self.num_stages, device=d, init_method=init, spec=self.spec,
                            chunk_units=units, dtype=self.dtype, parent_pid=os.getpid(),
-                           threads=self._threads(d))
+                           threads=self._threads(d), devices=tuple(self.devices))
                 for r, d in enumerate(self.devices)]
         self._sup = Supervisor(args, timeout)
         self._sup.collect(self.num_stages, "loading the model", kinds=("ready",), timeout=startup_timeout)

@@ -171,7 +171,7 @@ class ServingEngine(StepDriver):
         init = f"tcp://127.0.0.1:{free_port()}"
         args = [WorkerArgs(rank=r, world=s.num_stages, device=d, init_method=init, spec=s.spec,
                            chunk_units=s.plan.chunks(), dtype=s.dtype, parent_pid=os.getpid(),
-                           threads=self.threads)
+                           threads=self.threads, devices=tuple(s.plan.devices))
                 for r, d in enumerate(s.plan.devices)]
         self._sup = Supervisor(args, self.timeout)
 

@@ -38,6 +38,8 @@ class WorkerArgs:
     parent_pid: int
     threads: int = 1
     """Intra-op CPU threads (the caller's count by default, so CPU results match the caller's bit for bit)."""
+    devices: tuple[str, ...] = ()
+    """Every stage's device, by rank (stages that share a GPU are then joined through host memory)."""
     stack_file: str | None = None
     """Where the worker writes the Python stacks of all its threads on SIGUSR1 (the supervisor asks
     for them when the pipeline stalls, and puts them in the timeout error)."""
@@ -116,7 +118,8 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
     try:
         from eet_pipe.runtime.stage import Stage
 
-        ctx = init_distributed(args.rank, args.world, torch.device(args.device), args.init_method)
+        ctx = init_distributed(args.rank, args.world, torch.device(args.device), args.init_method,
+                               devices=list(args.devices) or None)
         tick()
         stage = Stage(ctx, args.spec, args.chunk_units, args.dtype, tick)
         results.put(("ready", args.rank, {"chunks": sorted(stage.chunks)}))
