@@ -67,10 +67,16 @@ FAULT_ENV = "EET_PIPE_FAULT_INJECT"
 
 
 def _fault_hook(rank: int) -> Callable[[], None]:
+    """The fault-injection debug switch (docs/ARCHITECTURE.md, "Debug switches"), read once at start-up:
+    EET_PIPE_FAULT_INJECT=STAGE:KIND:N makes stage STAGE raise, exit or hang (KIND) at its N-th action.
+    The fault tests use it to check that failures reach the caller; unset, it costs nothing."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return lambda: None
-    target, kind, after = spec.split(":")
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("raise", "exit", "hang") or not parts[2].isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r} is invalid: expected STAGE:KIND:N with KIND raise, exit or hang")
+    target, kind, after = parts
     if int(target) != rank:
         return lambda: None
     count = [0]
