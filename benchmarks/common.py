@@ -92,12 +92,33 @@ def prefill_batch(opts: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
     return [int(m) for m in opts["microbatches"]], ids
 
 
+def plotted_series(fig: Any) -> list[dict[str, Any]]:
+    """Every data series drawn on `fig`: lines, bar groups and scatters, with their axes' y label, as
+    {"axes", "label", "kind", "y"}. Written beside the PNG so tests can check the picture shows the JSON."""
+    series: list[dict[str, Any]] = []
+    for ax in fig.axes:
+        where = ax.get_ylabel() or ax.get_title()
+        for line in ax.get_lines():
+            series.append({"axes": where, "label": line.get_label(), "kind": "line",
+                           "y": [float(v) for v in line.get_ydata()]})
+        for bars in ax.containers:
+            series.append({"axes": where, "label": bars.get_label(), "kind": "bar",
+                           "y": [float(b.get_height()) for b in bars]})
+        for coll in ax.collections:
+            offsets = coll.get_offsets()
+            if len(offsets):
+                series.append({"axes": where, "label": coll.get_label(), "kind": "scatter",
+                               "y": [float(v) for v in offsets[:, 1]]})
+    return series
+
+
 def save_figure(fig: Any, path: str | Path) -> None:
-    """Lay out, write as PNG and close a matplotlib figure."""
+    """Lay out, write as PNG (and the plotted series as `<name>.plot.json` beside it) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    Path(path).with_suffix(".plot.json").write_text(json.dumps(plotted_series(fig), indent=1))
     plt.close(fig)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import environment, parse_args, progress, time_it, write_json
+from benchmarks.common import environment, parse_args, progress, save_figure, time_it, write_json
 from eet_pipe import PipelineEngine
 from eet_pipe.cuda_graphs import graphed
 from eet_pipe.dtypes import dtype_name, parse_dtype
@@ -174,9 +174,7 @@ def plot(data: dict, path: str) -> None:
     ax.set_title(f"{cfg['model']} {cfg['dtype']}, microbatch {data['microbatch']}, "
                  f"{p} x {data['env']['gpus'][0] if data['env']['gpus'] else 'CPU'}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _setup(opts: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import eet_pipe
-from benchmarks.common import environment, parse_args, progress, sync, write_json
+from benchmarks.common import environment, parse_args, progress, save_figure, sync, write_json
 from eet_pipe import PipelineEngine
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "prompt": 32,
@@ -100,9 +100,7 @@ def _plot(rows: dict, opts: dict, path: str) -> None:
     b.bar(["single", "pipeline"], [rows[k] for k in keys])
     b.set_ylabel("tokens/s")
     fig.suptitle(f"{opts['model']} decode, {len(opts['devices'])} devices", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from pipeline_prefill import single_device
 
 import eet_pipe
 from benchmarks.common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json
 from benchmarks.peers import fairscale_pipe, hf_gpt2, torch_pipelining
+from benchmarks.pipeline_prefill import single_device
 from eet_pipe import PipelineEngine
 from eet_pipe.runtime.trace import bubble_fraction, events_span, plot_timeline, read_chrome_trace
 from eet_pipe.schedule import build, simulate

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import psutil
 import torch
-from serve_load import plot, sweep
 
 from benchmarks.common import environment, parse_args, write_json
+from benchmarks.serve_load import plot, sweep
 from eet_pipe.runtime.serving_engine import StepDriver, resolve_setup
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
 from eet_pipe.runtime.supervisor import free_port

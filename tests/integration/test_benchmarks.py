@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,49 @@ def test_quick_run_writes_json_and_plot(script, tmp_path):
     assert rows
     for field in CASES[script]:
         assert any(field in r and r[field] is not None for r in rows), field
+    numbers = list(_numbers(results))
+    assert numbers and all(math.isfinite(x) for x in numbers), "a figure is NaN or infinite"
+    figures = [x for r in rows for k, v in r.items() if _is_figure(k) for x in _numbers(v)]
+    assert all(x > 0 for x in figures), f"a timing or throughput figure is not positive: {figures}"
+    plotted = Path(f"{out}.plot.json")
+    if plotted.exists():  # scripts that draw through common.save_figure record what they drew
+        _check_plot_shows_json(json.loads(plotted.read_text()), numbers)
+
+
+FIGURE_WORDS = ("tokens_per_s", "seconds", "_ms", "ms_per", "us", "gb_per_s")
+
+
+def _is_figure(key: str) -> bool:
+    """A measured time or throughput (must be > 0), as opposed to a ratio, bubble or count (may be 0)."""
+    return any(key == w or key.endswith(w) or f"{w}_" in key for w in FIGURE_WORDS) and "error" not in key
+
+
+def _numbers(value) -> list[float]:
+    """Every number in a JSON value (bools excluded)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    items = value.values() if isinstance(value, dict) else value
+    return [x for item in items for x in _numbers(item)]
+
+
+def _check_plot_shows_json(series: list[dict], numbers: list[float]) -> None:
+    """Each series drawn from measurements shows numbers of the JSON (in its unit or scaled by 1e3 / 1e-3 /
+    1e6): lines and scatters with a legend label, and every bar group. Unlabelled lines (guides such as
+    y = x) and lines labelled as bounds are drawn from a formula, not measured, and are not checked."""
+    assert series, "the figure shows no data"
+    checked = 0
+    for s in series:
+        assert all(math.isfinite(y) for y in s["y"]), f"non-finite value plotted in {s}"
+        derived = s["kind"] != "bar" and (s["label"].startswith("_") or "bound" in s["label"].lower())
+        if derived:
+            continue
+        for y in s["y"]:
+            assert any(math.isclose(y, x * f, rel_tol=1e-6, abs_tol=1e-9) for x in numbers
+                       for f in (1.0, 1e3, 1e-3, 1e6)), f"{s['axes']!r} / {s['label']!r} plots {y}, not in the JSON"
+            checked += 1
+    assert checked, "no plotted value was checked against the JSON"
 
 
 def _quick_schedules(out: Path, *args: str) -> list[dict]:
