@@ -246,10 +246,10 @@ def compile_steps(model: StaticCacheLM, prefill: bool = True) -> tuple[Step, Ste
 def greedy_generate(model: StaticCacheLM, ids: torch.Tensor, new_tokens: int, prefill: Step | None = None,
                     decode: Step | None = None) -> torch.Tensor:
     """`new_tokens` greedy tokens [B, new_tokens] after the prompts `ids` [B, T] (all of length T, into the
-    caches set up for B sequences of at least T + new_tokens). The tokens stay on the device until the end
+    caches set up for B sequences of at least T + new_tokens - 1 positions). The tokens stay on the device until the end
     (no host round trip per step); `prefill` / `decode` default to the model's eager methods."""
     b, t = ids.shape
-    if b != model.batch or t + new_tokens > model.max_seq:
+    if b != model.batch or t + new_tokens - 1 > model.max_seq:  # the last token is never written
         raise ValueError(f"prompts [{b}, {t}] + {new_tokens} new tokens do not fit the caches set up for batch "
                          f"{model.batch} x {model.max_seq} positions; call setup_caches first")
     prefill, decode = prefill or model.prefill, decode or model.decode

@@ -90,7 +90,7 @@ def test_peer_refuses_what_it_cannot_run(bert_dir, gpt2_dir):
     peer = build_peer(lm.cfg, state)
     peer.setup_caches(2, 16)
     with pytest.raises(ValueError, match="do not fit the caches"):
-        greedy_generate(peer, _prompts(lm.cfg.vocab_size, 2, 12), 8)
+        greedy_generate(peer, _prompts(lm.cfg.vocab_size, 2, 12), 6)
     with pytest.raises(ValueError, match="learned positions"):
         peer.setup_caches(1, 4096)
 
