@@ -11,7 +11,7 @@ head; q/k/v biases as in Qwen2), built over eet_pipe's canonical weights without
   grouped-query attention folds a kv head's query heads into the query rows (no repeated keys); the greedy
   argmax is inside the step. The step is compiled with `torch.compile(mode="reduce-overhead",
   fullgraph=True, dynamic=False)` (CUDA graphs by the compiler, static shapes per batch size) and runs with
-  SDPA's math backend, which inductor fuses (gpt-fast's setting).
+  SDPA's math backend, which inductor fuses (gpt-fast's setting), in the cache's precision.
 - Prefill: positions 0..T-1, causal SDPA over the prompt's own keys (flash attention on GPU), keys and
   values written to the cache, logits of the last token only; eager or compiled (static shapes).
 """
@@ -19,7 +19,8 @@ head; q/k/v biases as in Qwen2), built over eet_pipe's canonical weights without
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -256,8 +257,7 @@ def greedy_generate(model: StaticCacheLM, ids: torch.Tensor, new_tokens: int, pr
     nxt = prefill(ids)
     out = [nxt.clone()]
     pos = torch.tensor([t], device=ids.device)
-    sdpa = _decode_attention_backend(ids.device)
-    with sdpa:
+    with _decode_attention_backend(ids.device):
         for _ in range(new_tokens - 1):
             nxt = decode(nxt, pos).clone()  # the compiled step's output buffer is reused by its next replay
             pos += 1
@@ -265,10 +265,20 @@ def greedy_generate(model: StaticCacheLM, ids: torch.Tensor, new_tokens: int, pr
     return torch.cat(out, dim=1)
 
 
-def _decode_attention_backend(device: torch.device):
-    """SDPA's math backend for decode steps on GPU (inductor generates the attention itself; gpt-fast's setting)."""
-    from contextlib import nullcontext
-
+@contextmanager
+def _decode_attention_backend(device: torch.device) -> Iterator[None]:
+    """On GPU: SDPA's math backend, which inductor turns into its own kernels (gpt-fast's setting), with fp16 /
+    bf16 reductions allowed so that it does not first copy the whole cache to fp32 (the math backend's default
+    on CUDA); both are read when the step compiles."""
+    if device.type != "cuda":
+        yield
+        return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cuda" else nullcontext()
+    saved = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(saved)
