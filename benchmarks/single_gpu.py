@@ -199,9 +199,8 @@ class StaticRunner:
         self.model.setup_caches(key[1], max_seq)
         self.shape, start = key, time.perf_counter()
         if self.compiled:
+            # the decode rows' prefill cancels out of their ms per step: eager there
             self.steps = compile_steps(self.model, prefill=key[0] == "prefill" and self.opts["static_prefill"] == "compile")
-            if key[0] == "decode":
-                self.steps = (self.model.prefill, self.steps[1])  # the decode rows' prefill cancels out: eager
             self._run(key[1], key[2], 4 if key[0] == "decode" else 1)  # decode: compile, warm-up, graph record
             sync([self.opts["device"]])
         self.compile_s[key] = time.perf_counter() - start if self.compiled else 0.0

@@ -104,27 +104,27 @@ def test_weights_are_shared_with_the_canonical_model(llama_dir):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama3_dir"])
-def test_compiled_steps_on_gpu_equal_the_eager_model(fixture, request):
-    """The benchmark's configuration: decode under torch.compile(mode="reduce-overhead") (CUDA graphs), a
-    fresh compile per batch size; fp32 tokens equal the eager peer's, fp16 runs."""
+@pytest.mark.parametrize(("fixture", "dtype", "batch", "compile_prefill"), [
+    ("gpt2_dir", "fp32", 1, False), ("gpt2_dir", "fp32", 4, True), ("llama3_dir", "fp32", 4, False),
+    ("llama3_dir", "fp16", 4, True)])
+def test_compiled_steps_on_gpu_equal_the_eager_model(fixture, dtype, batch, compile_prefill, request):
+    """The benchmark's configuration: decode under torch.compile(mode="reduce-overhead") (CUDA graphs) at
+    static shapes; fp32 tokens equal the eager peer's and eet_pipe's, fp16 replays give the first run's."""
     from benchmarks.peer_static import compile_steps
 
     path = request.getfixturevalue(fixture)
-    for dtype in ("fp32", "fp16"):
-        lm = eet_pipe.from_pretrained(str(path), dtype=dtype, device="cuda:0")
-        peer = build_peer(lm.cfg, dict(lm.model.state_dict()))
-        for batch in (1, 4):
-            torch._dynamo.reset()
-            ids = _prompts(lm.cfg.vocab_size, batch).cuda()
-            peer.setup_caches(batch, ids.shape[1] + STEPS)
-            eager = greedy_generate(peer, ids, STEPS)
-            compiled = compile_steps(peer, prefill=True)
-            first = greedy_generate(peer, ids, STEPS, *compiled)
-            again = greedy_generate(peer, ids, STEPS, *compiled)  # replayed from the recorded graph
-            assert first.shape == again.shape == (batch, STEPS)
-            assert torch.equal(first, again)
-            if dtype == "fp32":
-                assert torch.equal(first, eager)
-                assert torch.equal(first.cpu(), _ours(eet_pipe.from_pretrained(str(path), dtype="fp32"), ids.cpu()))
+    lm = eet_pipe.from_pretrained(str(path), dtype=dtype, device="cuda:0")
+    peer = build_peer(lm.cfg, dict(lm.model.state_dict()))
     torch._dynamo.reset()
+    ids = _prompts(lm.cfg.vocab_size, batch).cuda()
+    peer.setup_caches(batch, ids.shape[1] + STEPS)
+    eager = greedy_generate(peer, ids, STEPS)
+    compiled = compile_steps(peer, prefill=compile_prefill)
+    first = greedy_generate(peer, ids, STEPS, *compiled)
+    again = greedy_generate(peer, ids, STEPS, *compiled)  # replayed from the recorded graph
+    torch._dynamo.reset()
+    assert first.shape == again.shape == (batch, STEPS)
+    assert torch.equal(first, again)
+    if dtype == "fp32":
+        assert torch.equal(first, eager)
+        assert torch.equal(first.cpu(), _ours(eet_pipe.from_pretrained(str(path), dtype="fp32"), ids.cpu()))
