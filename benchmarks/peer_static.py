@@ -4,9 +4,9 @@ models (RMSNorm, rotary with default / linear / llama3 scaling, SwiGLU, grouped-
 head; q/k/v biases as in Qwen2), built over eet_pipe's canonical weights without copying them.
 
 - One `KVCache` module per layer, buffers [batch, kv_heads, max_seq, head_dim]; a step writes its keys and
-  values with `index_copy_` at `input_pos`, in place (a single cache buffer for all layers, written through
-  a view, makes the compiled graph copy the whole cache at every layer: that was the old peer's batch-64
-  cliff).
+  values with `index_copy_` at `input_pos`, in place. (One [layers, batch, ...] buffer written through
+  `cache[i, :, :, pos] = k` instead makes the compiled step copy each layer's whole cache slab out of place,
+  several times, and write the whole cache back at the end: traffic growing with batch x max_seq.)
 - Decode: one token per sequence, attention over the whole cache with a boolean mask `key <= input_pos`;
   grouped-query attention folds a kv head's query heads into the query rows (no repeated keys); the greedy
   argmax is inside the step. The step is compiled with `torch.compile(mode="reduce-overhead",

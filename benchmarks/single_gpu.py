@@ -292,6 +292,9 @@ def plot(data: dict, path: str) -> None:
 
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
+    if opts["static_prefill"] not in ("eager", "compile"):
+        raise SystemExit(f"static_prefill={opts['static_prefill']!r} is invalid; allowed: eager, compile")
+    parse_dtype(opts["dtype"])  # a bad dtype= stops here, before any system runs
     tune = opts["tune"] == "yes"
     label = " +tuning" if tune else ""
     systems: dict[str, tuple[str, Callable[[], list[dict]]]] = {
