@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks.common import time_it
+from eet_pipe.models.config import ArchConfig
 
 
 class _Slice(nn.Module):
@@ -168,3 +169,57 @@ def hf_gpt2(model: str, weights: str | None, device: str) -> nn.Module:
     if hf.config._attn_implementation != "sdpa":
         raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
     return hf
+
+
+def hf_config(cfg: ArchConfig) -> Any:
+    """The HF transformers config of a GPT-2 or LLaMA-family `ArchConfig`."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.model_type == "gpt2":
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+                          n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+                          layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
+                          tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+                          eos_token_id=cfg.eos_token_id)
+    if cfg.model_type != "llama":
+        raise ValueError(f"the HF reference is built for gpt2 and llama models; {cfg.model_type!r} is neither")
+    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_positions)
+    act = {"silu_gated": "silu", "gelu_gated": "gelu_pytorch_tanh"}[cfg.activation]
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act=act,
+                       max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
+                       rope_parameters=rope, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                       pad_token_id=cfg.pad_token_id)
+
+
+def hf_from_canonical(cfg: ArchConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                      device: torch.device | str) -> nn.Module:
+    """HF transformers' causal LM (SDPA attention) holding the canonical tensors `state` (already of `dtype`
+    on `device`) through eet_pipe's mapping table: the reference implementation as users run it, with the
+    very weights the other systems run. Tensors the mapping only re-slices (LLaMA's q/k/v) are shared."""
+    from transformers import AutoModelForCausalLM
+
+    from eet_pipe.weights import mapping_for, to_hf
+
+    mapping = mapping_for(cfg.model_type)
+    tensors = to_hf({k: v[: cfg.vocab_size] if k in ("head.weight", "embed.tok.weight") else v
+                     for k, v in state.items()}, mapping, cfg)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_config(cfg), attn_implementation="sdpa", dtype=dtype).eval()
+    missing, unexpected = hf.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"canonical weights do not fill HF's {type(hf).__name__}: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    if hf.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"HF picked attention {hf.config._attn_implementation!r}, not sdpa")
+    return hf.requires_grad_(False)

@@ -21,7 +21,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "partitions.py": ["method", "stage_ms_measured"],
     "serve_load.py": ["concurrency"],
     "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token"],
-    "single_gpu.py": ["system"],
+    "single_gpu.py": ["system", "compile_s", "logits"],
     "kernel_timings.py": ["op", "system", "rows", "us", "gb_per_s"],
 }
 
