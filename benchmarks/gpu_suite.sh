@@ -2,7 +2,7 @@
 # The GPU CI and the GPU figures: build the kernels, run every test marked cuda or multigpu, run the benchmarks
 # on the first two GPUs (DEVICES=cuda:0,cuda:1,cuda:2,cuda:3 for more). Run `benchmarks/gpu_suite.sh OUT tests`
 # on a GPU machine before any change to csrc/, eet_pipe/ops/ or eet_pipe/runtime/ lands. Usage:
-#   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [profile] [kernels] [serve]
+#   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [single8b] [profile] [kernels] [serve]
 # (no part named = all). Knobs: DEVICES, GPU_TESTS (default: the whole tests/ tree, selected by marker; on one GPU
 # the multi-GPU tests are listed as skipped), <PART>_S time limits, SCHEDULES_ARGS, SCHEDULES_DECODE=0,
 # SINGLE_ARGS, KERNELS_ARGS, SERVE_LEVELS, SERVE_REQUESTS, EXT_CACHE (a tarball of a previous run's JIT build,
@@ -10,7 +10,7 @@
 # so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
-PARTS=${*:-tests prefill decode schedules partitions single profile kernels serve}
+PARTS=${*:-tests prefill decode schedules partitions single single8b profile kernels serve}
 mkdir -p "$OUT_DIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export EET_PIPE_JIT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -43,9 +43,12 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has partitions && timeout ${PARTITIONS_S:-240} python3 -m benchmarks.partitions $XL $TWO batch=8 seq=512 microbatches=8 \
       out="$OUT_DIR/partitions" 2>&1 | grep -v "it/s" | tail -20
   has single && timeout ${SINGLE_S:-420} python3 -m benchmarks.single_gpu model=gpt2-xl weights=random device=cuda:0 \
-      ${SINGLE_ARGS:-batches=1,64 new_tokens=64 prefill=32x512 repeats=2 systems=hf,static,fp16,fp16cublas,int8 tune=no} \
+      ${SINGLE_ARGS:-dtype=fp16 batches=1,16,64 prompt=32 new_tokens=128 prefill=32x512 repeats=3 systems=hf,static,fp16,int8 tune=no} \
       out="$OUT_DIR/single_gpu" 2>&1 \
       | grep -v "it/s" | tail -60
+  has single8b && timeout ${SINGLE8B_S:-420} python3 -m benchmarks.single_gpu model=llama-3-8b weights=random dtype=bf16 \
+      device=cuda:0 batches=1,64 prompt=32 new_tokens=128 prefill=8x2048 repeats=3 systems=hf,static,bf16 tune=no \
+      out="$OUT_DIR/single_gpu_llama3_8b" 2>&1 | grep -v "it/s" | tail -30
   has profile && EET_PIPE_GEMV=0 timeout ${PROFILE_S:-120} python3 -m benchmarks.decode_profile model=gpt2-xl weights=random dtype=fp16 \
       device=cuda:0 batches=1,64 out="$OUT_DIR/decode_profile" 2>&1 | grep -v "it/s" | tail -30
   has profile && EET_PIPE_GEMV=1 timeout ${PROFILE_S:-120} python3 -m benchmarks.decode_profile \

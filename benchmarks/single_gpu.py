@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 import eet_pipe
-from benchmarks.common import environment, kernel_setting, parse_args, sync, time_it, write_json
+from benchmarks.common import environment, kernel_setting, parse_args, save_figure, sync, time_it, write_json
 from benchmarks.peer_static import build_peer, compile_steps, greedy_generate
 from benchmarks.peers import hf_from_canonical
 from benchmarks.roofline import device_limits, prefill_flops
@@ -88,8 +88,9 @@ def measure(system: str, opts: dict, decode: Callable[[int, int], None] | None,
         full = time_it(lambda b=b: decode(b, steps), [dev], 1, opts["repeats"])
         one = time_it(lambda b=b: decode(b, 1), [dev], 1, opts["repeats"])
         ms = (full - one) / max(steps - 1, 1) * 1e3
+        ms = ms if ms > 0 else None  # the difference of two medians lost in noise (tiny CPU runs): not a figure
         rows.append(row(system, "decode", batch=b, seq=opts["prompt"], new_tokens=steps, ms_per_step=ms,
-                        tokens_per_s=b * 1e3 / ms if ms > 0 else None, seconds=full, peak_mem_bytes=_peak(dev),
+                        tokens_per_s=b * 1e3 / ms if ms else None, seconds=full, peak_mem_bytes=_peak(dev),
                         **extra))
     for b, s in _shapes(opts):
         _reset_peak(dev)
@@ -271,11 +272,13 @@ def plot(data: dict, path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = [r for r in data["results"] if r["error"] is None]
     for name in dict.fromkeys(r["system"] for r in rows):
-        dec = sorted((r["batch"], r["ms_per_step"]) for r in rows if r["system"] == name and r["phase"] == "decode")
+        dec = sorted(((r["batch"], r["ms_per_step"]) for r in rows if r["system"] == name and r["phase"] == "decode"),
+                     key=lambda p: p[0])
         pre = [(f"{r['batch']}x{r['seq']}", r["tokens_per_s"]) for r in rows
                if r["system"] == name and r["phase"] == "prefill"]
         if dec:
-            ax1.plot([p[0] for p in dec], [p[1] for p in dec], marker="o", label=name)
+            ax1.plot([p[0] for p in dec], [p[1] if p[1] is not None else float("nan") for p in dec], marker="o",
+                     label=name)
         if pre:
             ax2.plot([p[0] for p in pre], [p[1] for p in pre], marker="o", label=name)
     ax1.set_xscale("log", base=2)
@@ -285,9 +288,7 @@ def plot(data: dict, path: str) -> None:
     fig.suptitle(f"{data['config']['model']} on {gpu}", fontsize=10)
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
