@@ -26,7 +26,7 @@ import torch.distributed as dist
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import StageContext, init_distributed
 from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver, resolve_setup
-from eet_pipe.runtime.step import ServeInit, StepCommand, serve_command
+from eet_pipe.runtime.step import ServeInit, StepCommand, next_command, serve_command
 from eet_pipe.runtime.supervisor import WorkerError, WorkerTimeoutError
 
 __all__ = ["TorchrunDriver", "follower_main", "torchrun_rank"]
@@ -126,11 +126,15 @@ class TorchrunDriver(StepDriver):
     def _execute(self) -> None:
         """Rank 0's own stage: run queued commands in order."""
         state = None
+
+        def emit(msg: tuple) -> None:
+            (self.inbox.put(msg) if msg[0] == "result" else self._on_stats(0, msg[2]))
+
         try:
-            while not isinstance(cmd := self.local.get(), Shutdown):
+            while not isinstance(cmd := next_command(self.local.get, self.local.get_nowait, state, emit), Shutdown):
                 state, messages = serve_command(self.joined.stage, state, cmd)
                 for msg in messages:
-                    (self.inbox.put(msg) if msg[0] == "result" else self._on_stats(0, msg[2]))
+                    emit(msg)
         except Exception:  # noqa: BLE001 - reported to the scheduler, which fails every request
             self.inbox.put(("error", 0, traceback.format_exc()))
 
@@ -224,13 +228,18 @@ def follower_main(opts: Any) -> int:
     threading.Thread(target=receive, name="eet_pipe-commands", daemon=True).start()
     last = joined.ctx.is_last
     state = None
+
+    def emit(msg: tuple) -> None:
+        if last:
+            dist.send_object_list([msg], dst=0, group=joined.results)
+
     try:
-        while not isinstance(cmd := commands.get(), Shutdown):
+        while not isinstance(cmd := next_command(commands.get, commands.get_nowait, state, emit), Shutdown):
             if isinstance(cmd, BaseException):
                 raise WorkerError(f"rank {joined.rank}: lost the command stream from rank 0: {cmd}")
             state, messages = serve_command(joined.stage, state, cmd)
-            for msg in messages if last else []:
-                dist.send_object_list([msg], dst=0, group=joined.results)
+            for msg in messages:
+                emit(msg)
         if last:
             dist.send_object_list([None], dst=0, group=joined.results)
     except Exception:
