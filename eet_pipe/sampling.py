@@ -16,6 +16,7 @@ candidate falls back to its argmax. Temperatures below `GREEDY_EPS` are greedy.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import torch
@@ -152,7 +153,7 @@ class SamplingTable:
             return
         self._grow(max(rows) + 1)
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        keys = [seed_key(p.seed if p.seed is not None else torch.seed()) for p in params]
+        keys = [seed_key(p.seed if p.seed is not None else secrets.randbits(64)) for p in params]
         for r, g, p in zip(rows, greedy, params, strict=True):
             (self.random.discard if g else self.random.add)(r)
             (self.filtering.add if not g and (p.top_k or p.top_p < 1) else self.filtering.discard)(r)

@@ -304,8 +304,7 @@ class ServeState:
                 began = self.clock.begin()
                 y = self.stage.run_chunk(c, x, metas[i], graphs, self.caches.get(c))
                 if c == self.last_chunk:
-                    n = sizes[i]  # rows past n are bucket padding
-                    logits.append(y[torch.arange(n, device=y.device), (part.lengths[:n] - 1).to(y.device)])
+                    logits.append(self._last_position(y, part, sizes[i]))
                 self.clock.end(began)
                 self.stage.tick()
                 if c == self.last_chunk:
@@ -315,6 +314,8 @@ class ServeState:
                 else:
                     comm.send(Action(Op.SEND, i, c + 1, peer=(c + 1) % self.world), [y])
         self._retire(comm)
+        if not (self.is_first or self.is_last):
+            return
         real = torch.cat([m.slots[:n] for m, n in zip(metas, sizes, strict=True)])  # [R] on the device
         if self.is_last:
             slots = [s for p in cmd.parts for s in p.slots.tolist()]
@@ -324,6 +325,14 @@ class ServeState:
             self._feed_back(cmd.group, tokens, real)
         elif self.is_first:
             self._feed_back(cmd.group, torch.empty(0), real)
+
+    @staticmethod
+    def _last_position(y: torch.Tensor, part: StepPart, n: int) -> torch.Tensor:
+        """Logits [n, V] of each real row's last new token (rows past n are bucket padding)."""
+        if part.width == 1:
+            return y[:n, 0]
+        cols = (part.lengths[:n] - 1).to(y.device, non_blocking=True)
+        return y[torch.arange(n, device=y.device), cols]
 
     def _padded(self, part: StepPart) -> StepPart:
         """A decode part (one token per row) padded to its batch bucket when padding is on."""
