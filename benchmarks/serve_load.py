@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -167,11 +168,17 @@ def engine_reference(opts: dict) -> dict[int, dict]:
     from eet_pipe.runtime.engine import PipelineEngine
 
     eng = _engine_options(opts)
-    groups = eng.microbatches or 2 * max(1, len(eng.devices) if eng.devices and eng.stages == 1 else eng.stages)
+    stages = len(eng.devices) if eng.devices and eng.stages == 1 else eng.stages
+    groups = eng.microbatches or 2 * stages
     prompts = prompts_for(opts["prompt_len"])
     sampling = {"max_new_tokens": opts["max_tokens"], "ignore_eos": True, "temperature": opts["temperature"]}
     out = {}
-    with PipelineEngine.from_options(eng) as engine:
+    # CPU workers get the server's thread count (cores / stages): more would oversubscribe the cores
+    with PipelineEngine(eng.model, devices=eng.devices or None, stages=None if eng.devices and eng.stages == 1
+                        else eng.stages, schedule=eng.schedule, plan=eng.plan, dtype=eng.dtype, virtual=eng.virtual,
+                        weights=eng.weights, seed=eng.seed, timeout=eng.timeout, cuda_graphs=eng.cuda_graphs,
+                        allow_duplicate_devices=eng.allow_duplicate_devices,
+                        cpu_threads=max(1, (os.cpu_count() or 1) // stages)) as engine:
         for c in (int(x) for x in opts["concurrency"]):
             batch = [prompts[i % len(prompts)] for i in range(c)]
             engine.generate(batch, microbatches=min(groups, c), **sampling)
