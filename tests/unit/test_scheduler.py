@@ -173,6 +173,9 @@ def test_outputs_equal_step_by_step_decoding_with_slots_reused_after_finish():
         assert client.error is None and client.tokens() == reference(prompt, n)
     sched.stop(1.0)
     assert driver.problems == [] and sched.free_total == 2 and sched.queued == 0
+    text = sched.metrics.render()
+    steps = int(next(x for x in text.splitlines() if x.startswith("eet_pipe_steps_total ")).split()[1])
+    assert f"eet_pipe_step_host_seconds_count {steps}" in text and steps > 0  # host time of every step
 
 
 def test_cancel_while_a_step_is_in_flight_frees_the_slot_for_the_next_request():
