@@ -147,6 +147,7 @@ class _BusyClock:
     are not counted), host time on CPU."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.spans: deque[tuple[Any, Any]] = deque()
         self.busy, self.reported = 0.0, time.monotonic()
@@ -155,7 +156,7 @@ class _BusyClock:
         if not self.cuda:
             return time.perf_counter()
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))
         return ev
 
     def end(self, began: Any) -> None:
@@ -163,7 +164,7 @@ class _BusyClock:
             self.busy += time.perf_counter() - began
             return
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))
         self.spans.append((began, ev))
 
     def report(self) -> dict | None:
