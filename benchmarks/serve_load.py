@@ -10,12 +10,21 @@ mean time between a request's later tokens, throughput the generated tokens of a
 wall time. Each level sends max(requests, waves x concurrency) requests, so it is measured in steady
 state rather than as one burst. Writes <out>.json (environment, config,
 per-level figures, the server's /metrics) and <out>.png.
+
+The engine under the server is measured in the same run as the reference: `PipelineEngine.generate` on
+the same model, devices, stages and step groups, one batch of `concurrency` prompts per level (greedy,
+ignore_eos, max_tokens each; a warm-up batch of the same shape first), before the server starts so the
+two never share the devices. Each level prints server / engine tokens/s and the server's TPOT p50 over
+the engine's time per step. `reference=auto` (default) runs it when the script starts the server
+itself; with `url=` pass `reference=on` and the server's model and engine options (`model`, `stages`,
+`server_args`) to measure it there too, or `reference=off`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -30,7 +39,7 @@ from eet_pipe.serving.process import ServerProcess
 
 DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
             "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2,
-            "server_args": "", "out": "bench_results/serve_load"}
+            "server_args": "", "reference": "auto", "out": "bench_results/serve_load"}
 QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
@@ -134,6 +143,69 @@ def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]
     return levels
 
 
+def _engine_options(opts: dict) -> Any:
+    """The server's engine options: model, stages, plan=even, and the key=value server arguments that are
+    engine options (the server-only ones are skipped)."""
+    import dataclasses
+
+    from eet_pipe.config import build_config
+    from eet_pipe.options import EngineOptions
+
+    names = {f.name for f in dataclasses.fields(EngineOptions)}
+    values = {"model": opts["model"], "stages": str(opts["stages"]), "plan": "even"}
+    for arg in opts["server_args"].split():
+        key, sep, value = arg.partition("=")
+        if sep and key in names:
+            values[key] = value
+    return build_config(EngineOptions, values)
+
+
+def engine_reference(opts: dict) -> dict[int, dict]:
+    """`PipelineEngine.generate` per concurrency level: a batch of that many prompts, as the server's steps
+    would hold them (same step groups), timed after a warm-up batch of the same shape."""
+    from eet_pipe.runtime.engine import PipelineEngine
+
+    eng = _engine_options(opts)
+    stages = len(eng.devices) if eng.devices and eng.stages == 1 else eng.stages
+    groups = eng.microbatches or 2 * stages
+    prompts = prompts_for(opts["prompt_len"])
+    sampling = {"max_new_tokens": opts["max_tokens"], "ignore_eos": True, "temperature": opts["temperature"]}
+    out = {}
+    # CPU workers get the server's thread count (cores / stages): more would oversubscribe the cores
+    with PipelineEngine(eng.model, devices=eng.devices or None, stages=None if eng.devices and eng.stages == 1
+                        else eng.stages, schedule=eng.schedule, plan=eng.plan, dtype=eng.dtype, virtual=eng.virtual,
+                        weights=eng.weights, seed=eng.seed, timeout=eng.timeout, cuda_graphs=eng.cuda_graphs,
+                        allow_duplicate_devices=eng.allow_duplicate_devices,
+                        cpu_threads=max(1, (os.cpu_count() or 1) // stages)) as engine:
+        for c in (int(x) for x in opts["concurrency"]):
+            batch = [prompts[i % len(prompts)] for i in range(c)]
+            engine.generate(batch, microbatches=min(groups, c), **sampling)
+            began = time.perf_counter()
+            results = engine.generate(batch, microbatches=min(groups, c), **sampling)
+            wall = time.perf_counter() - began
+            tokens = sum(len(r.token_ids) for r in results)
+            out[c] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                      "step_s": wall / opts["max_tokens"], "groups": min(groups, c)}
+            print(f"engine      {c:>4}: {out[c]['tokens_per_s']:8.1f} tok/s, {out[c]['step_s'] * 1e3:6.2f} ms per step",
+                  file=sys.stderr)
+    return out
+
+
+def compare(levels: list[dict], reference: dict[int, dict]) -> None:
+    """Add the engine's figures and the server / engine ratios to each level, and print them."""
+    for level in levels:
+        ref = reference.get(level["concurrency"])
+        if ref is None:
+            continue
+        tpot = level["tpot_s"]["p50"]
+        level["engine"] = ref
+        level["server_over_engine"] = level["tokens_per_s"] / ref["tokens_per_s"]
+        level["tpot_p50_over_engine_step"] = None if tpot is None else tpot / ref["step_s"]
+        ratio = "" if tpot is None else f", TPOT p50 / engine step {level['tpot_p50_over_engine_step']:.2f}"
+        print(f"concurrency {level['concurrency']:>4}: server / engine {level['server_over_engine']:.2f}{ratio}",
+              file=sys.stderr)
+
+
 def plot(levels: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -142,7 +214,12 @@ def plot(levels: list[dict], path: Path, title: str) -> None:
 
     xs = [lv["concurrency"] for lv in levels]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    axes[0].plot(xs, [lv["tokens_per_s"] for lv in levels], marker="o")
+    axes[0].plot(xs, [lv["tokens_per_s"] for lv in levels], marker="o", label="server")
+    if any("engine" in lv for lv in levels):
+        ref = [lv for lv in levels if "engine" in lv]
+        axes[0].plot([lv["concurrency"] for lv in ref], [lv["engine"]["tokens_per_s"] for lv in ref], marker="s",
+                     linestyle="--", label="PipelineEngine.generate")
+        axes[0].legend()
     axes[0].set(title="throughput", xlabel="concurrency", ylabel="generated tokens / s")
     for ax, key, name in ((axes[1], "ttft_s", "time to first token"), (axes[2], "tpot_s", "time per output token")):
         for p in ("p50", "p90", "p99"):
@@ -162,6 +239,9 @@ def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
     headers = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
     server = None
+    reference = {}
+    if opts["reference"] == "on" or (opts["reference"] == "auto" and not opts["url"]):
+        reference = engine_reference(opts)  # before the server starts: the two never share the devices
     if not opts["url"]:
         args = ["--stages", str(opts["stages"]), f"model={opts['model']}", "plan=even", "log_level=warning",
                 f"max_slots={max(int(c) for c in opts['concurrency'])}", *opts["server_args"].split()]
@@ -171,6 +251,7 @@ def main() -> None:
     levels = []
     try:
         levels = sweep(opts["url"], headers, opts)
+        compare(levels, reference)
         metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
     finally:
         if server is not None:

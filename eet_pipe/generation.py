@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
+from eet_pipe.sampling import SamplingTable
 
 __all__ = ["SamplingParams", "Sampler", "SequenceState", "IncrementalDecoder", "GenerationResult", "HostCopy",
            "pad_prompts", "generate_loop", "check_prompts", "StepFn"]
@@ -92,38 +93,26 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
 
 
 class Sampler:
-    """Picks next tokens for a batch whose rows may have different `SamplingParams`."""
+    """Picks next tokens for a batch whose rows may have different `SamplingParams`, on the logits' device
+    (`eet_pipe.sampling`): row n's k-th token depends only on its logits, its parameters, its seed and k,
+    so the same seed gives the same tokens here, in the pipeline and in the server."""
 
     def __init__(self, params: Sequence[SamplingParams]) -> None:
         self.params = list(params)
-        self.generators: list[torch.Generator | None] = []
-        for n, p in enumerate(self.params):
-            gen = None
-            if not p.greedy:
-                gen = torch.Generator().manual_seed(p.seed if p.seed is not None else torch.seed() + n)
-            self.generators.append(gen)
+        self.table: SamplingTable | None = None
+        self._rows: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """logits [B, V] of the sequences `rows` (default 0..B-1) -> next tokens [B] int64 (on CPU)."""
+        """logits [B, V] of the sequences `rows` (default 0..B-1) -> next tokens [B] int64 on the logits' device."""
         rows = list(range(logits.shape[0])) if rows is None else list(rows)
-        out = logits.argmax(dim=-1).to("cpu", torch.long)
-        for i, row in enumerate(rows):
-            if not self.params[row].greedy:
-                out[i] = self._sample(logits[i].float().cpu(), self.params[row], self.generators[row])
-        return out
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-        logits = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
-            logits[order[drop]] = float("-inf")
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if self.table is None or self.table.device != logits.device:
+            self.table = SamplingTable(len(self.params), logits.device)
+            self.table.set(range(len(self.params)), self.params)
+        key = (rows[0], len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else tuple(rows)
+        index = self._rows.get(key)
+        if index is None:
+            index = self._rows[key] = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return self.table.sample(logits, index, rows)
 
 
 class IncrementalDecoder:

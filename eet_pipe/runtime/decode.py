@@ -1,7 +1,7 @@
 """Microbatched autoregressive decoding over the pipeline (the `decode` schedule).
 
-G groups of sequences are in flight; each group's tokens are sampled on the last stage as soon as
-its logits exist and fed back to stage 0 with a done flag. Every hidden-state message carries a
+G groups of sequences are in flight; each group's tokens are sampled on the last stage's device as
+soon as its logits exist and fed back to stage 0 with a done flag. Every hidden-state message carries a
 one-element control tensor. When the last stage finds a group done, the next step of that group
 is its marker step: it travels once through the pipeline (stages that already know skip its
 compute) and every stage drops the group's later actions. Flags are read on the host one step
@@ -181,28 +181,15 @@ class DecodeRun:
             inbox[(g, 0, t + 1)] = [fb]
 
     def sample(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
-        if self.greedy:
-            self.sample_greedy(g, t, logits, inbox)
-            return
-        r = self.rows[g]
-        tokens = self.sampler(logits, range(r.start, r.stop))
-        for state, tok in zip(self.states[r], tokens.tolist(), strict=True):
-            state.append(tok)
-        if t == self.steps - 1:
-            return
-        finished = all(s.finished for s in self.states[r])
-        self.feed_back(g, t, torch.cat([tokens, torch.tensor([int(finished)])]).to(self.device), inbox)
-        if finished:  # this stage decides: the marker step t + 1 is the group's last
-            self.finish_group(g, t + 1)
-
-    def sample_greedy(self, g: int, t: int, logits: torch.Tensor, inbox: dict) -> None:
-        """Greedy tokens picked on the device and fed back without waiting for the host.
+        """Tokens picked on the device (greedy, or `Sampler` for every parameter) and fed back without
+        waiting for the host.
 
         The host reads a group's tokens one step late (their copy has long finished by then), so the
-        done flag sent with step t + 1 reflects the tokens up to step t - 1: a finished group runs
-        one extra step, whose tokens its states ignore.
+        done flag sent with step t + 1 reflects the tokens up to step t - 1: a finished group runs one
+        extra step, whose tokens its states ignore.
         """
-        tokens = logits.argmax(dim=-1)
+        r = self.rows[g]
+        tokens = logits.argmax(dim=-1) if self.greedy else self.sampler(logits, range(r.start, r.stop))
         host = HostCopy(tokens)
         previous = self.pending.pop(g, None)
         if previous is not None:
@@ -211,7 +198,7 @@ class DecodeRun:
             self.record(g, host)
             return
         self.pending[g] = host
-        finished = all(s.finished for s in self.states[self.rows[g]])
+        finished = all(s.finished for s in self.states[r])
         self.feed_back(g, t, torch.cat([tokens, self.flags[int(finished)]]), inbox)
         if finished:  # this stage decides: the marker step t + 1 is the group's last
             self.finish_group(g, t + 1)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,14 +23,15 @@ import torch
 import torch.distributed as dist
 
 from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, bucket_for
-from eet_pipe.generation import Sampler, SamplingParams, SequenceState
+from eet_pipe.generation import SamplingParams
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
 from eet_pipe.runtime.comm import P2P
+from eet_pipe.runtime.slot_sampler import PendingTokens, SlotSampler, new_payload
 from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
-           "pad_part", "serve_command", "SERVE_COMMANDS", "PAD_ENV"]
+           "pad_part", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -68,12 +71,22 @@ class StepPart:
 
     slots: torch.Tensor
     """[B] int64 cache rows."""
-    tokens: torch.Tensor
-    """[B, T] int64 new tokens, right padded."""
+    tokens: torch.Tensor | None
+    """[B, T] int64 new tokens, right padded; None for a decode part (T = 1) whose tokens stage 0 takes
+    from its feedback buffer: the tokens the last stage sampled for those slots in their previous step."""
     lengths: torch.Tensor
     """[B] int64 valid new tokens per row (1..T)."""
     start: torch.Tensor
     """[B] int64 cache column (= position) of each row's first new token."""
+
+    @property
+    def width(self) -> int:
+        """New tokens per row (T)."""
+        return 1 if self.tokens is None else self.tokens.shape[1]
+
+    @property
+    def rows(self) -> int:
+        return self.slots.numel()
 
 
 @dataclass
@@ -100,16 +113,15 @@ def pad_part(part: StepPart, rows: int, spare_slot: int) -> StepPart:
     extra = rows - part.slots.numel()
     if extra <= 0:
         return part
-    width = part.tokens.shape[1]
-    return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]),
-                    tokens=torch.cat([part.tokens, torch.zeros(extra, width, dtype=torch.long)]),
+    tokens = None if part.tokens is None else torch.cat([part.tokens, torch.zeros(extra, part.width, dtype=torch.long)])
+    return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]), tokens=tokens,
                     lengths=torch.cat([part.lengths, torch.ones(extra, dtype=torch.long)]),
                     start=torch.cat([part.start, torch.zeros(extra, dtype=torch.long)]))
 
 
 def part_meta(part: StepPart) -> StepMeta:
     """Positions, validity and cache addressing of a part, built identically on every stage."""
-    batch, width = part.tokens.shape
+    batch, width = part.rows, part.width
     cols = torch.arange(width, dtype=torch.long).expand(batch, width)
     valid = cols < part.lengths.view(-1, 1)  # [B, T]
     write = part.start.view(-1, 1) + cols  # [B, T]; pads of a prompt row land on its own unused columns
@@ -117,69 +129,65 @@ def part_meta(part: StepPart) -> StepMeta:
                     write_index=write, kv_len=int(write.max()) + 1)
 
 
+
+
 @dataclass
-class _Slot:
-    state: SequenceState
-    generator: torch.Generator | None
-    logprobs: int | None
+class _Feedback:
+    """Stage 0's receive of one step's sampled tokens (posted when the step ends, read at the group's next)."""
+
+    work: dist.Work | None
+    tokens: torch.Tensor
+    """[R] int64 tokens of the step's sampled rows."""
+    slots: torch.Tensor
+    """[R] int64 their slots (on the device)."""
 
 
-class SlotSampler:
-    """Per-slot sampling and stopping on the last stage; slots outlive steps."""
+class _BusyClock:
+    """Time a stage spends computing: CUDA events around each chunk's forward (so waits for messages
+    are not counted), host time on CPU."""
 
-    def __init__(self, decode: Any) -> None:
-        self.decode = decode
-        self.slots: dict[int, _Slot] = {}
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.spans: deque[tuple[Any, Any]] = deque()
+        self.busy, self.reported = 0.0, time.monotonic()
 
-    def start(self, new: dict[int, SeqInit]) -> None:
-        """Begin the sequences of `new` (replacing whatever held those slots)."""
-        for slot, init in new.items():
-            p = init.params
-            gen = None if p.greedy else torch.Generator().manual_seed(p.seed if p.seed is not None else torch.seed())
-            self.slots[slot] = _Slot(SequenceState(p, list(init.eos_ids), self.decode), gen, init.logprobs)
+    def begin(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
 
-    def drop(self, slots: list[int]) -> None:
-        for s in slots:
-            self.slots.pop(s, None)
+    def end(self, began: Any) -> None:
+        if not self.cuda:
+            self.busy += time.perf_counter() - began
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        self.spans.append((began, ev))
 
-    def sample(self, logits: torch.Tensor, slots: list[int], out: dict[str, dict]) -> None:
-        """logits [B, V] of `slots` -> next tokens; records tokens / finish reasons / logprobs in `out`."""
-        picks = logits.argmax(dim=-1).cpu().tolist()
-        logp = None
-        if any(self.slots[s].logprobs is not None for s in slots if s in self.slots):
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for i, slot in enumerate(slots):
-            seq = self.slots.get(slot)
-            if seq is None:  # cancelled while this step was queued
-                continue
-            p = seq.state.params
-            tok = picks[i] if p.greedy else Sampler._sample(logits[i].float().cpu(), p, seq.generator)
-            before = len(seq.state.tokens)
-            seq.state.append(tok)
-            if len(seq.state.tokens) > before:
-                out["tokens"][slot] = tok
-                if logp is not None and seq.logprobs is not None:
-                    out["logprobs"][slot] = _logprobs(logp[i], tok, seq.logprobs)
-            if seq.state.finished:
-                out["finished"][slot] = seq.state.finish_reason
-                if seq.state.text is not None:
-                    out["text"][slot] = seq.state.text
-                del self.slots[slot]
-
-
-def _logprobs(logp: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """(log-probability of `token`, the k most likely (token, log-probability) pairs). logp: [V]."""
-    top = torch.topk(logp, min(k, logp.numel())) if k else None
-    alts = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-    return float(logp[token]), alts
+    def report(self) -> dict | None:
+        """Busy seconds since the last report, at most every STATS_INTERVAL_S (else None)."""
+        while self.spans and self.spans[0][1].query():
+            a, b = self.spans.popleft()
+            self.busy += a.elapsed_time(b) / 1e3
+        now = time.monotonic()
+        if now - self.reported < STATS_INTERVAL_S:
+            return None
+        report = {"busy": self.busy, "elapsed": now - self.reported}
+        self.busy, self.reported = 0.0, now
+        return report
 
 
 class ServeState:
-    """Persistent serving state of one stage: KV caches, pending sends, and (last stage) the sampler."""
+    """Persistent serving state of one stage: KV caches, pending sends, the token feedback buffer
+    (stage 0) and the sampler with the steps whose tokens the host has not read yet (last stage)."""
 
     def __init__(self, stage: Any, init: ServeInit) -> None:  # stage: eet_pipe.runtime.stage.Stage
         self.stage, self.ctx = stage, stage.ctx
         self.rank, self.world = stage.ctx.rank, stage.ctx.world
+        self.device = stage.ctx.device
         self.order = sorted(stage.chunks)
         self.last_chunk = stage.num_chunks - 1
         # decode parts are padded to batch buckets (rows on a spare cache row) so each bucket replays one
@@ -187,14 +195,19 @@ class ServeState:
         self.graphs = stage.graphs(init.cuda_graphs)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
         self.spare_slot = init.max_slots
-        rows = init.max_slots + (1 if self.pad else 0)
-        self.caches: dict[int, KVCache] = {c: m.new_cache(rows, init.max_len)
+        rows = init.max_slots + 1  # + the spare row
+        self.caches: dict[int, KVCache] = {c: m.new_cache(rows if self.pad else init.max_slots, init.max_len)
                                            for c, m in stage.chunks.items() if m.layer_ids}
         self.max_slots, self.max_len = init.max_slots, init.max_len
-        self.sampler = SlotSampler(stage.tokenizer.decode if stage.tokenizer is not None else None) \
-            if self.last_chunk in stage.chunks else None
+        self.is_first, self.is_last = 0 in stage.chunks, self.last_chunk in stage.chunks
+        # stage 0: the last token sampled for each slot, written by the feedback of the slot's previous step
+        self.fed = torch.zeros(rows, dtype=torch.long, device=self.device) if self.is_first else None
+        self.feedback: dict[int, _Feedback] = {}
+        self.sampler = SlotSampler(stage.tokenizer.decode if stage.tokenizer is not None else None, self.device,
+                                   rows) if self.is_last else None
+        self.pending: deque[tuple[int, int, PendingTokens]] = deque()
         self.sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
-        self.busy, self.reported = 0.0, time.monotonic()
+        self.clock = _BusyClock(self.device)
         log.info("stage %d: serving state with %d slots x %d positions (%.1f MB of KV cache)", self.rank,
                  init.max_slots, init.max_len, sum(c.nbytes() for c in self.caches.values()) / 1e6)
 
@@ -216,7 +229,7 @@ class ServeState:
         """This step's receives, in execution order, through the shared point-to-point layer
         (shapes come from the command)."""
         hidden, dtype = self.stage.hidden, self.stage.dtype
-        comm = P2P(self.ctx, lambda a: [((*parts[a.mb].tokens.shape, hidden), dtype)])
+        comm = P2P(self.ctx, lambda a: [((parts[a.mb].rows, parts[a.mb].width, hidden), dtype)])
         recvs = {}
         for c in self.order:
             src = (c - 1) % self.world
@@ -230,77 +243,150 @@ class ServeState:
     def _retire(self, comm: P2P) -> None:
         """Keep this step's sends in flight (at most MAX_PENDING_SENDS across steps)."""
         self.sends.extend(comm.release_sends())
+        self._bound_sends()
+
+    def _bound_sends(self) -> None:
         while len(self.sends) > MAX_PENDING_SENDS:
             self.sends.popleft()[0].wait()
 
+    def _take_feedback(self, group: int) -> None:
+        """Stage 0: write the tokens of the group's previous step into the feedback buffer."""
+        fb = self.feedback.pop(group, None)
+        if fb is not None:
+            if fb.work is not None:
+                fb.work.wait()
+            self.fed[fb.slots] = fb.tokens
+
+    def _input(self, part: StepPart, meta: StepMeta) -> torch.Tensor:
+        """Stage 0's input of a part: its prompt tokens, or the fed-back tokens of its slots."""
+        if part.tokens is None:
+            return self.fed[meta.slots].view(-1, 1)
+        return part.tokens.to(self.device, non_blocking=True)
+
+    def _feed_back(self, group: int, tokens: torch.Tensor, slots: torch.Tensor) -> None:
+        """Send a step's sampled tokens to stage 0 (the last stage) / post their receive (stage 0)."""
+        if self.is_first and self.is_last:
+            self.fed[slots] = tokens
+        elif self.is_last:
+            link = self.ctx.link(self.rank, 0)
+            self.sends.append((dist.isend(tokens, dst=0, group=link), tokens))
+            self._bound_sends()
+        else:  # stage 0 of several: the receive is posted now, in the link's message order
+            buf = torch.empty(slots.numel(), dtype=torch.long, device=self.device)
+            work = dist.irecv(buf, src=self.world - 1, group=self.ctx.link(self.world - 1, 0))
+            self.feedback[group] = _Feedback(work, buf, slots)
+
     @torch.inference_mode()
-    def step(self, cmd: StepCommand) -> dict | None:
-        """Run this stage's chunks for every part of `cmd`; the last stage returns the sampled tokens."""
-        began = time.perf_counter()
+    def step(self, cmd: StepCommand) -> None:
+        """Run this stage's chunks for every part of `cmd`; the last stage samples (its tokens go back to
+        stage 0 on the device and to the host one step later, see `results`)."""
         self._check(cmd)
         self._free([*cmd.free, *cmd.new])
         if self.sampler is not None:
             self.sampler.start(cmd.new)
-        sizes = [p.slots.numel() for p in cmd.parts]
+        if self.is_first:
+            self._take_feedback(cmd.group)
+        sizes = [p.rows for p in cmd.parts]
         parts = [self._padded(p) for p in cmd.parts]
-        metas = [part_meta(p).to(self.ctx.device) for p in parts]
+        metas = [part_meta(p).to(self.device) for p in parts]
         comm, recvs = self._comm(parts)
         local: dict[tuple[int, int], torch.Tensor] = {}
-        out: dict[str, Any] = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {},
-                               "logprobs": {}}
+        logits: list[torch.Tensor] = []
         for c in self.order:
             for i, part in enumerate(parts):
                 if c == 0:
-                    x = part.tokens.to(self.ctx.device)
+                    x = self._input(part, metas[i])
                 elif (c, i) in recvs:
                     x = comm.recv(recvs.pop((c, i)))[0]
                 else:
                     x = local.pop((c, i))
                 # decode parts only: prefill shapes vary with every admitted batch
-                graphs = self.graphs if part.tokens.shape[1] == 1 else None
+                graphs = self.graphs if part.width == 1 else None
+                began = self.clock.begin()
                 y = self.stage.run_chunk(c, x, metas[i], graphs, self.caches.get(c))
+                if c == self.last_chunk:
+                    logits.append(self._last_position(y, part, sizes[i]))
+                self.clock.end(began)
                 self.stage.tick()
                 if c == self.last_chunk:
-                    n = sizes[i]  # rows past n are bucket padding
-                    rows = torch.arange(n, device=y.device)
-                    last = y[rows, (part.lengths[:n] - 1).to(y.device)]
-                    self.sampler.sample(last, part.slots[:n].tolist(), out)
-                elif (c + 1) % self.world == self.rank:
+                    continue
+                if (c + 1) % self.world == self.rank:
                     local[(c + 1, i)] = y
                 else:
                     comm.send(Action(Op.SEND, i, c + 1, peer=(c + 1) % self.world), [y])
         self._retire(comm)
-        self.busy += time.perf_counter() - began
-        return out if self.sampler is not None else None
+        if not (self.is_first or self.is_last):
+            return
+        real = torch.cat([m.slots[:n] for m, n in zip(metas, sizes, strict=True)])  # [R] on the device
+        if self.is_last:
+            slots = [s for p in cmd.parts for s in p.slots.tolist()]
+            tokens, pending = self.sampler.sample_async(torch.cat(logits) if len(logits) > 1 else logits[0],
+                                                        slots, real)
+            self.pending.append((cmd.group, cmd.step, pending))
+            self._feed_back(cmd.group, tokens, real)
+        elif self.is_first:
+            self._feed_back(cmd.group, torch.empty(0), real)
+
+    @staticmethod
+    def _last_position(y: torch.Tensor, part: StepPart, n: int) -> torch.Tensor:
+        """Logits [n, V] of each real row's last new token (rows past n are bucket padding)."""
+        if part.width == 1:
+            return y[:n, 0]
+        cols = (part.lengths[:n] - 1).to(y.device, non_blocking=True)
+        return y[torch.arange(n, device=y.device), cols]
 
     def _padded(self, part: StepPart) -> StepPart:
         """A decode part (one token per row) padded to its batch bucket when padding is on."""
-        if not self.pad or part.tokens.shape[1] != 1:
+        if not self.pad or part.width != 1:
             return part
-        rows = bucket_for(part.slots.numel(), DEFAULT_BUCKETS)
+        rows = bucket_for(part.rows, DEFAULT_BUCKETS)
         return part if rows is None else pad_part(part, rows, self.spare_slot)
 
-    def stats(self) -> dict | None:
-        """Busy seconds since the last report, at most every STATS_INTERVAL_S (else None)."""
-        now = time.monotonic()
-        if now - self.reported < STATS_INTERVAL_S:
-            return None
-        report = {"busy": self.busy, "elapsed": now - self.reported}
-        self.busy, self.reported = 0.0, now
-        return report
+    def results(self, block: bool) -> list[dict]:
+        """Payloads of the steps whose tokens reached the host, oldest first; with `block`, of every
+        step run so far (waiting for their copies)."""
+        out = []
+        while self.pending and (block or self.pending[0][2].ready()):
+            group, step, pending = self.pending.popleft()
+            payload = new_payload(group, step)
+            self.sampler.resolve(pending, payload)
+            out.append(payload)
+        return out
 
 
 def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCommand) -> tuple[ServeState, list[tuple]]:
     """Execute a serving command on a worker; returns the (new) state and messages for the driver:
-    ("result", rank, payload, []) from the last stage, ("stats", rank, {"busy", "elapsed"}) now and then."""
+    ("result", rank, payload, []) from the last stage for every step whose tokens reached the host
+    (one step late on GPU: call `serve_idle` when no command is waiting), ("stats", rank, {"busy",
+    "elapsed"}) now and then."""
     rank = stage.ctx.rank
     if isinstance(cmd, ServeInit):
         return ServeState(stage, cmd), []
     if state is None:
         raise RuntimeError(f"stage {rank}: StepCommand {cmd.step} arrived before ServeInit")
-    payload = state.step(cmd)
-    messages: list[tuple] = [] if payload is None else [("result", rank, payload, [])]
-    stats = state.stats()
+    state.step(cmd)
+    messages: list[tuple] = [("result", rank, p, []) for p in state.results(block=False)]
+    stats = state.clock.report()
     if stats is not None:
         messages.append(("stats", rank, stats))
     return state, messages
+
+
+def serve_idle(state: ServeState | None) -> list[tuple]:
+    """Messages of every step whose tokens the host has not read yet (waits for their copies)."""
+    if state is None or not state.pending:
+        return []
+    return [("result", state.rank, p, []) for p in state.results(block=True)]
+
+
+def next_command(get: Callable[..., Any], get_nowait: Callable[[], Any], state: ServeState | None,
+                 emit: Callable[[tuple], None]) -> Any:
+    """The next command of a worker's queue; while none is waiting, the results of steps already run
+    are read (waiting for the device) and emitted first, so a result never waits for a later command."""
+    if state is not None and state.pending:
+        try:
+            return get_nowait()
+        except queue.Empty:
+            for msg in serve_idle(state):
+                emit(msg)
+    return get()

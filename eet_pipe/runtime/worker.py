@@ -19,7 +19,7 @@ from eet_pipe.presets import ModelSpec
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed
-from eet_pipe.runtime.step import SERVE_COMMANDS, ServeState, serve_command
+from eet_pipe.runtime.step import SERVE_COMMANDS, ServeState, next_command, serve_command
 
 __all__ = ["WorkerArgs", "worker_main"]
 
@@ -132,7 +132,7 @@ def worker_main(args: WorkerArgs, commands, results, progress) -> None:
         fault[0] = _fault_hook(args.rank)
         serving: ServeState | None = None
         while True:
-            cmd = commands.get()
+            cmd = next_command(commands.get, commands.get_nowait, serving, results.put)
             if isinstance(cmd, bytes):  # `Supervisor.broadcast` sends pickled commands
                 cmd = wire.loads(cmd)
             if isinstance(cmd, Shutdown):

@@ -14,6 +14,9 @@ __all__ = ["Metrics", "Counter", "Gauge", "Histogram", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+HOST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+"""Buckets of the step loop's host time per step (tens of microseconds to a tenth of a second)."""
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -131,9 +134,12 @@ class Metrics:
         self.tpot = self._add(Histogram, f"{p}_time_per_output_token_seconds",
                               "Mean time between output tokens of a sequence", ())
         self.latency = self._add(Histogram, f"{p}_request_latency_seconds", "Arrival to last token", ())
+        self.step_host = self._add(Histogram, f"{p}_step_host_seconds",
+                                   "Host time of the step loop per pipeline step (admission, command building, "
+                                   "result handling; not the wait for the pipeline)", (), buckets=HOST_BUCKETS)
 
-    def _add(self, cls: type, name: str, help_text: str, labels: Sequence[str]) -> _Metric:
-        metric = cls(name, help_text, labels, self.lock)
+    def _add(self, cls: type, name: str, help_text: str, labels: Sequence[str], **extra: object) -> _Metric:
+        metric = cls(name, help_text, labels, self.lock, **extra)
         self._all.append(metric)
         return metric
 

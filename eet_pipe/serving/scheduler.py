@@ -1,11 +1,17 @@
-"""Continuous batching over a pipeline: G step groups of KV-cache slots, one step in flight per group.
+"""Continuous batching over a pipeline: G step groups of KV-cache slots, each scheduled one step ahead.
 
-Slot s belongs to group s % G. Whenever a group has no step in flight, the scheduler builds its next
-`StepCommand`: a decode part (the last sampled token of each running sequence) plus a prefill part
-(waiting sequences admitted into the group's free slots, within `max_prefill_tokens`). Commands of
-different groups queue up on every stage, so with G >= P groups in flight the stages work on
-different groups at once. A group's next step is issued as soon as its tokens are back. Finished
-and cancelled sequences give their slot back; slots are cleared on every stage before reuse.
+Slot s belongs to group s % G. A group keeps up to `AHEAD` steps in flight: its step N + 1 is issued
+before step N's tokens reach the host. A step's `StepCommand` holds a decode part (the slots and
+cache columns of the group's running sequences; their input tokens are the ones the last stage fed
+back to stage 0 on the devices) plus a prefill part (waiting sequences admitted into the group's free
+slots, within `max_prefill_tokens`). Commands of different groups queue up on every stage, so with
+G >= P groups in flight the stages work on different groups at once.
+
+The host learns a step's tokens one step late, for streaming and stop checks only. A sequence that
+ended (EOS, stop string, cancel) in step N has already been issued into step N + 1: that extra token
+is discarded and its slot returns to the group when step N's result arrives (a slot is cleared on
+every stage before reuse, and results are routed by the step they belong to, so a reused slot never
+gets a stale token). `max_tokens` is known ahead: a sequence is never issued past it.
 
 All of this runs on one thread (`run`); the HTTP side only calls `submit` and `cancel`.
 """
@@ -15,7 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
+from typing import Any
 
 import torch
 
@@ -25,9 +33,12 @@ from eet_pipe.runtime.supervisor import WorkerError
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.sequences import Event, GenRequest, Sequence
 
-__all__ = ["Scheduler", "QueueFullError", "ServiceUnavailableError"]
+__all__ = ["Scheduler", "QueueFullError", "ServiceUnavailableError", "AHEAD"]
 
 log = logging.getLogger("eet_pipe.serve")
+
+AHEAD = 2
+"""Steps a group keeps in flight: 2 = the next step is issued before the previous one's tokens are known."""
 
 
 class QueueFullError(RuntimeError):
@@ -41,14 +52,16 @@ class ServiceUnavailableError(RuntimeError):
 class Scheduler:
     """Admission, slot assignment and step issuing for a `StepDriver`; see the module docstring."""
 
-    def __init__(self, driver: StepDriver, max_queue: int, max_prefill_tokens: int, metrics: Metrics) -> None:
+    def __init__(self, driver: StepDriver, max_queue: int, max_prefill_tokens: int, metrics: Metrics,
+                 ahead: int = AHEAD) -> None:
         setup = driver.setup
-        self.driver, self.metrics = driver, metrics
+        self.driver, self.metrics, self.ahead = driver, metrics, max(1, ahead)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
         self.groups, self.eos_ids = setup.groups, setup.eos_ids
         self.free_slots = [deque(range(g, setup.max_slots, self.groups)) for g in range(self.groups)]
         self.running: list[dict[int, Sequence]] = [{} for _ in range(self.groups)]
-        self.inflight = [False] * self.groups
+        self.inflight: list[deque[tuple[int, dict[int, Sequence]]]] = [deque() for _ in range(self.groups)]
+        """Per group: (step, {slot: sequence}) of each step in flight, oldest first."""
         self.waiting: deque[Sequence] = deque()
         self.active: dict[int, GenRequest] = {}
         self.pending_free: list[int] = []
@@ -84,8 +97,10 @@ class Scheduler:
         self.wake.set()
 
     def cancel(self, request: GenRequest) -> None:
-        """Stop a request whose client went away (its slots are freed at the next step boundary)."""
+        """Stop a request whose client went away: no event reaches it from now on; its slots are freed at
+        the next step boundary."""
         with self.lock:
+            request.closed = True
             self.inbox.append(("cancel", request))
         self.wake.set()
 
@@ -108,10 +123,15 @@ class Scheduler:
                 self._drain_inbox()
                 if self._finished():
                     break
+                began = time.perf_counter()
                 self._issue()
                 self._update_gauges()
                 if any(self.inflight):
-                    self._on_result(self.driver.collect())
+                    host = time.perf_counter() - began
+                    payload = self.driver.collect()
+                    began = time.perf_counter()
+                    self._on_result(payload)
+                    self.metrics.step_host.observe(host + time.perf_counter() - began)
                 else:
                     self.wake.wait(0.1)
                     self.driver.check_alive()
@@ -145,11 +165,11 @@ class Scheduler:
 
     def _issue(self) -> None:
         for g in range(self.groups):
-            if not self.inflight[g]:
+            while len(self.inflight[g]) < self.ahead:
                 cmd = self._build(g)
-                if cmd is not None:
-                    self.driver.send(cmd)
-                    self.inflight[g] = True
+                if cmd is None:
+                    break
+                self.driver.send(cmd)
 
     def _admit(self, g: int) -> list[Sequence]:
         new: list[Sequence] = []
@@ -169,12 +189,11 @@ class Scheduler:
         return new
 
     def _build(self, g: int) -> StepCommand | None:
-        decode = list(self.running[g].values())
+        decode = [s for s in self.running[g].values() if s.issued < s.params.max_new_tokens]
         new = self._admit(g)
         parts = []
         if decode:
-            parts.append(StepPart(slots=torch.tensor([s.slot for s in decode]),
-                                  tokens=torch.tensor([[s.tokens[-1]] for s in decode]),
+            parts.append(StepPart(slots=torch.tensor([s.slot for s in decode]), tokens=None,
                                   lengths=torch.ones(len(decode), dtype=torch.long),
                                   start=torch.tensor([s.next_column for s in decode])))
         if new:
@@ -187,33 +206,60 @@ class Scheduler:
                                   start=torch.zeros(len(new), dtype=torch.long)))
         if not parts:
             return None
+        for s in [*decode, *new]:
+            s.issued += 1
         reused = {s.slot for s in new}
         free, self.pending_free = [s for s in self.pending_free if s not in reused], []
         self.steps += 1
+        self.inflight[g].append((self.steps, {s.slot: s for s in [*decode, *new]}))
         inits = {s.slot: SeqInit(s.params, self.eos_ids, s.request.logprobs) for s in new}
         return StepCommand(group=g, parts=parts, new=inits, free=free, step=self.steps)
 
     def _on_result(self, payload: dict) -> None:
         g = payload["group"]
-        self.inflight[g] = False
+        step, members = self.inflight[g].popleft()
+        if step != payload["step"]:
+            raise RuntimeError(f"group {g}: result of step {payload['step']} arrived while step {step} was the "
+                               "oldest in flight")
         self.metrics.steps.inc()
-        running = self.running[g]
-        for slot, token in payload["tokens"].items():
-            seq = running.get(slot)
-            if seq is not None and not seq.request.cancelled:
-                last = slot in payload["finished"]
-                seq.request.emit(seq.on_token(token, payload["logprobs"].get(slot), last))
-                if len(seq.tokens) == 1:
-                    self.metrics.ttft.observe(seq.first_at - seq.request.arrival)
+        live = {slot: seq for slot, seq in members.items() if not seq.finished and not seq.request.cancelled}
         self.metrics.generation_tokens.inc(len(payload["tokens"]))
-        for slot, reason in payload["finished"].items():
-            seq = running.get(slot)
+        for slot, token in payload["tokens"].items():
+            seq = live.get(slot)
             if seq is not None:
+                self._guarded(seq, self._on_token, token, payload["logprobs"].get(slot), slot in payload["finished"])
+        for slot, reason in payload["finished"].items():
+            seq = live.get(slot)
+            if seq is not None and not seq.finished:
                 self._release(seq, clear=False)
-                if not seq.request.cancelled:
-                    self._finish(seq, reason, payload["text"].get(slot))
-        for seq in [s for s in running.values() if s.request.cancelled]:
-            self._release(seq, clear=True)
+                self._guarded(seq, self._finish, reason, payload["text"].get(slot))
+        for slot, error_id in payload.get("errors", {}).items():
+            seq = live.get(slot)
+            if seq is not None and not seq.finished:
+                self._sequence_failed(seq, error_id)
+
+    def _on_token(self, seq: Sequence, token: int, logprob: tuple | None, last: bool) -> None:
+        seq.request.emit(seq.on_token(token, logprob, last))
+        if len(seq.tokens) == 1:
+            self.metrics.ttft.observe(seq.first_at - seq.request.arrival)
+
+    def _guarded(self, seq: Sequence, work: Any, *args: Any) -> None:
+        """Host work of one sequence; an error in it fails that sequence's request only."""
+        try:
+            work(seq, *args)
+        except Exception:  # noqa: BLE001 - one sequence's bad state must not stop the server
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("request %d: sequence %d failed in the scheduler (error id %s)", seq.request.id,
+                          seq.index, error_id)
+            self._sequence_failed(seq, error_id)
+
+    def _sequence_failed(self, seq: Sequence, error_id: str) -> None:
+        """One sequence failed (its traceback is logged under `error_id`): its request ends with a 500 and
+        its other sequences are cancelled; every other request goes on."""
+        req = seq.request
+        log.error("request %d: sequence %d failed (error id %s)", req.id, seq.index, error_id)
+        self._error(req, 500, f"internal error while generating (error id {error_id})", error_id)
+        self._cancel(req)
 
     def _finish(self, seq: Sequence, reason: str, text: str | None) -> None:
         req = seq.request
@@ -226,7 +272,8 @@ class Scheduler:
             self.active.pop(req.id, None)
 
     def _release(self, seq: Sequence, clear: bool) -> None:
-        """Give the slot of `seq` back to its group (its step must not be in flight)."""
+        """Give the slot of `seq` back to its group. Steps still in flight that hold the slot are harmless:
+        their tokens are routed to `seq` (and dropped), and every stage clears the slot before it is reused."""
         g = seq.slot % self.groups
         del self.running[g][seq.slot]
         self.free_slots[g].append(seq.slot)
@@ -248,11 +295,11 @@ class Scheduler:
                 with self.lock:
                     self.queued -= 1
                 seq.finished = True
-            elif not self.inflight[seq.slot % self.groups]:
+            else:
                 self._release(seq, clear=True)
 
-    def _error(self, req: GenRequest, status: int, message: str) -> None:
-        req.emit(Event("error", status=status, message=message))
+    def _error(self, req: GenRequest, status: int, message: str, error_id: str | None = None) -> None:
+        req.emit(Event("error", status=status, message=message, error_id=error_id))
         self.active.pop(req.id, None)
 
     def _fail(self, message: str) -> None:

@@ -26,7 +26,8 @@ _ids = itertools.count()
 @dataclass
 class Event:
     """Something that happened to a request: 'token' (a text delta), 'finish' (a choice ended),
-    'done' (every choice ended; carries usage) or 'error' (HTTP status and message)."""
+    'done' (every choice ended; carries usage) or 'error' (HTTP status and message; `error_id` names
+    the server log entry of an internal error)."""
 
     kind: str
     index: int = 0
@@ -37,6 +38,7 @@ class Event:
     status: int = 200
     message: str = ""
     usage: dict | None = None
+    error_id: str | None = None
 
 
 class TextStream:
@@ -73,6 +75,8 @@ class Sequence:
         self.decode = decode
         self.slot: int | None = None
         self.tokens: list[int] = []
+        self.issued = 0
+        """Tokens asked of the pipeline so far (steps issued for this sequence; ahead of `tokens`)."""
         self.stream = TextStream(decode, params.stop)
         self.first_at: float | None = None
         self.last_at: float | None = None
@@ -80,8 +84,9 @@ class Sequence:
 
     @property
     def next_column(self) -> int:
-        """Cache column (= position) of the token fed in the next decode step."""
-        return len(self.prompt) + len(self.tokens) - 1
+        """Cache column (= position) of the token fed in the next decode step (issued before the host
+        knows the tokens of the steps in flight)."""
+        return len(self.prompt) + self.issued - 1
 
     def on_token(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None, last: bool) -> Event:
         """Record a sampled token (`logprob`: its log-probability and the alternatives, if requested).

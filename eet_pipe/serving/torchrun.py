@@ -3,9 +3,11 @@
 Rank 0 broadcasts each step command over a gloo command group (a receiver thread on every other
 rank queues them, so commands of several groups queue up on each stage, as with spawned workers),
 runs its own stage on an executor thread, and gets the last stage's results over a 2-rank gloo
-result group on a receiver thread. Hidden states travel on the usual per-link groups. Both control
-groups have a long timeout: an idle server waits for requests indefinitely; a dead peer shows up as
-a connection error, a hung one as no result within `timeout` seconds.
+result group on a receiver thread. With more than two ranks, the middle ranks send their busy time
+over a third gloo group (fixed-size messages, read by a thread on rank 0). Hidden states travel on
+the usual per-link groups. The control groups have a long timeout: an idle server waits for requests
+indefinitely; a dead peer shows up as a connection error, a hung one as no result within `timeout`
+seconds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import StageContext, init_distributed
 from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver, resolve_setup
-from eet_pipe.runtime.step import ServeInit, StepCommand, serve_command
+from eet_pipe.runtime.step import ServeInit, StepCommand, next_command, serve_command
 from eet_pipe.runtime.supervisor import WorkerError, WorkerTimeoutError
 
 __all__ = ["TorchrunDriver", "follower_main", "torchrun_rank"]
@@ -70,6 +72,7 @@ class _Joined:
         self.commands = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT) if self.world > 1 else None
         self.results = dist.new_group(sorted({0, self.world - 1}), backend="gloo", timeout=IDLE_TIMEOUT) \
             if self.world > 1 else None
+        self.stats = dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT) if self.world > 2 else None
         self.setup = self._setup(opts, device)
         self.stage = Stage(self.ctx, self.setup.spec, self.setup.plan.chunks(), self.setup.dtype)
         if self.world > 1:
@@ -116,6 +119,8 @@ class TorchrunDriver(StepDriver):
         self._thread(self._execute, "eet_pipe-stage0")
         if self.joined.world > 1:
             self._thread(self._receive, "eet_pipe-results")
+        if self.joined.stats is not None:
+            self._thread(self._receive_stats, "eet_pipe-stats")
         self.init_serving()
 
     def _thread(self, target: Any, name: str) -> None:
@@ -126,11 +131,15 @@ class TorchrunDriver(StepDriver):
     def _execute(self) -> None:
         """Rank 0's own stage: run queued commands in order."""
         state = None
+
+        def emit(msg: tuple) -> None:
+            (self.inbox.put(msg) if msg[0] == "result" else self._on_stats(0, msg[2]))
+
         try:
-            while not isinstance(cmd := self.local.get(), Shutdown):
+            while not isinstance(cmd := next_command(self.local.get, self.local.get_nowait, state, emit), Shutdown):
                 state, messages = serve_command(self.joined.stage, state, cmd)
                 for msg in messages:
-                    (self.inbox.put(msg) if msg[0] == "result" else self._on_stats(0, msg[2]))
+                    emit(msg)
         except Exception:  # noqa: BLE001 - reported to the scheduler, which fails every request
             self.inbox.put(("error", 0, traceback.format_exc()))
 
@@ -148,6 +157,22 @@ class TorchrunDriver(StepDriver):
         except Exception:  # noqa: BLE001 - a dead peer shows up here as a connection error
             if not self.closed:
                 self.inbox.put(("error", last, traceback.format_exc()))
+
+    def _receive_stats(self) -> None:
+        """Busy time of the middle ranks ([rank, busy, elapsed]; elapsed < 0 says goodbye)."""
+        left = self.joined.world - 2
+        buf = torch.zeros(3, dtype=torch.float64)
+        try:
+            while left:
+                dist.recv(buf, group=self.joined.stats)
+                rank, busy, elapsed = buf.tolist()
+                if elapsed < 0:
+                    left -= 1
+                else:
+                    self._on_stats(int(rank), {"busy": busy, "elapsed": elapsed})
+        except Exception as err:  # noqa: BLE001 - a dead middle rank also fails the pipeline; results report it
+            if not self.closed:
+                log.warning("busy-time reports of the middle ranks stopped: %s", err)
 
     def send(self, cmd: StepCommand | ServeInit) -> None:
         if self.closed:
@@ -224,15 +249,26 @@ def follower_main(opts: Any) -> int:
     threading.Thread(target=receive, name="eet_pipe-commands", daemon=True).start()
     last = joined.ctx.is_last
     state = None
+
+    def emit(msg: tuple) -> None:
+        if last:
+            dist.send_object_list([msg], dst=0, group=joined.results)
+        elif msg[0] == "stats":  # a middle rank
+            info = msg[2]
+            dist.send(torch.tensor([joined.rank, info["busy"], info["elapsed"]], dtype=torch.float64), dst=0,
+                      group=joined.stats)
+
     try:
-        while not isinstance(cmd := commands.get(), Shutdown):
+        while not isinstance(cmd := next_command(commands.get, commands.get_nowait, state, emit), Shutdown):
             if isinstance(cmd, BaseException):
                 raise WorkerError(f"rank {joined.rank}: lost the command stream from rank 0: {cmd}")
             state, messages = serve_command(joined.stage, state, cmd)
-            for msg in messages if last else []:
-                dist.send_object_list([msg], dst=0, group=joined.results)
+            for msg in messages:
+                emit(msg)
         if last:
             dist.send_object_list([None], dst=0, group=joined.results)
+        elif joined.stats is not None:
+            dist.send(torch.tensor([joined.rank, 0.0, -1.0], dtype=torch.float64), dst=0, group=joined.stats)
     except Exception:
         if last:
             try:

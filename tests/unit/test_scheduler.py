@@ -1,0 +1,276 @@
+"""The scheduler on a fake pipeline, in one process: no workers, no HTTP.
+
+`FakePipeline` executes each command as the stages would (per-slot cache rows, inputs of decode parts
+from the fed-back tokens, the real `SlotSampler` for stopping) and hands results out in order, one
+step late if asked, behind a gate the test controls. Its "model" picks a token from the slot's whole
+cache row, so a stale row (a slot reused without being cleared) or a wrong cache column changes the
+output or trips its checks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from eet_pipe.generation import SamplingParams
+from eet_pipe.runtime.serving_engine import StepDriver
+from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
+from eet_pipe.runtime.step import ServeInit, StepCommand
+from eet_pipe.runtime.supervisor import WorkerError
+from eet_pipe.serving.metrics import Metrics
+from eet_pipe.serving.scheduler import QueueFullError, Scheduler, ServiceUnavailableError
+from eet_pipe.serving.sequences import GenRequest
+
+VOCAB = 50
+EOS = 49
+
+
+def next_token(row: list[int]) -> int:
+    """The fake model: the next token of a cache row (never EOS unless the row's sum says so)."""
+    return (sum(row) * 31 + len(row)) % VOCAB
+
+
+def reference(prompt: list[int], n: int, eos: bool = True) -> list[int]:
+    row, out = list(prompt), []
+    for _ in range(n):
+        tok = next_token(row)
+        if eos and tok == EOS:
+            break
+        out.append(tok)
+        row.append(tok)
+    return out
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+def stage_decode(ids: list[int]) -> str:
+    """The last stage's decoder, which fails on one token (a per-sequence error inside a stage)."""
+    if 13 in ids:
+        raise ValueError("token 13 cannot be decoded")
+    return decode(ids)
+
+
+class FakePipeline(StepDriver):
+    def __init__(self, slots: int = 4, groups: int = 2, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.setup = SimpleNamespace(groups=groups, max_slots=slots, eos_ids=[EOS])
+        self.rows: dict[int, list[int]] = {}
+        self.fed: dict[int, int] = {}
+        self.sampler = SlotSampler(stage_decode)
+        self.results: queue.Queue = queue.Queue()
+        self.gate = threading.Event()
+        """Cleared: results are held (the steps stay in flight)."""
+        self.gate.set()
+        self.fail_at, self.closed, self.problems = fail_at, False, []
+        self.sent = 0
+
+    def start(self) -> None:
+        pass
+
+    def send(self, cmd: StepCommand | ServeInit) -> None:
+        if self.closed:
+            raise WorkerError("closed")
+        self.sent += 1
+        for slot in [*cmd.free, *cmd.new]:
+            self.rows[slot] = []
+        self.sampler.drop([*cmd.free, *cmd.new])
+        self.sampler.start(cmd.new)
+        slots, logits = [], []
+        for part in cmd.parts:
+            for r, slot in enumerate(part.slots.tolist()):
+                row = self.rows.setdefault(slot, [])
+                start = int(part.start[r])
+                if start != len(row):
+                    self.problems.append(f"step {cmd.step}: slot {slot} writes column {start}, holds {len(row)}")
+                if part.tokens is None:
+                    row.append(self.fed[slot])
+                else:
+                    row.extend(part.tokens[r, : int(part.lengths[r])].tolist())
+                one_hot = torch.zeros(VOCAB)
+                one_hot[next_token(row)] = 1.0
+                slots.append(slot)
+                logits.append(one_hot)
+        tokens, pending = self.sampler.sample_async(torch.stack(logits), slots)
+        for slot, tok in zip(slots, tokens.tolist(), strict=True):
+            self.fed[slot] = tok
+        payload = new_payload(cmd.group, cmd.step)
+        self.sampler.resolve(pending, payload)
+        self.results.put(payload)
+
+    def collect(self) -> dict:
+        self.gate.wait()
+        if self.fail_at is not None and self.sent >= self.fail_at:
+            self.closed = True
+            raise WorkerError("stage 1 (cpu) failed: injected")
+        return self.results.get(timeout=10)
+
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Client:
+    """A request's sink: every event, with a flag when it ended."""
+
+    def __init__(self) -> None:
+        self.events, self.ended = [], threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if event.kind in ("done", "error"):
+            self.ended.set()
+
+    def tokens(self, index: int = 0) -> list[int]:
+        return [t for e in self.events if e.kind == "token" and e.index == index for t in e.token_ids]
+
+    @property
+    def error(self):
+        return next((e for e in self.events if e.kind == "error"), None)
+
+
+def request(prompt: list[int], max_tokens: int, n: int = 1, stop: list[str] | None = None) -> tuple[GenRequest, Client]:
+    client = Client()
+    params = [SamplingParams(max_new_tokens=max_tokens, stop=stop or []) for _ in range(n)]
+    return GenRequest([prompt], params, n, decode, client), client
+
+
+def scheduler(driver: FakePipeline, max_queue: int = 8, start: bool = True) -> Scheduler:
+    sched = Scheduler(driver, max_queue=max_queue, max_prefill_tokens=4096, metrics=Metrics())
+    if start:
+        sched.thread.start()
+    return sched
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+PROMPTS = [[1, 2, 3], [4, 5], [7], [8, 9, 10, 11]]
+
+
+def test_outputs_equal_step_by_step_decoding_with_slots_reused_after_finish():
+    driver = FakePipeline(slots=2, groups=2)
+    sched = scheduler(driver)
+    clients = []
+    for k in range(8):
+        req, client = request(PROMPTS[k % 4], max_tokens=3 + k)
+        sched.submit(req)
+        clients.append((PROMPTS[k % 4], 3 + k, client))
+    for prompt, n, client in clients:
+        assert client.ended.wait(10)
+        assert client.error is None and client.tokens() == reference(prompt, n)
+    sched.stop(1.0)
+    assert driver.problems == [] and sched.free_total == 2 and sched.queued == 0
+    text = sched.metrics.render()
+    steps = int(next(x for x in text.splitlines() if x.startswith("eet_pipe_steps_total ")).split()[1])
+    assert f"eet_pipe_step_host_seconds_count {steps}" in text and steps > 0  # host time of every step
+
+
+def test_cancel_while_a_step_is_in_flight_frees_the_slot_for_the_next_request():
+    driver = FakePipeline(slots=1, groups=1)
+    sched = scheduler(driver)
+    req, client = request([1, 2], max_tokens=10**6)
+    sched.submit(req)
+    wait_for(lambda: len(client.tokens()) >= 3)
+    driver.gate.clear()  # hold every later result: the next steps stay in flight
+    time.sleep(0.05)
+    wait_for(lambda: len(sched.inflight[0]) == 2 and driver.results.qsize() > 0)
+    seen = len(client.events)
+    sched.cancel(req)
+    time.sleep(0.05)
+    driver.gate.set()
+    wait_for(lambda: sched.free_total == 1)
+    assert len(client.events) == seen  # nothing reaches a cancelled request
+    after, other = request([4, 5, 6], max_tokens=6)
+    sched.submit(after)
+    assert other.ended.wait(10) and other.tokens() == reference([4, 5, 6], 6)
+    sched.stop(1.0)
+    assert driver.problems == []
+
+
+def test_queue_limit_counts_sequences_and_recovers():
+    driver = FakePipeline(slots=1, groups=1)
+    sched = scheduler(driver, max_queue=1, start=False)
+    first, c1 = request([1], max_tokens=2)
+    second, c2 = request([2], max_tokens=2)
+    sched.submit(first)
+    sched.submit(second)  # one slot + one place in the queue
+    with pytest.raises(QueueFullError, match="max_queue=1"):
+        sched.submit(request([3], max_tokens=2)[0])
+    with pytest.raises(QueueFullError):
+        sched.submit(request([3], max_tokens=2, n=3)[0])
+    sched.thread.start()
+    assert c1.ended.wait(10) and c2.ended.wait(10)
+    wait_for(lambda: sched.queued == 0 and sched.free_total == 1)
+    third, c3 = request([3], max_tokens=2, n=2)
+    sched.submit(third)
+    assert c3.ended.wait(10) and c3.tokens(0) == c3.tokens(1) == reference([3], 2)
+    sched.stop(1.0)
+
+
+def test_drain_expiry_ends_running_requests_with_503_and_closes_the_pipeline():
+    driver = FakePipeline(slots=1, groups=1)
+    sched = scheduler(driver)
+    req, client = request([1, 2], max_tokens=10**6)
+    queued, waiting = request([3], max_tokens=4)
+    sched.submit(req)
+    sched.submit(queued)
+    wait_for(lambda: len(client.tokens()) >= 2)
+    began = time.monotonic()
+    sched.stop(0.2)
+    assert time.monotonic() - began < 5 and not sched.thread.is_alive() and driver.closed
+    assert client.error.status == 503 and waiting.error.status == 503
+    with pytest.raises(ServiceUnavailableError):
+        sched.submit(request([1], max_tokens=2)[0])
+
+
+def test_a_worker_error_fails_every_request_with_503_and_later_ones_too():
+    driver = FakePipeline(slots=2, groups=2, fail_at=6)
+    sched = scheduler(driver)
+    failures = []
+    sched.on_failure = failures.append
+    clients = []
+    for prompt in PROMPTS[1:]:  # none of them meets EOS
+        req, client = request(prompt, max_tokens=50)
+        sched.submit(req)
+        clients.append(client)
+    for client in clients:
+        assert client.ended.wait(10)
+        assert client.error.status == 503 and "stage 1 (cpu) failed" in client.error.message
+    assert failures and driver.closed
+    with pytest.raises(ServiceUnavailableError, match="stage 1"):
+        sched.submit(request([1], max_tokens=2)[0])
+
+
+def test_a_per_sequence_error_fails_that_request_only():
+    bad_prompt = next(p for p in ([i, j] for i in range(VOCAB) for j in range(VOCAB)) if reference(p, 2)[1:2] == [13]
+                      and 13 not in reference(p, 1))
+    driver = FakePipeline(slots=4, groups=2)
+    sched = scheduler(driver)
+    bad, bad_client = request(bad_prompt, max_tokens=8, n=2, stop=["zzz"])  # stop strings make the stage decode
+    good, good_client = request([4, 5], max_tokens=12, stop=["zzz"])
+    sched.submit(bad)
+    sched.submit(good)
+    assert bad_client.ended.wait(10) and good_client.ended.wait(10)
+    error = bad_client.error
+    assert error.status == 500 and error.error_id and error.error_id in error.message
+    assert "Traceback" not in error.message and "token 13" not in error.message
+    assert good_client.error is None and good_client.tokens() == reference([4, 5], 12)
+    wait_for(lambda: sched.free_total == 4)
+    after, client = request([6], max_tokens=5)
+    sched.submit(after)
+    assert client.ended.wait(10) and client.tokens() == reference([6], 5)
+    sched.stop(1.0)
+    assert driver.problems == []
