@@ -20,8 +20,10 @@ import uvicorn
 
 from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver
 from eet_pipe.serving.api import create_app
+from eet_pipe.serving.errors import public_message
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.options import ServeOptions
+from eet_pipe.serving.protocol import protocol_with_header_timeout
 from eet_pipe.serving.scheduler import Scheduler
 
 __all__ = ["Runtime", "run_server"]
@@ -55,8 +57,11 @@ class Runtime:
         try:
             self.driver.start()
         except Exception as err:  # noqa: BLE001 - whatever stops the startup fails the server (503, exit 1)
-            log.exception("startup failed")
             self.driver.close()
+            if self.status == "stopping":  # stop() closed the pipeline under the loading workers
+                log.info("startup interrupted by shutdown (%s)", type(err).__name__)
+                return
+            log.exception("startup failed")
             self.fail(f"startup failed: {type(err).__name__}: {err}")
             return
         with self._lock:
@@ -72,9 +77,13 @@ class Runtime:
                  self.opts.host, self.opts.port, self.model_name, self.setup.num_stages)
 
     def fail(self, message: str) -> None:
-        """The pipeline is gone: answer 503 from now on and (with exit_on_failure) stop the server."""
+        """The pipeline is gone: answer 503 from now on and (with exit_on_failure) stop the server. The
+        full `message` goes to the log; /health and 503 bodies show its first line."""
         with self._lock:
-            self.status, self.message, self.failed = "failed", message, True
+            if self._stopped:  # asked to stop: stopping the workers may end a step in flight; exit 0
+                log.warning("while stopping: %s", message)
+                return
+            self.status, self.message, self.failed = "failed", public_message(message), True
         log.error("%s", message)
         if self.opts.exit_on_failure and self.server is not None:
             self.server.should_exit = True
@@ -121,14 +130,18 @@ class _Server(uvicorn.Server):
 
 
 @contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Processes started here inherit an ignored SIGINT: Ctrl-C in a terminal reaches the whole process
-    group, but only the server should react (it drains, then stops the workers itself)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _children_ignore_stop_signals() -> Iterator[None]:
+    """Processes started here inherit an ignored SIGINT and SIGTERM: Ctrl-C in a terminal reaches the whole
+    process group, and a service manager (systemd's default KillMode) sends SIGTERM to every process of
+    the service, but only the server should react: it drains, then stops the workers itself. A worker
+    still dies with the server (parent-death signal) and on SIGKILL."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_server(opts: ServeOptions, driver: StepDriver) -> int:
@@ -136,10 +149,11 @@ def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     rt = Runtime(opts, driver)
     config = uvicorn.Config(create_app(rt), host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
                             timeout_graceful_shutdown=max(opts.drain_timeout, 0.1), lifespan="on",
-                            timeout_keep_alive=opts.keep_alive,
+                            timeout_keep_alive=opts.keep_alive, limit_concurrency=opts.max_connections,
+                            http=protocol_with_header_timeout(opts.header_timeout),
                             access_log=opts.log_level.lower() == "debug")
     rt.server = _Server(config)
-    with _children_ignore_sigint():
+    with _children_ignore_stop_signals():
         driver.spawn()
     try:
         rt.server.run()
