@@ -141,7 +141,7 @@ def test_after_fuzzing_no_slot_is_leaked_and_the_server_serves(server):
 # ---- the requests that once crashed a stage ----
 
 def test_tiny_temperature_is_greedy_and_huge_seed_is_a_400(server):
-    greedy = {"prompt": "hi", "max_tokens": 8, "return_token_ids": True, "ignore_eos": True}
+    greedy = {"prompt": "hi", "max_tokens": 8, "return_token_ids": True, "ignore_eos": True, "temperature": 0}
     want = httpx.post(server.url + "/v1/completions", headers=AUTH, json=greedy).json()["choices"][0]["token_ids"]
     r = httpx.post(server.url + "/v1/completions", headers=AUTH, json={**greedy, "temperature": 1e-39})
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want, r.text
@@ -200,7 +200,7 @@ def test_disconnected_whole_response_client_frees_its_slots_within_a_second(serv
         time.sleep(0.02)
     assert len(chunks) > seen + 5, "the other stream stopped"
     other.join(60)
-    assert chunks[-1] == "data: [DONE]"
+    assert [c for c in chunks if c][-1] == "data: [DONE]"
 
 
 def test_api_key_is_checked_before_the_body_is_read(server):

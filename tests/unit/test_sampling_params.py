@@ -40,7 +40,7 @@ def test_temperature_below_epsilon_is_greedy(temperature):
 
 def test_generate_with_tiny_temperature_equals_greedy_and_huge_seed_is_a_clear_error():
     lm = eet_pipe.from_pretrained("tiny")
-    greedy = lm.generate("Hello", max_new_tokens=6)[0].tokens
-    assert lm.generate("Hello", max_new_tokens=6, temperature=1e-39)[0].tokens == greedy
+    greedy = lm.generate("Hello", max_new_tokens=6)[0].token_ids
+    assert lm.generate("Hello", max_new_tokens=6, temperature=1e-39)[0].token_ids == greedy
     with pytest.raises(ValueError, match="seed=18446744073709551616 is invalid"):
         lm.generate("Hello", max_new_tokens=2, temperature=0.8, seed=2**64)
