@@ -163,6 +163,14 @@ def test_stop_limits_are_400s_naming_the_option(server):
 
 # ---- disconnects and slow clients ----
 
+def _read_all(sock: socket.socket) -> str:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data.decode()
+
+
 def _raw_request(url: str, body: dict, headers: dict | None = None) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
@@ -208,7 +216,7 @@ def test_api_key_is_checked_before_the_body_is_read(server):
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 500000\r\n\r\n{\"prompt\": ")  # wrong key, body never finished
-        reply = sock.recv(4096).decode()
+        reply = _read_all(sock)
     assert reply.startswith("HTTP/1.1 401") and "API key" in reply and "request_id" in reply, reply
 
 
@@ -218,7 +226,7 @@ def test_slow_body_gets_408_and_slow_headers_are_cut(server):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
                      + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
         began = time.monotonic()
-        reply = sock.recv(4096).decode()
+        reply = _read_all(sock)
     assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply and time.monotonic() - began < 6, reply
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
