@@ -4,9 +4,12 @@ SSE streaming in front of a pipeline that answers every step at once (no model r
     python benchmarks/serve_frontend.py concurrency=1,16,64,256 max_tokens=64
     python benchmarks/serve_frontend.py --quick
 
-Besides tokens/s, each level records the server process's CPU time per generated token (user + system,
-all threads): what the host side costs independent of how fast the load generator on the same machine
-is. The tokens/s measured here is the ceiling that the host side puts on any real server with the same
+Besides tokens/s, each level records CPU time per generated token (user + system, all threads) of the
+step-loop process (`server_cpu_us_per_token`: the scheduler and the step loop) and, where HTTP runs in a
+process of its own, of that HTTP process (`http_cpu_us_per_token`): what the host side costs
+independent of how fast the load generator on the same machine is. Run it from an older checkout
+(PYTHONPATH=<checkout>) for a before/after comparison in one shell command.
+The tokens/s measured here is the ceiling that the host side puts on any real server with the same
 options: a GPU pipeline faster than this leaves its GPUs waiting. Each step's tokens come from the real
 `SlotSampler` (stopping, max tokens, finish reasons), fed logits whose argmax cycles over the vocabulary.
 Writes <out>.json (per-level throughput, TTFT, TPOT, as serve_load.py) and <out>.png.
@@ -85,13 +88,37 @@ def _serve(opts_dict: dict, port: int) -> None:
     sys.exit(run_server(opts, InstantDriver(opts)))
 
 
+class _CpuProbe:
+    """The step-loop process's CPU times for `sweep`; records the HTTP process's at the same moments."""
+
+    def __init__(self, server: psutil.Process) -> None:
+        self.server = server
+        kids = [p for p in server.children() if "resource_tracker" not in " ".join(p.cmdline())]
+        self.http = kids[0] if kids else None
+        self.http_marks: list[float] = []
+
+    def cpu_times(self):
+        if self.http is not None:
+            t = self.http.cpu_times()
+            self.http_marks.append(t.user + t.system)
+        return self.server.cpu_times()
+
+    def annotate(self, levels: list[dict]) -> None:
+        for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
+                                          strict=False):
+            level["http_cpu_s"] = after - before
+            level["http_cpu_us_per_token"] = level["http_cpu_s"] / max(level["tokens"], 1) * 1e6
+            print(f"concurrency {level['concurrency']:>4}: step-loop process {level['server_cpu_us_per_token']:6.1f} "
+                  f"us/token, HTTP process {level['http_cpu_us_per_token']:6.1f} us/token", file=sys.stderr)
+
+
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
     top = max(int(c) for c in opts["concurrency"])
     port = free_port()
     server_opts = {"model": opts["model"], "max_slots": str(top), "microbatches": str(opts["groups"]),
                    "log_level": "warning", "plan": "even"}
-    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port), daemon=True)
+    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port))  # it starts the HTTP process
     proc.start()
     url = f"http://127.0.0.1:{port}"
     server = psutil.Process(proc.pid)
@@ -108,7 +135,9 @@ def main() -> None:
         else:
             raise SystemExit("the server did not become ready in 120 s")
         opts["url"] = url
-        levels = sweep(url, {}, opts, server)
+        probe = _CpuProbe(server)
+        levels = sweep(url, {}, opts, probe)
+        probe.annotate(levels)
     finally:
         proc.terminate()
         proc.join(30)

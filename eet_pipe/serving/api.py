@@ -91,12 +91,11 @@ class Handler:
                   chat: bool, logprobs: int | None) -> Any:
         self.check_lengths(prompts, max_tokens, body.n)
         params = sampling_params(body, len(prompts) * body.n, max_tokens, self.rt.opts)
-        rt, loop, events = self.rt, asyncio.get_running_loop(), asyncio.Queue()
+        rt, events = self.rt, asyncio.Queue()
         tok = rt.setup.tokenizer
-        req = GenRequest(prompts, params, body.n, tok.decode,
-                         lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), logprobs)
+        req = GenRequest(prompts, params, body.n, tok.decode, events.put_nowait, logprobs)
         try:
-            rt.scheduler.submit(req)
+            await rt.submit(req, prompts, body.n)
         except QueueFullError as err:
             raise APIError(429, str(err), "rate_limit_exceeded") from err
         except ServiceUnavailableError as err:
@@ -113,7 +112,7 @@ class Handler:
         finally:
             watcher.cancel()
             if not req.closed:
-                self.rt.scheduler.cancel(req)
+                self.rt.cancel(req)
 
     async def whole(self, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder) -> dict:
         choices = [Choice() for _ in req.sequences]
@@ -165,7 +164,7 @@ class Handler:
             yield SSE_DONE
         finally:
             if not req.closed:
-                self.rt.scheduler.cancel(req)
+                self.rt.cancel(req)
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
@@ -198,7 +197,8 @@ def _generation_routes(app: FastAPI, rt: Any) -> None:
 
 
 def create_app(rt: Any) -> FastAPI:
-    """The app over a runtime `rt` (status, message, opts, setup, scheduler, metrics, model_name)."""
+    """The app over a runtime `rt` (status, message, opts, setup, metrics, model_name, submit, cancel,
+    render_metrics, lifespan): `eet_pipe.serving.frontend.Frontend`."""
     app = FastAPI(title="eet_pipe", version="0.1.0", lifespan=rt.lifespan)
     app.add_middleware(Guard, max_bytes=rt.opts.max_body_bytes, metrics=rt.metrics, api_key=rt.opts.api_key,
                        body_timeout=rt.opts.body_timeout)
@@ -206,12 +206,16 @@ def create_app(rt: Any) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": rt.status, "pid": os.getpid(), "message": rt.message}
+        body = {"status": rt.status, "pid": rt.engine_pid, "http_pid": os.getpid(), "message": rt.message}
         return JSONResponse(body, status_code=200 if rt.status == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
+        try:
+            text = await rt.render_metrics()
+        except ServiceUnavailableError as err:
+            raise APIError(503, str(err), "service_unavailable") from err
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:
