@@ -102,6 +102,11 @@ class EngineCore:
         with self._status_lock:
             self._status_sock.send(dumps(("status", rt.status, rt.message, info)))
 
+    def stop_frontend(self) -> None:
+        """Tell the HTTP process to stop accepting connections; it exits once running responses are sent."""
+        with self._status_lock:
+            self._status_sock.send(dumps(("stop",)))
+
     def flush(self) -> None:
         """Send what is left in the outbox (when the scheduler thread has ended)."""
         self.outbox.flush()

@@ -119,7 +119,11 @@ class Frontend:
         sock = pull_socket(ctx, self.paths.frontend)
         try:
             while True:
-                self.handle(loads(await sock.recv()))
+                msg = loads(await sock.recv())
+                try:
+                    self.handle(msg)
+                except Exception:  # noqa: BLE001 - one bad message must not stop every other request's events
+                    log.exception("handling the engine's %r message failed", msg[0])
         finally:
             sock.close()
             ctx.term()
@@ -135,14 +139,13 @@ class Frontend:
                 future.set_result(tuple(msg[2:]) if kind == "accepted" else msg[2])
         elif kind == "status":
             self._status(*msg[1:])
+        elif kind == "stop" and self.server is not None:
+            self.server.should_exit = True  # stop accepting; running responses finish (the engine drains)
 
     def _status(self, status: str, message: str, info: dict | None) -> None:
         if info is not None and self.setup is None:
             self.setup = FrontendSetup(self.tokenizer, info["max_len"], _Cfg(info["vocab_size"]))
         self.status, self.message = status, message
-        if status == "stopping" or (status == "failed" and self.opts.exit_on_failure):
-            if self.server is not None:
-                self.server.should_exit = True  # stop accepting; running responses finish (the engine drains)
 
     def _events(self, events: list[tuple]) -> None:
         finishing = {(e[0], e[2]) for e in events if e[1] == "finish"}

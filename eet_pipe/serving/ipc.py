@@ -11,6 +11,7 @@ HTTP process -> engine:
 Engine -> HTTP process:
     ("events", [event, ...])                         every request's events of one step, in one message
     ("status", status, message, info)                loading / ready / stopping / failed (info: max_len, vocab)
+    ("stop",)                                        stop accepting connections, exit once responses are sent
     ("accepted", rid, status, message)               200, or 429 / 503 with the reason
     ("metrics", token, text)
 

@@ -160,6 +160,7 @@ def run_server(opts: ServeOptions, driver: StepDriver) -> int:
         core.publish_status()
         rt.start_loading()
         _wait(rt, frontend, stop)
+        core.stop_frontend()
         rt.stop()
         core.flush()  # the events of the last step (the scheduler thread has ended)
         frontend.join(opts.drain_timeout + 15.0)
