@@ -83,7 +83,11 @@ class Frontend:
         ServiceUnavailableError (503) if refused."""
         self.requests[req.id] = req
         params = [s.params for s in req.sequences]
-        status, message = await self._ask(req.id, ("submit", req.id, prompts, params, n, req.logprobs))
+        try:
+            status, message = await self._ask(req.id, ("submit", req.id, prompts, params, n, req.logprobs))
+        except BaseException:  # no answer, or the client went away meanwhile: the engine may still take it
+            self.cancel(req)
+            raise
         if status != 200:
             self.requests.pop(req.id, None)
             raise (QueueFullError if status == 429 else ServiceUnavailableError)(message)
@@ -119,14 +123,19 @@ class Frontend:
         sock = pull_socket(ctx, self.paths.frontend)
         try:
             while True:
-                msg = loads(await sock.recv())
-                try:
-                    self.handle(msg)
-                except Exception:  # noqa: BLE001 - one bad message must not stop every other request's events
-                    log.exception("handling the engine's %r message failed", msg[0])
+                self._handle_safely(loads(await sock.recv()))
+                # whatever else has arrived too, before the streams run: their writes then carry several steps
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handle_safely(loads(await sock.recv()))
         finally:
             sock.close()
             ctx.term()
+
+    def _handle_safely(self, msg: tuple) -> None:
+        try:
+            self.handle(msg)
+        except Exception:  # noqa: BLE001 - one bad message must not stop every other request's events
+            log.exception("handling the engine's %r message failed", msg[0])
 
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
