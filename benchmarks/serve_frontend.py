@@ -3,6 +3,7 @@ SSE streaming in front of a pipeline that answers every step at once (no model r
 
     python benchmarks/serve_frontend.py concurrency=1,16,64,256 max_tokens=64
     python benchmarks/serve_frontend.py --quick
+    python benchmarks/serve_frontend.py step_ms=2     # each step takes 2 ms, as a GPU decode step might
 
 Besides tokens/s, each level records CPU time per generated token (user + system, all threads) of the
 step-loop process (`server_cpu_us_per_token`: the scheduler and the step loop) and, where HTTP runs in a
@@ -36,15 +37,18 @@ from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand  # noqa: E
 from eet_pipe.runtime.supervisor import free_port  # noqa: E402
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
-            "temperature": 0.0, "model": "tiny", "groups": 2, "out": "bench_results/serve_frontend"}
+            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "out": "bench_results/serve_frontend"}
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
 class InstantDriver(StepDriver):
-    """A pipeline whose last stage answers each step at once with the real per-slot sampler."""
+    """A pipeline whose last stage answers each step with the real per-slot sampler, at once or (`step_ms`)
+    after that many milliseconds per step, one step after another, without using the CPU meanwhile (so
+    the batch fills up with load as on a real pipeline, and the CPU time measured is the host side's)."""
 
-    def __init__(self, opts) -> None:
+    def __init__(self, opts, step_ms: float = 0.0) -> None:
         super().__init__()
+        self.step_s, self.free_at = step_ms / 1e3, 0.0
         self.setup = resolve_setup(opts, ["cpu"])
         self.sampler = SlotSampler(self.setup.tokenizer.decode)
         self.results: queue.Queue = queue.Queue()
@@ -67,10 +71,13 @@ class InstantDriver(StepDriver):
             logits[torch.arange(rows), (torch.arange(rows) + self.next_token) % min(self.vocab, 250)] = 1.0
             self.next_token += 1
             self.sampler.sample(logits, part.slots.tolist(), out)
-        self.results.put(out)
+        self.free_at = max(self.free_at, time.monotonic()) + self.step_s
+        self.results.put((self.free_at, out))
 
     def collect(self) -> dict:
-        return self.results.get()
+        ready, out = self.results.get()
+        time.sleep(max(0.0, ready - time.monotonic()))
+        return out
 
     def check_alive(self) -> None:
         pass
@@ -79,13 +86,13 @@ class InstantDriver(StepDriver):
         pass
 
 
-def _serve(opts_dict: dict, port: int) -> None:
+def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
     from eet_pipe.config import build_config
     from eet_pipe.serving.options import ServeOptions
     from eet_pipe.serving.server import run_server
 
     opts = build_config(ServeOptions, {"port": port}, opts_dict)
-    sys.exit(run_server(opts, InstantDriver(opts)))
+    sys.exit(run_server(opts, InstantDriver(opts, step_ms)))
 
 
 class _CpuProbe:
@@ -118,7 +125,8 @@ def main() -> None:
     port = free_port()
     server_opts = {"model": opts["model"], "max_slots": str(top), "microbatches": str(opts["groups"]),
                    "log_level": "warning", "plan": "even"}
-    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port))  # it starts the HTTP process
+    # not a daemon: the server starts its HTTP process
+    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port, float(opts["step_ms"])))
     proc.start()
     url = f"http://127.0.0.1:{port}"
     server = psutil.Process(proc.pid)
