@@ -3,10 +3,14 @@ SSE streaming in front of a pipeline that answers every step at once (no model r
 
     python -m benchmarks.serve_frontend concurrency=1,16,64,256 max_tokens=64
     python -m benchmarks.serve_frontend --quick
+    python -m benchmarks.serve_frontend step_ms=2     # each step takes 2 ms, as a GPU decode step might
 
-Besides tokens/s, each level records the server process's CPU time per generated token (user + system,
-all threads): what the host side costs independent of how fast the load generator on the same machine
-is. The tokens/s measured here is the ceiling that the host side puts on any real server with the same
+Besides tokens/s, each level records CPU time per generated token (user + system, all threads) of the
+step-loop process (`server_cpu_us_per_token`: the scheduler and the step loop) and, where HTTP runs in a
+process of its own, of that HTTP process (`http_cpu_us_per_token`): what the host side costs
+independent of how fast the load generator on the same machine is. Run it from an older checkout
+(PYTHONPATH=<checkout>) for a before/after comparison in one shell command.
+The tokens/s measured here is the ceiling that the host side puts on any real server with the same
 options: a GPU pipeline faster than this leaves its GPUs waiting. Each step's tokens come from the real
 `SlotSampler` (stopping, max tokens, finish reasons), fed logits whose argmax cycles over the vocabulary.
 Writes <out>.json (per-level throughput, TTFT, TPOT, as serve_load.py) and <out>.png.
@@ -31,15 +35,18 @@ from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
 from eet_pipe.runtime.supervisor import free_port
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
-            "temperature": 0.0, "model": "tiny", "groups": 2, "out": "bench_results/serve_frontend"}
+            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "out": "bench_results/serve_frontend"}
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
 class InstantDriver(StepDriver):
-    """A pipeline whose last stage answers each step at once with the real per-slot sampler."""
+    """A pipeline whose last stage answers each step with the real per-slot sampler, at once or (`step_ms`)
+    after that many milliseconds per step, one step after another, without using the CPU meanwhile (so
+    the batch fills up with load as on a real pipeline, and the CPU time measured is the host side's)."""
 
-    def __init__(self, opts) -> None:
+    def __init__(self, opts, step_ms: float = 0.0) -> None:
         super().__init__()
+        self.step_s, self.free_at = step_ms / 1e3, 0.0
         self.setup = resolve_setup(opts, ["cpu"])
         self.sampler = SlotSampler(self.setup.tokenizer.decode)
         self.results: queue.Queue = queue.Queue()
@@ -62,10 +69,13 @@ class InstantDriver(StepDriver):
             logits[torch.arange(rows), (torch.arange(rows) + self.next_token) % min(self.vocab, 250)] = 1.0
             self.next_token += 1
             self.sampler.sample(logits, part.slots.tolist(), out)
-        self.results.put(out)
+        self.free_at = max(self.free_at, time.monotonic()) + self.step_s
+        self.results.put((self.free_at, out))
 
     def collect(self) -> dict:
-        return self.results.get()
+        ready, out = self.results.get()
+        time.sleep(max(0.0, ready - time.monotonic()))
+        return out
 
     def check_alive(self) -> None:
         pass
@@ -74,13 +84,37 @@ class InstantDriver(StepDriver):
         pass
 
 
-def _serve(opts_dict: dict, port: int) -> None:
+def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
     from eet_pipe.config import build_config
     from eet_pipe.serving.options import ServeOptions
     from eet_pipe.serving.server import run_server
 
     opts = build_config(ServeOptions, {"port": port}, opts_dict)
-    sys.exit(run_server(opts, InstantDriver(opts)))
+    sys.exit(run_server(opts, InstantDriver(opts, step_ms)))
+
+
+class _CpuProbe:
+    """The step-loop process's CPU times for `sweep`; records the HTTP process's at the same moments."""
+
+    def __init__(self, server: psutil.Process) -> None:
+        self.server = server
+        kids = [p for p in server.children() if "resource_tracker" not in " ".join(p.cmdline())]
+        self.http = kids[0] if kids else None
+        self.http_marks: list[float] = []
+
+    def cpu_times(self):
+        if self.http is not None:
+            t = self.http.cpu_times()
+            self.http_marks.append(t.user + t.system)
+        return self.server.cpu_times()
+
+    def annotate(self, levels: list[dict]) -> None:
+        for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
+                                          strict=False):
+            level["http_cpu_s"] = after - before
+            level["http_cpu_us_per_token"] = level["http_cpu_s"] / max(level["tokens"], 1) * 1e6
+            print(f"concurrency {level['concurrency']:>4}: step-loop process {level['server_cpu_us_per_token']:6.1f} "
+                  f"us/token, HTTP process {level['http_cpu_us_per_token']:6.1f} us/token", file=sys.stderr)
 
 
 def main() -> None:
@@ -89,7 +123,8 @@ def main() -> None:
     port = free_port()
     server_opts = {"model": opts["model"], "max_slots": str(top), "microbatches": str(opts["groups"]),
                    "log_level": "warning", "plan": "even"}
-    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port), daemon=True)
+    # not a daemon: the server starts its HTTP process
+    proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port, float(opts["step_ms"])))
     proc.start()
     url = f"http://127.0.0.1:{port}"
     server = psutil.Process(proc.pid)
@@ -106,7 +141,9 @@ def main() -> None:
         else:
             raise SystemExit("the server did not become ready in 120 s")
         opts["url"] = url
-        levels = sweep(url, {}, opts, server)
+        probe = _CpuProbe(server)
+        levels = sweep(url, {}, opts, probe)
+        probe.annotate(levels)
     finally:
         proc.terminate()
         proc.join(30)

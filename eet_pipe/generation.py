@@ -8,6 +8,8 @@ position, so the pipeline's decode schedule reuses `SamplingParams`, `Sampler`, 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,10 +18,17 @@ import torch
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.sampling import SamplingTable
 
-__all__ = ["SamplingParams", "Sampler", "SequenceState", "IncrementalDecoder", "GenerationResult", "HostCopy",
+__all__ = ["SamplingParams", "SAMPLING_EPS", "SEED_MIN", "SEED_MAX",
+           "Sampler", "SequenceState", "IncrementalDecoder", "GenerationResult", "HostCopy",
            "pad_prompts", "generate_loop", "check_prompts", "StepFn"]
 
 StepFn = Callable[[torch.Tensor, StepMeta], torch.Tensor]
+
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (dividing logits by a smaller one overflows to inf and NaN)."""
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds `torch.Generator.manual_seed` accepts."""
 
 
 @dataclass
@@ -29,13 +38,13 @@ class SamplingParams:
     max_new_tokens: int = 32
     """Tokens to generate at most (>= 1)."""
     temperature: float = 0.0
-    """0 = greedy; > 0 samples from softmax(logits / temperature)."""
+    """0 = greedy; > 0 samples from softmax(logits / temperature). Below `SAMPLING_EPS` (1e-5) is greedy."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = all)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set with cumulative probability >= top_p, in (0, 1]."""
     seed: int | None = None
-    """Seed of this request's random generator (sampling only)."""
+    """Seed of this request's random generator (sampling only), in SEED_MIN..SEED_MAX."""
     stop: list[str] = field(default_factory=list)
     """Strings that end generation when they appear in the output (they are cut off)."""
     ignore_eos: bool = False
@@ -47,21 +56,32 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        """Raise ValueError naming the first invalid field (no accepted value can fail in a stage)."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: must be an integer >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} is invalid: must be >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r} is invalid: must be a finite number >= 0 "
+                             f"(below {SAMPLING_EPS} = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0 = no limit)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
+            raise ValueError(f"top_p={self.top_p!r} is invalid: must be a number in (0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed={self.seed!r} is invalid: must be an integer in {SEED_MIN}..{SEED_MAX}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} is invalid: must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_positions: int,

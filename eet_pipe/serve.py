@@ -2,7 +2,8 @@
 
 OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` (streaming as SSE), ``/v1/models``,
 ``/health`` and ``/metrics``, over a pipeline that batches requests continuously (see
-`eet_pipe.serving.scheduler`). ``--help`` lists every option; any option is also ``key=value``.
+`eet_pipe.serving.scheduler`). This process runs the scheduler and the step loop; HTTP runs in a process
+it spawns (`eet_pipe.serving.server`). ``--help`` lists every option; any option is also ``key=value``.
 """
 
 from __future__ import annotations

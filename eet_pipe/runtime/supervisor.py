@@ -26,7 +26,7 @@ from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.worker import WorkerArgs, worker_main
 
-__all__ = ["Supervisor", "WorkerError", "WorkerDiedError", "WorkerTimeoutError", "free_port"]
+__all__ = ["Supervisor", "WorkerError", "WorkerDiedError", "WorkerTimeoutError", "PipelineClosedError", "free_port"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -41,6 +41,11 @@ class WorkerDiedError(WorkerError):
 
 class WorkerTimeoutError(WorkerError, TimeoutError):
     """No worker made progress within the timeout (a hung peer)."""
+
+
+class PipelineClosedError(WorkerError):
+    """`shutdown` was called (e.g. by a signal handler on another thread) while this call waited: the
+    workers stopped because they were asked to, not because one failed."""
 
 
 def free_port() -> int:
@@ -99,6 +104,8 @@ class Supervisor:
                                   name=f"eet_pipe-stage{a.rank}")
                       for a, q, p in zip(args, self.commands, self.progress, strict=True)]
         self.closed = False
+        self.shutting_down = False
+        """`shutdown` was called: a wait that sees workers exit from now on raises PipelineClosedError."""
         # MKL may otherwise use fewer threads than asked when cores are busy, and a different thread
         # split changes the last bits of CPU results (workers must match the caller bit for bit)
         os.environ.setdefault("MKL_DYNAMIC", "FALSE")
@@ -127,11 +134,17 @@ class Supervisor:
         timeout = self.timeout if timeout is None else timeout
         got: list[tuple] = []
         while len(got) < count:
+            if self.shutting_down:
+                raise PipelineClosedError(f"the pipeline was shut down while {what}")
             try:
                 msg = self.results.get(timeout=0.05)
             except queue.Empty:
                 self._check(what, timeout)
                 continue
+            except (ValueError, OSError):  # the queue was closed under this call
+                if self.shutting_down:
+                    raise PipelineClosedError(f"the pipeline was shut down while {what}") from None
+                raise
             if msg[0] == "error":
                 self._fail_with_cause(msg, what)
             if msg[0] in kinds:
@@ -152,6 +165,8 @@ class Supervisor:
         self.fail(WorkerError(f"{self.describe(msg[1])} failed while {what}:\n{msg[2]}"))
 
     def _check(self, what: str, timeout: float) -> None:
+        if self.shutting_down:  # workers exit on Shutdown: that is no failure
+            raise PipelineClosedError(f"the pipeline was shut down while {what}")
         for rank, p in enumerate(self.procs):
             if not p.is_alive():
                 time.sleep(0.1)  # let a final error message arrive first
@@ -206,6 +221,7 @@ class Supervisor:
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Ask workers to stop, wait `grace` seconds, then kill what is left."""
+        self.shutting_down = True
         if not self.closed:
             self.closed = True
             for q in self.commands:

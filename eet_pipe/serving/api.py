@@ -3,58 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import secrets
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eet_pipe.generation import SamplingParams
+from eet_pipe.serving.errors import APIError, install_errors, request_id, server_error
 from eet_pipe.serving.guard import Guard
 from eet_pipe.serving.metrics import CONTENT_TYPE
-from eet_pipe.serving.responses import SSE_DONE, Choice, ResponseBuilder, error_body, sse
+from eet_pipe.serving.responses import SSE_DONE, Choice, ResponseBuilder, sse
 from eet_pipe.serving.scheduler import QueueFullError, ServiceUnavailableError
 from eet_pipe.serving.schemas import ChatRequest, CompletionRequest, SamplingRequest
 from eet_pipe.serving.sequences import Event, GenRequest
 
 __all__ = ["create_app", "APIError"]
 
-DISCONNECT_POLL_S = 1.0
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body and `status`."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        got = f" (got {str(err['input'])[:80]!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}{got}")
-    return "invalid request: " + "; ".join(parts)
-
-
-def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.status, exc.param), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(_validation_message(exc), "invalid_request_error", 400), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", exc.status_code),
-                            status_code=exc.status_code)
+log = logging.getLogger("eet_pipe.serve")
 
 
 def encode_prompts(prompt: Any, tokenizer: Any, vocab: int) -> list[list[int]]:
@@ -76,14 +43,22 @@ def encode_prompts(prompt: Any, tokenizer: Any, vocab: int) -> list[list[int]]:
     return prompts
 
 
-def sampling_params(body: SamplingRequest, count: int, max_tokens: int) -> list[SamplingParams]:
+def sampling_params(body: SamplingRequest, count: int, max_tokens: int, opts: Any) -> list[SamplingParams]:
     """One `SamplingParams` per choice; choice k gets seed + k (like `PipelineEngine.generate`)."""
+    stops = body.stops
+    if len(stops) > opts.max_stops:
+        raise APIError(400, f"stop has {len(stops)} strings; this server allows at most {opts.max_stops} (max_stops)",
+                       param="stop")
+    long = next((s for s in stops if len(s) > opts.max_stop_chars), None)
+    if long is not None:
+        raise APIError(400, f"a stop string has {len(long)} characters; this server allows at most "
+                            f"{opts.max_stop_chars} (max_stop_chars)", param="stop")
     try:
         return [SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                top_k=max(body.top_k, 0), seed=None if body.seed is None else body.seed + k,
-                               stop=body.stops, ignore_eos=body.ignore_eos) for k in range(count)]
+                               stop=stops, ignore_eos=body.ignore_eos) for k in range(count)]
     except ValueError as err:
-        raise APIError(400, str(err)) from err
+        raise APIError(400, str(err), param=str(err).split("=", 1)[0]) from err
 
 
 class Handler:
@@ -115,33 +90,36 @@ class Handler:
     async def run(self, request: Request, body: SamplingRequest, prompts: list[list[int]], max_tokens: int,
                   chat: bool, logprobs: int | None) -> Any:
         self.check_lengths(prompts, max_tokens, body.n)
-        rt, loop, events = self.rt, asyncio.get_running_loop(), asyncio.Queue()
+        params = sampling_params(body, len(prompts) * body.n, max_tokens, self.rt.opts)
+        rt, events = self.rt, asyncio.Queue()
         tok = rt.setup.tokenizer
-        req = GenRequest(prompts, sampling_params(body, len(prompts) * body.n, max_tokens), body.n, tok.decode,
-                         lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), logprobs)
+        req = GenRequest(prompts, params, body.n, tok.decode, events.put_nowait, logprobs)
         try:
-            rt.scheduler.submit(req)
+            await rt.submit(req, prompts, body.n)
         except QueueFullError as err:
             raise APIError(429, str(err), "rate_limit_exceeded") from err
         except ServiceUnavailableError as err:
             raise APIError(503, str(err), "service_unavailable") from err
         builder = ResponseBuilder(chat, rt.model_name, lambda t: tok.decode([t]), logprobs is not None,
                                   body.return_token_ids)
+        rid = request_id(request)
         if body.stream:
-            return StreamingResponse(self.stream(req, events, builder, body.include_usage),
+            return StreamingResponse(self.stream(req, events, builder, body.include_usage, rid),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self.whole(request, req, events, builder)
+        watcher = asyncio.create_task(_watch_disconnect(request, events))
+        try:
+            return await self.whole(req, events, builder)
+        finally:
+            watcher.cancel()
+            if not req.closed:
+                self.rt.cancel(req)
 
-    async def whole(self, request: Request, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder) -> dict:
+    async def whole(self, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder) -> dict:
         choices = [Choice() for _ in req.sequences]
         while True:
-            try:
-                ev: Event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.rt.scheduler.cancel(req)
-                    raise APIError(499, "client closed the request", "cancelled") from None
-                continue
+            ev: Event = await events.get()
+            if ev.kind == "disconnect":  # `run` cancels the request
+                raise APIError(499, "client closed the request", "cancelled")
             if ev.kind == "error":
                 raise APIError(ev.status, ev.message, "service_unavailable")
             if ev.kind == "done":
@@ -152,10 +130,11 @@ class Handler:
             choice.token_ids += ev.token_ids
             choice.finish_reason = ev.finish_reason or choice.finish_reason
 
-    async def stream(self, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder, usage: bool) -> Any:
+    async def stream(self, req: GenRequest, events: asyncio.Queue, builder: ResponseBuilder, usage: bool,
+                     rid: str | None) -> Any:
         """SSE chunks of a request. Events that queued up while earlier ones were being written go out in
         one write (each still its own SSE event): a loaded server then spends its per-write cost on
-        several tokens instead of falling further behind."""
+        several tokens instead of falling further behind. An error ends the stream with an error event."""
         try:
             if builder.chat:
                 yield "".join(builder.role_chunk(seq.index) for seq in req.sequences)
@@ -168,7 +147,7 @@ class Handler:
                 for ev in pending:
                     if ev.kind in ("error", "done"):
                         if ev.kind == "error":
-                            out.append(sse(error_body(ev.message, "service_unavailable", ev.status)))
+                            out.append(sse(server_error(ev.status, ev.message, rid)))
                         elif usage:
                             out.append(builder.usage_chunk(ev.usage or req.usage()))
                         out.append(SSE_DONE)
@@ -179,22 +158,34 @@ class Handler:
                         out.append(chunk)
                 if out:
                     yield "".join(out)
+        except Exception as err:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            log.error("request %s failed while streaming", rid, exc_info=err)
+            yield sse(server_error(500, f"internal error while streaming: {type(err).__name__}", rid, "internal_error"))
+            yield SSE_DONE
         finally:
             if not req.closed:
-                self.rt.scheduler.cancel(req)
+                self.rt.cancel(req)
 
 
-def _generation_routes(app: FastAPI, rt: Any, auth: Any) -> None:
+async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Put a 'disconnect' event in `events` when the client closes the connection (the body is already
+    read, so the next ASGI message is http.disconnect, or nothing until the response is sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(Event("disconnect"))
+
+
+def _generation_routes(app: FastAPI, rt: Any) -> None:
     """POST /v1/completions and /v1/chat/completions."""
     handler = Handler(rt)
 
-    @app.post("/v1/completions", dependencies=[auth])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         handler.check_ready(body)
         prompts = encode_prompts(body.prompt, rt.setup.tokenizer, rt.setup.cfg.vocab_size)
         return await handler.run(request, body, prompts, body.max_tokens or 16, False, body.logprobs)
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
         handler.check_ready(body)
         tok = rt.setup.tokenizer
@@ -206,31 +197,31 @@ def _generation_routes(app: FastAPI, rt: Any, auth: Any) -> None:
 
 
 def create_app(rt: Any) -> FastAPI:
-    """The app over a runtime `rt` (status, message, opts, setup, scheduler, metrics, model_name)."""
+    """The app over a runtime `rt` (status, message, opts, setup, metrics, model_name, submit, cancel,
+    render_metrics, lifespan): `eet_pipe.serving.frontend.Frontend`."""
     app = FastAPI(title="eet_pipe", version="0.1.0", lifespan=rt.lifespan)
-    app.add_middleware(Guard, max_bytes=rt.opts.max_body_bytes, metrics=rt.metrics)
-    _install_errors(app)
-
-    def auth(request: Request) -> None:
-        key = rt.opts.api_key
-        if key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           "authentication_error")
+    app.add_middleware(Guard, max_bytes=rt.opts.max_body_bytes, metrics=rt.metrics, api_key=rt.opts.api_key,
+                       body_timeout=rt.opts.body_timeout)
+    install_errors(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": rt.status, "pid": os.getpid(), "message": rt.message}
+        body = {"status": rt.status, "pid": rt.engine_pid, "http_pid": os.getpid(), "message": rt.message}
         return JSONResponse(body, status_code=200 if rt.status == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(rt.metrics.render(), media_type=CONTENT_TYPE)
+        try:
+            text = await rt.render_metrics()
+        except ServiceUnavailableError as err:
+            raise APIError(503, str(err), "service_unavailable") from err
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": rt.model_name, "object": "model", "created": rt.created, "owned_by": "eet_pipe",
                 "max_model_len": rt.setup.max_len if rt.setup is not None else None}
         return {"object": "list", "data": [card]}
 
-    _generation_routes(app, rt, Depends(auth))
+    _generation_routes(app, rt)
     return app

@@ -34,6 +34,16 @@ class ServeOptions(EngineOptions):
     """Largest `n` (choices per prompt) a request may ask for."""
     max_body_bytes: int = 1048576
     """Largest request body in bytes (larger gets 413)."""
+    max_stops: int = 16
+    """Most stop strings one request may give (each is searched for on every new token)."""
+    max_stop_chars: int = 128
+    """Longest stop string in characters (a stream holds back this many characters minus one)."""
+    max_connections: int = 2048
+    """Open connections plus running requests before new requests get 503 (uvicorn's limit_concurrency)."""
+    header_timeout: float = 30.0
+    """Seconds a connection may take to send a request's line and headers before it is closed."""
+    body_timeout: float = 60.0
+    """Seconds a client may take to send a request body before it gets 408."""
     keep_alive: int = 75
     """Seconds an idle keep-alive connection stays open. Longer than clients' own idle expiry (httpx: 5 s),
     so a client never sends a request on a connection the server is closing at that moment."""
@@ -55,6 +65,11 @@ class ServeOptions(EngineOptions):
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("max_n", self.max_n >= 1, ">= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
+            ("max_stops", self.max_stops >= 0, ">= 0"),
+            ("max_stop_chars", self.max_stop_chars >= 1, ">= 1"),
+            ("max_connections", self.max_connections >= 1, ">= 1"),
+            ("header_timeout", self.header_timeout > 0, "> 0 seconds"),
+            ("body_timeout", self.body_timeout > 0, "> 0 seconds"),
             ("keep_alive", self.keep_alive >= 1, ">= 1 (seconds)"),
             ("drain_timeout", self.drain_timeout >= 0, ">= 0 seconds"),
             ("startup_timeout", self.startup_timeout > 0, "> 0 seconds"),

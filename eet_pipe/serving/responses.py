@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from eet_pipe.serving.sequences import Event, Logprob
 
-__all__ = ["ResponseBuilder", "Choice", "sse", "error_body", "SSE_DONE"]
+__all__ = ["ResponseBuilder", "Choice", "sse", "SSE_DONE"]
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -18,11 +18,6 @@ SSE_DONE = "data: [DONE]\n\n"
 def sse(data: dict) -> str:
     """One server-sent event carrying `data` as JSON."""
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""Request bodies of the OpenAI-compatible API, validated by pydantic (strict types: a string is not a number)."""
+"""Request bodies of the OpenAI-compatible API, validated by pydantic (strict types: a string is not a number;
+NaN and infinities are refused in every number field)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from eet_pipe.generation import SEED_MAX, SEED_MIN
 
 __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "StreamOptions", "SamplingRequest"]
 
@@ -19,7 +22,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0)
@@ -27,7 +30,7 @@ class SamplingRequest(BaseModel):
     top_k: int = Field(0, ge=-1, description="0 or -1 = no limit")
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False

@@ -1,25 +1,32 @@
-"""Server lifecycle: bind at once, load in the background, serve, drain on SIGINT/SIGTERM, stop every worker.
+"""Server lifecycle: two processes. This one (the engine process) loads the pipeline and runs the
+scheduler and the step loop; a spawned HTTP process (`eet_pipe.serving.frontend`) binds the port at
+once and serves HTTP, tokenisation, detokenisation and SSE. They talk over ZeroMQ (`ipc`).
 
 /health answers 503 ("loading") until the workers have loaded their stages, allocated their KV
 caches and run a warm-up step; then 200 ("ready"). A worker failure fails every pending request with
-503 and, with `exit_on_failure`, stops the server with exit status 1.
+503 and, with `exit_on_failure`, stops the server with exit status 1. SIGINT/SIGTERM: the HTTP process
+stops accepting connections, running requests finish (up to `drain_timeout`), the workers stop, exit 0.
+Either process dies with the other.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import multiprocessing as mp
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
-
-import uvicorn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver
-from eet_pipe.serving.api import create_app
+from eet_pipe.serving.engine_core import EngineCore
+from eet_pipe.serving.errors import public_message
+from eet_pipe.serving.frontend import frontend_main
+from eet_pipe.serving.ipc import IpcPaths
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.options import ServeOptions
 from eet_pipe.serving.scheduler import Scheduler
@@ -30,24 +37,21 @@ log = logging.getLogger("eet_pipe.serve")
 
 
 class Runtime:
-    """State shared by the HTTP app, the loader thread and the scheduler."""
+    """The engine process's state: driver, scheduler, metrics and status (`on_change` hears of changes)."""
 
-    def __init__(self, opts: ServeOptions, driver: StepDriver) -> None:
-        self.opts, self.driver = opts, driver
+    def __init__(self, opts: ServeOptions, driver: StepDriver, wrap: Callable = lambda d: d,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.opts, self.driver, self.wrap, self.on_change = opts, driver, wrap, on_change
         self.status, self.message = "loading", "the server is loading the model"
         self.setup: PipelineSetup | None = None
         self.scheduler: Scheduler | None = None
         self.metrics = Metrics()
-        self.created = int(time.time())
-        self.server: uvicorn.Server | None = None
         self.failed = False
+        self.done = threading.Event()
+        """Set when the server should stop: a failure with exit_on_failure."""
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
         self._stopped = False
-
-    @property
-    def model_name(self) -> str:
-        return self.opts.served_model_name or self.opts.model
 
     def load(self) -> None:
         """(loader thread) Load, warm up, start the scheduler; or fail with the reason."""
@@ -55,8 +59,11 @@ class Runtime:
         try:
             self.driver.start()
         except Exception as err:  # noqa: BLE001 - whatever stops the startup fails the server (503, exit 1)
-            log.exception("startup failed")
             self.driver.close()
+            if self.status == "stopping":  # stop() closed the pipeline under the loading workers
+                log.info("startup interrupted by shutdown (%s)", type(err).__name__)
+                return
+            log.exception("startup failed")
             self.fail(f"startup failed: {type(err).__name__}: {err}")
             return
         with self._lock:
@@ -64,20 +71,32 @@ class Runtime:
                 self.driver.close()
                 return
             self.setup = self.driver.setup
-            self.scheduler = Scheduler(self.driver, self.opts.max_queue, self.opts.max_prefill_tokens, self.metrics)
+            self.scheduler = Scheduler(self.wrap(self.driver), self.opts.max_queue, self.opts.max_prefill_tokens,
+                                       self.metrics)
             self.scheduler.on_failure = self.fail
             self.scheduler.thread.start()
             self.status, self.message = "ready", ""
+        self.on_change()
         log.info("ready after %.1f s: http://%s:%d (model %s, %d stages)", time.perf_counter() - began,
-                 self.opts.host, self.opts.port, self.model_name, self.setup.num_stages)
+                 self.opts.host, self.opts.port, self.opts.served_model_name or self.opts.model,
+                 self.setup.num_stages)
+
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self.load, name="eet_pipe-loader", daemon=True)
+        self._loader.start()
 
     def fail(self, message: str) -> None:
-        """The pipeline is gone: answer 503 from now on and (with exit_on_failure) stop the server."""
+        """The pipeline is gone: answer 503 from now on and (with exit_on_failure) stop the server. The
+        full `message` goes to the log; /health and 503 bodies show its first line."""
         with self._lock:
-            self.status, self.message, self.failed = "failed", message, True
+            if self._stopped:  # asked to stop: stopping the workers may end a step in flight; exit 0
+                log.warning("while stopping: %s", message)
+                return
+            self.status, self.message, self.failed = "failed", public_message(message), True
         log.error("%s", message)
-        if self.opts.exit_on_failure and self.server is not None:
-            self.server.should_exit = True
+        self.on_change()
+        if self.opts.exit_on_failure:
+            self.done.set()
 
     def stop(self) -> None:
         """Drain the scheduler (running requests finish), then stop every worker (idempotent)."""
@@ -88,6 +107,7 @@ class Runtime:
             if self.status in ("loading", "ready"):
                 self.status, self.message = "stopping", "the server is shutting down"
             scheduler = self.scheduler
+        self.on_change()
         if scheduler is not None:
             scheduler.stop(self.opts.drain_timeout)
         self.driver.close()
@@ -95,54 +115,62 @@ class Runtime:
             self._loader.join(timeout=30.0)
         log.info("stopped")
 
-    @asynccontextmanager
-    async def lifespan(self, _: Any) -> AsyncIterator[None]:
-        self._loader = threading.Thread(target=self.load, name="eet_pipe-loader", daemon=True)
-        self._loader.start()
-        yield
-        await asyncio.to_thread(self.stop)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without re-raising the caught signal after shutdown, so the process exits with our status."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
 
 @contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Processes started here inherit an ignored SIGINT: Ctrl-C in a terminal reaches the whole process
-    group, but only the server should react (it drains, then stops the workers itself)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _children_ignore_stop_signals() -> Iterator[None]:
+    """Processes started here inherit an ignored SIGINT and SIGTERM: Ctrl-C in a terminal reaches the whole
+    process group, and a service manager (systemd's default KillMode) sends SIGTERM to every process of
+    the service, but only this process should react: it drains, then stops the others itself. The
+    children still die with this process (parent-death signal) and on SIGKILL."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait(rt: Runtime, frontend: mp.process.BaseProcess, stop: threading.Event) -> None:
+    """Until a stop signal, a failure that ends the server, or the HTTP process's death."""
+    while not stop.wait(0.1) and not rt.done.is_set():
+        if not frontend.is_alive():
+            with rt._lock:
+                rt.failed = True
+            log.error("the HTTP process exited (status %s); stopping", frontend.exitcode)
+            return
 
 
 def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     """Serve until SIGINT/SIGTERM (exit status 0) or a pipeline failure (1, with exit_on_failure)."""
+    folder = tempfile.mkdtemp(prefix="eet_pipe-ipc-")
+    paths = IpcPaths(folder)
     rt = Runtime(opts, driver)
-    config = uvicorn.Config(create_app(rt), host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
-                            timeout_graceful_shutdown=max(opts.drain_timeout, 0.1), lifespan="on",
-                            timeout_keep_alive=opts.keep_alive,
-                            access_log=opts.log_level.lower() == "debug")
-    rt.server = _Server(config)
-    with _children_ignore_sigint():
-        driver.spawn()
+    core = EngineCore(rt, paths)
+    rt.wrap, rt.on_change = core.wrap, core.publish_status
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    frontend = mp.get_context("spawn").Process(target=frontend_main, args=(opts, paths, os.getpid()),
+                                               name="eet_pipe-http", daemon=True)
     try:
-        rt.server.run()
+        with _children_ignore_stop_signals():
+            frontend.start()
+            driver.spawn()
+        core.start()
+        core.publish_status()
+        rt.start_loading()
+        _wait(rt, frontend, stop)
+        core.stop_frontend()
+        rt.stop()
+        core.flush()  # the events of the last step (the scheduler thread has ended)
+        frontend.join(opts.drain_timeout + 15.0)
     finally:
-        rt.stop()  # idempotent; covers a forced exit (second Ctrl-C) that skipped the lifespan shutdown
+        rt.stop()  # idempotent; covers an exception above
+        if frontend.is_alive():
+            frontend.kill()
+            frontend.join(5.0)
+        core.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 1 if rt.failed else 0

@@ -1,0 +1,36 @@
+"""The uvicorn server of the HTTP process, with the limits of `ServeOptions`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from eet_pipe.serving.options import ServeOptions
+from eet_pipe.serving.protocol import protocol_with_header_timeout
+
+__all__ = ["make_server"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that leaves SIGINT/SIGTERM alone: the engine process decides when this one stops."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+        yield
+
+
+def make_server(opts: ServeOptions, app: Any) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
+                            timeout_graceful_shutdown=max(opts.drain_timeout, 0.1) + 5.0, lifespan="on",
+                            timeout_keep_alive=opts.keep_alive, limit_concurrency=opts.max_connections,
+                            http=protocol_with_header_timeout(opts.header_timeout),
+                            access_log=opts.log_level.lower() == "debug")
+    return _Server(config)

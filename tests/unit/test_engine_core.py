@@ -1,0 +1,45 @@
+"""The engine process's outbox: the events of a step, of every request, leave in one message."""
+
+from __future__ import annotations
+
+import zmq
+
+from eet_pipe.serving.engine_core import _FlushingDriver, _Outbox
+from eet_pipe.serving.ipc import NO_TEXT, IpcPaths, loads, pull_socket
+from eet_pipe.serving.sequences import Event
+
+
+class _Driver:
+    def __init__(self, outbox_sock: zmq.Socket) -> None:
+        self.sock, self.seen = outbox_sock, []
+        self.setup = "setup"
+
+    def collect(self) -> dict:
+        self.seen.append(self.sock.poll(1000))  # the outbox went out before the wait on the pipeline
+        return {"group": 0}
+
+    def check_alive(self) -> None:
+        pass
+
+
+def test_a_step_of_many_requests_is_one_message(tmp_path):
+    ctx = zmq.Context()
+    paths = IpcPaths(str(tmp_path))
+    inbox = pull_socket(ctx, paths.frontend)
+    outbox = _Outbox(ctx, paths.frontend)
+    sinks = [outbox.sink(rid) for rid in range(3)]
+    for rid, sink in enumerate(sinks):
+        sink(Event("token", 0, "", [10 + rid]))
+    sinks[1](Event("finish", 0, NO_TEXT, finish_reason="length"))
+    sinks[2](Event("finish", 0, "final text", finish_reason="stop"))
+    driver = _FlushingDriver(_Driver(inbox), outbox)
+    assert driver.setup == "setup" and driver.collect() == {"group": 0} and driver.seen == [zmq.POLLIN]
+    kind, events = loads(inbox.recv())
+    assert kind == "events" and [e[:4] for e in events[:3]] == [(r, "token", 0, [10 + r]) for r in range(3)]
+    assert [(e[0], e[5], e[6]) for e in events[3:]] == [(1, "length", None), (2, "stop", "final text")]
+    assert inbox.poll(200) == 0  # nothing more: one message for the whole step
+    outbox.flush()
+    assert inbox.poll(200) == 0  # an empty outbox sends nothing
+    inbox.close()
+    outbox.sock.close()
+    ctx.term()
