@@ -21,7 +21,7 @@ from torch import nn
 from eet_pipe.compare_points import (
     CaptureHooks,
     HFCapture,
-    capture_key,
+    capture_keys,
     derive_points,
     reference_ops,
     select_points,
@@ -118,7 +118,7 @@ class _EetRunner:
         self.label = f"{which} ({self.desc})"
 
     def capture(self, points: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys = sorted({capture_key(p) for p in points})
+        keys = sorted({k for p in points for k in capture_keys(p, self.cfg)})
         mode = reference_ops() if self.ops == "reference" else nullcontext()
         with mode, CaptureHooks([self.lm.model], keys) as hooks:
             self.lm.forward(ids, mask)
@@ -143,7 +143,7 @@ class _PipelineRunner:
         self.label = f"{which} ({self.desc})"
 
     def capture(self, points: Sequence[str], ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys = sorted({capture_key(p) for p in points})
+        keys = sorted({k for p in points for k in capture_keys(p, self.cfg)})
         _, raw = self.engine.forward_capture(ids, mask, keys, microbatches=1)
         return derive_points(points, raw, self.cfg, mask, self.label)
 

@@ -3,8 +3,9 @@
 A *point* is what the report shows (``layers.3.attn.q``). A *capture key* is what a forward hook
 records: a canonical module name (its output) or ``name:in`` (its first input). Points map to keys:
 ``attn.q/k/v`` split the ``attn.qkv`` output, ``attn.context`` is the input of ``attn.out``,
-``mlp.act`` the input of ``mlp.down``, ``attn.probs`` is recomputed from ``attn.qkv`` (or read from
-HF's ``output_attentions``); every other point is the output of the module of the same name.
+``mlp.act`` the input of ``mlp.down``, ``attn.probs`` is recomputed from ``attn.qkv`` (with the per-head
+``attn.q_norm`` / ``attn.k_norm`` outputs where the model has them; or read from HF's
+``output_attentions``); every other point is the output of the module of the same name.
 
 `CaptureHooks` records keys on canonical models (whole models, and pipeline chunks in the workers)
 without changing model code: forward hooks / pre-hooks, and for norms that a layer calls through
@@ -25,19 +26,23 @@ from torch import nn
 from eet_pipe import ops
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.layers import Norm, attention_mask
-from eet_pipe.models.meta import positions_from_mask, prefill_meta
+from eet_pipe.models.meta import index_positions, prefill_meta
 from eet_pipe.models.rotary import rotary_table
 from eet_pipe.ops import reference
 from eet_pipe.weights.loader import mapping_for
 from eet_pipe.weights.mapping import ArchMapping, normalise_keys
 
 __all__ = ["LAYER_POINTS", "CaptureHooks", "HFCapture", "MissingPointError", "attention_probs", "capture_key",
-           "derive_points", "hf_module_table", "point_names", "reference_ops", "select_points", "split_qkv",
-           "valid_elements"]
+           "capture_keys", "derive_points", "hf_module_table", "input_positions", "point_names", "reference_ops",
+           "select_points", "split_qkv", "valid_elements"]
 
-LAYER_POINTS = ("attn.norm", "attn.q", "attn.k", "attn.v", "attn.probs", "attn.context", "attn.out",
-                "mlp.norm", "mlp.up", "mlp.gate", "mlp.act", "mlp.down")
+LAYER_POINTS = ("attn.norm", "attn.q", "attn.k", "attn.v", "attn.q_norm", "attn.k_norm", "attn.probs", "attn.context",
+                "attn.out", "mlp.norm", "mlp.up", "mlp.gate", "mlp.act", "mlp.down")
 """Points inside one layer, in pre-norm order (post-norm moves each norm after its block's output)."""
+
+_OPTIONAL = {"mlp.gate": lambda cfg: cfg.gated, "attn.q_norm": lambda cfg: cfg.qk_norm,
+             "attn.k_norm": lambda cfg: cfg.qk_norm}
+"""Points that only some configs have."""
 
 _QKV_PARTS = {"attn.q": 0, "attn.k": 1, "attn.v": 2}
 _INPUT_OF = {"attn.context": "attn.out", "mlp.act": "mlp.down"}
@@ -49,7 +54,7 @@ class MissingPointError(ValueError):
 
 
 def _layer_order(cfg: ArchConfig) -> list[str]:
-    names = [p for p in LAYER_POINTS if p != "mlp.gate" or cfg.gated]
+    names = [p for p in LAYER_POINTS if p not in _OPTIONAL or _OPTIONAL[p](cfg)]
     if not cfg.pre_norm:  # post-norm: the norm runs after the residual add of its block
         for norm, after in (("attn.norm", "attn.out"), ("mlp.norm", "mlp.down")):
             names.remove(norm)
@@ -78,7 +83,7 @@ def select_points(cfg: ArchConfig, patterns: Sequence[str] | None = None) -> lis
     """All points, or those named by `patterns` (a point, or a prefix such as ``layers.3`` / ``layers.3.attn``).
 
     A name that is valid for the architecture family but absent from this config (``mlp.gate`` of a
-    non-gated MLP) is kept, so the side that lacks it is named in the error.
+    non-gated MLP, ``attn.q_norm`` of a model without q/k norms) is kept, so the side that lacks it is named in the error.
     """
     every = point_names(cfg)
     if not patterns:
@@ -107,29 +112,52 @@ def capture_key(point: str) -> str:
     return point
 
 
+def capture_keys(point: str, cfg: ArchConfig) -> tuple[str, ...]:
+    """Every capture key a point needs on a canonical model: `capture_key`'s, and for ``attn.probs`` of a model
+    with per-head q/k norms also those norms' outputs (the probabilities are computed from normalised q and k)."""
+    key = capture_key(point)
+    if _leaf(point) == "attn.probs" and cfg.qk_norm:
+        prefix = key.removesuffix("attn.qkv")
+        return key, prefix + "attn.q_norm", prefix + "attn.k_norm"
+    return (key,)
+
+
+def input_positions(mask: torch.Tensor, cfg: ArchConfig) -> torch.Tensor:
+    """[B, T] position ids of a padded input as the model numbers them (ArchConfig.position_ids): counted over
+    valid tokens, or the column index (0..T-1) whatever the padding."""
+    meta = prefill_meta(mask.cpu())
+    return (index_positions(meta) if cfg.position_ids == "index" else meta).positions
+
+
 def split_qkv(qkv: torch.Tensor, cfg: ArchConfig) -> tuple[torch.Tensor, ...]:
     """[B, T, (Hq + 2 Hkv) D] -> q [B, T, Hq D], k and v [B, T, Hkv D] (no rotary)."""
     kv = cfg.num_kv_heads * cfg.head_dim
     return qkv.split([cfg.num_heads * cfg.head_dim, kv, kv], dim=-1)
 
 
-def attention_probs(qkv: torch.Tensor, cfg: ArchConfig, mask: torch.Tensor) -> torch.Tensor:
+def attention_probs(qkv: torch.Tensor, cfg: ArchConfig, mask: torch.Tensor, layer: int = 0,
+                    normed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Softmax attention probabilities [B, Hq, T, T] in fp32 from a qkv projection [B, T, (Hq + 2 Hkv) D].
 
-    Rotary (when the config has it) and the mask are the model's own (`rotary_table`, `attention_mask`).
+    `normed`: the outputs of the per-head q and k norms ([B, T, H, D]) for a model that has them, used instead
+    of q and k of the projection. Rotary (when the config has it), positions and the mask (with layer
+    `layer`'s sliding window) are the model's own (`rotary_table`, `attention_mask`).
     """
     b, t, _ = qkv.shape
     q, k, _ = split_qkv(qkv.float(), cfg)
+    if normed is not None:
+        q, k = (n.float() for n in normed)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, Hq, T, D]
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-    meta = prefill_meta(mask.cpu()).to(qkv.device)
+    meta = prefill_meta(mask.cpu())
+    meta = (index_positions(meta) if cfg.position_ids == "index" else meta).to(qkv.device)
     if cfg.positions == "rotary":
         cos, sin = rotary_table(cfg, qkv.device)
         cos, sin = cos[meta.positions], sin[meta.positions]  # [B, T, D]
         q, k = reference.rotary(q, cos, sin), reference.rotary(k, cos, sin)
     k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=1)
     scores = (q @ k.transpose(-1, -2)) * cfg.head_dim ** -0.5  # [B, Hq, T, T]
-    allowed = attention_mask(meta, cfg.causal, None)  # [B, 1, T, T]
+    allowed = attention_mask(meta, cfg.causal, None, cfg.window(layer))  # [B, 1, T, T]
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
@@ -150,10 +178,22 @@ def derive_points(points: Iterable[str], raw: dict[str, torch.Tensor], cfg: Arch
         elif leaf in _QKV_PARTS:
             out[point] = split_qkv(raw[key], cfg)[_QKV_PARTS[leaf]]
         elif leaf == "attn.probs":
-            out[point] = attention_probs(raw[key], cfg, mask)
+            out[point] = _probs(point, key, raw, cfg, mask, side)
         else:
             out[point] = raw[key]
     return out
+
+
+def _probs(point: str, key: str, raw: dict[str, torch.Tensor], cfg: ArchConfig, mask: torch.Tensor,
+           side: str) -> torch.Tensor:
+    """``attn.probs`` recomputed from the captured qkv (and q/k norm outputs, `capture_keys`)."""
+    extra = capture_keys(point, cfg)[1:]
+    lacking = [k for k in extra if k not in raw]
+    if lacking:
+        raise MissingPointError(f"side {side} has no point {point!r}: nothing was captured for {lacking[0]!r}")
+    layer = int(_LAYER_POINT.fullmatch(point).group(1))
+    normed = (raw[extra[0]], raw[extra[1]]) if extra else None
+    return attention_probs(raw[key], cfg, mask, layer, normed)
 
 
 def _leaf(point: str) -> str:
@@ -327,7 +367,7 @@ class HFCapture:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(device), attention_mask=mask.long().to(device),
-                             position_ids=positions_from_mask(mask).to(device), output_attentions=probs)
+                             position_ids=input_positions(mask, self.cfg).to(device), output_attentions=probs)
         if probs and not getattr(out, "attentions", None):
             raise MissingPointError(f"side {side} returned no attention probabilities: load the HF model with "
                                     "attn_implementation='eager' (output_attentions needs it)")

@@ -1,6 +1,6 @@
 """`ArchConfig`: the one description of a transformer's structure.
 
-GPT-2, BERT and LLaMA are the same classes (`eet_pipe.models.layers`) with different
+GPT-2, BERT, LLaMA, Mistral and Qwen2/Qwen3 are the same classes (`eet_pipe.models.layers`) with different
 values here; nothing in the model code branches on an architecture name.
 """
 
@@ -10,12 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ArchConfig", "NORMS", "ACTIVATIONS", "POSITIONS", "ROPE_TYPES"]
+__all__ = ["ArchConfig", "NORMS", "ACTIVATIONS", "POSITIONS", "ROPE_TYPES", "POSITION_IDS"]
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_new", "silu_gated", "gelu_gated", "relu")
 POSITIONS = ("learned", "rotary")
 ROPE_TYPES = ("default", "linear", "llama3")
+POSITION_IDS = ("mask", "index")
 
 
 def _require(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -28,7 +29,8 @@ class ArchConfig:
     """Structure of a canonical transformer (encoder or decoder)."""
 
     model_type: str = "gpt2"
-    """Architecture family name of the checkpoint ('gpt2', 'bert', 'llama'); used for weight mapping only."""
+    """Architecture family of the checkpoint (HF model_type: 'gpt2', 'bert', 'llama', 'mistral', 'qwen2', 'qwen3');
+    used for weight mapping only."""
     vocab_size: int = 50257
     """Number of token ids."""
     hidden_size: int = 768
@@ -65,8 +67,19 @@ class ArchConfig:
     """llama3 scaling: high frequency factor."""
     rope_original_max_positions: int = 8192
     """llama3 scaling: original context length."""
+    position_ids: str | None = None
+    """How a token's position is counted: 'mask' (its valid tokens before it, so a left-padded row starts at 0, as
+    HF generate does for decoders) or 'index' (its column in the padded input, 0..T-1 whatever the padding, as HF's
+    BERT does). None picks 'index' for bidirectional encoders with learned absolute positions, else 'mask'."""
     causal: bool = True
     """Causal (decoder) or bidirectional (encoder) attention."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral): a token attends to at most this many cache columns, ending at its own;
+    None attends over the whole context."""
+    sliding_window_layers: list[int] | None = None
+    """Indices of the layers that use sliding_window (HF Qwen2/Qwen3 `layer_types`); None: every layer."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every query and key head before rotary (Qwen3): `attn.q_norm`, `attn.k_norm`."""
     qkv_bias: bool = True
     """Bias on the fused q/k/v projection."""
     out_bias: bool = True
@@ -107,6 +120,10 @@ class ArchConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.position_ids is None:
+            self.position_ids = "index" if not self.causal and self.positions == "learned" else "mask"
+        if self.sliding_window_layers is not None:
+            self.sliding_window_layers = sorted({int(i) for i in self.sliding_window_layers})
         self.validate()
 
     def validate(self) -> None:
@@ -126,6 +143,22 @@ class ArchConfig:
         _require(self.type_vocab_size >= 0, "type_vocab_size", self.type_vocab_size, "must be >= 0")
         if self.positions == "rotary":
             _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even for rotary positions")
+        _require(self.position_ids in POSITION_IDS, "position_ids", self.position_ids,
+                 f"allowed: {', '.join(POSITION_IDS)}")
+        _require(self.sliding_window is None or isinstance(self.sliding_window, int) and self.sliding_window > 0,
+                 "sliding_window", self.sliding_window, "must be a positive integer or None")
+        layers = self.sliding_window_layers or []
+        _require(all(0 <= i < self.num_layers for i in layers), "sliding_window_layers", self.sliding_window_layers,
+                 f"must be layer indices 0..{self.num_layers - 1}")
+        _require(self.sliding_window is not None or self.sliding_window_layers is None, "sliding_window_layers",
+                 self.sliding_window_layers, "needs sliding_window to be set")
+        _require(not self.qk_norm or self.norm == "rmsnorm", "qk_norm", self.qk_norm, "needs norm='rmsnorm'")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (cache columns a token may attend over), or None for full attention."""
+        if self.sliding_window is None or self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+            return None
+        return self.sliding_window
 
     @property
     def gated(self) -> bool:

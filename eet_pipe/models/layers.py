@@ -1,5 +1,5 @@
 """Canonical layers. Module names are the canonical names:
-``embed.{tok,pos,type,norm}``, ``attn.{norm,qkv,out}``, ``mlp.{norm,up,gate,down}``.
+``embed.{tok,pos,type,norm}``, ``attn.{norm,qkv,q_norm,k_norm,out}``, ``mlp.{norm,up,gate,down}``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,20 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
 
-__all__ = ["Norm", "Embedding", "Attention", "MLP", "TransformerLayer", "LMHead", "attention_mask"]
+__all__ = ["Norm", "Embedding", "Attention", "MLP", "TransformerLayer", "LMHead", "attention_mask", "window_valid"]
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, chosen by the config."""
+    """LayerNorm or RMSNorm, chosen by the config, over the last `width` features (default hidden_size; head_dim
+    for the per-head q/k norms)."""
 
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, width: int | None = None) -> None:
         super().__init__()
+        width = cfg.hidden_size if width is None else width
         self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.weight = nn.Parameter(torch.ones(width))
         has_bias = cfg.norm == "layernorm" and cfg.norm_bias
-        self.bias = nn.Parameter(torch.zeros(cfg.hidden_size)) if has_bias else None
+        self.bias = nn.Parameter(torch.zeros(width)) if has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -62,8 +64,10 @@ class Embedding(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None) -> torch.Tensor:
-    """[B, 1, T, K] bool mask: valid keys, causal order, and each token always sees itself."""
+def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None, window: int | None = None) -> torch.Tensor:
+    """[B, 1, T, K] bool mask: valid keys, causal order, the sliding `window` (a query at cache column q sees
+    columns q - window + 1 .. q; a sequence's tokens occupy consecutive columns), and each token always sees
+    itself."""
     if cache is None:
         keys = meta.valid  # [B, K=T]
         t = meta.valid.shape[1]
@@ -76,7 +80,20 @@ def attention_mask(meta: StepMeta, causal: bool, cache: KVCache | None) -> torch
     allowed = keys.unsqueeze(1)
     if causal:
         allowed = allowed & (k_idx <= q_idx)
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
     return (allowed | (k_idx == q_idx)).unsqueeze(1)
+
+
+def window_valid(meta: StepMeta, cache: KVCache, window: int) -> torch.Tensor:
+    """A decode step's cache validity [S, K] restricted to each sequence's sliding window: for the slot of row b,
+    columns before ``write_index[b] - window + 1`` are excluded (other slots keep their validity). Device ops
+    only (a scatter), so it runs inside a captured CUDA graph."""
+    valid = cache.valid[:, : meta.kv_len]
+    start = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+    start = start.scatter(0, meta.slots, meta.write_index[:, -1] + 1 - window)  # [S]
+    cols = torch.arange(valid.shape[1], device=valid.device).view(1, -1)
+    return valid & (cols >= start.view(-1, 1))
 
 
 class Linear(nn.Linear):
@@ -100,21 +117,39 @@ def project(linear: nn.Module, x: torch.Tensor, activation: str | None = None,
 
 
 class Attention(nn.Module):
-    """Fused q/k/v projection, optional rotary, softmax attention, output projection."""
+    """Fused q/k/v projection, optional per-head q/k norm, optional rotary, softmax attention (over the layer's
+    sliding window, if any), output projection."""
 
     def __init__(self, cfg: ArchConfig, index: int) -> None:
         super().__init__()
         self.cfg, self.index = cfg, index
+        self.window = cfg.window(index)
         self.norm = Norm(cfg)
         self.qkv = Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
+        self.q_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.out = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
+
+    def qkv_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused projection [B, T, (Hq + 2 Hkv) D], with q and k normalised per head when the config says so
+        (before rotary, as HF Qwen3 does); the q/k norms see [B, T, heads, D]."""
+        qkv = self.qkv(x)
+        if self.q_norm is None:
+            return qkv
+        cfg = self.cfg
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                             cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        q = self.q_norm(q.reshape(b, t, cfg.num_heads, cfg.head_dim)).reshape(b, t, -1)
+        k = self.k_norm(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)).reshape(b, t, -1)
+        return torch.cat([q, k, v], dim=-1)
 
     def project(self, x: torch.Tensor, meta: StepMeta,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] with rotary applied."""
         cfg = self.cfg
         b, t, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                              cfg.num_kv_heads * cfg.head_dim], dim=-1)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -127,6 +162,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
+        """`mask`: the [B, 1, T, K] attention mask of this layer's window, None for an unpadded cache-free
+        forward; on a decode step (one token, with a cache) the [S, K] cache validity restricted to the window
+        (`window_valid`), None for the cache's own."""
         if cache is None:
             q, k, v = self.project(x, meta, rope)
             o = ops.attention(q, k, v, mask, causal=self.cfg.causal)  # [B, Hq, T, D]
@@ -141,20 +179,21 @@ class Attention(nn.Module):
         cache; decode steps (one token) use the decode-attention kernel (without rotary, straight from the
         projection: it stores the new k and v itself), prefill the SDPA path."""
         cfg, i = self.cfg, self.index
+        k_len = meta.kv_len
         if x.shape[1] == 1 and rope is None:
             # a decode step without rotary: the attention kernel stores the new k and v itself (one kernel less)
-            k_len = meta.kv_len
-            return ops.decode_attention_qkv(self.qkv(x), cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
+            valid = mask if mask is not None else cache.valid[:, :k_len]
+            return ops.decode_attention_qkv(self.qkv_proj(x), cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
                                             meta.slots, meta.write_index, meta.lengths_after_write(),
-                                            cache.valid[:, :k_len], cfg.num_heads, cfg.num_kv_heads)
+                                            valid, cfg.num_heads, cfg.num_kv_heads)
         cos, sin = rope if rope is not None else (None, None)
-        q = ops.qkv_rotary_cache(self.qkv(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
+        q = ops.qkv_rotary_cache(self.qkv_proj(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
                                  cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
                                  positions=meta.positions)
         if x.shape[1] == 1:
-            k_len = meta.kv_len
+            valid = mask if mask is not None else cache.valid[:, :k_len]
             return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,
-                                        meta.lengths_after_write(), cache.valid[:, :k_len])
+                                        meta.lengths_after_write(), valid)
         k, v = cache.read(i, meta)
         return ops.attention(q, k, v, mask)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask", "to_device"]
+__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask", "index_positions", "to_device"]
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -89,6 +89,17 @@ def positions_from_mask(mask: torch.Tensor, start: torch.Tensor | None = None) -
     if start is not None:
         pos = pos + start.view(-1, 1)
     return pos.masked_fill(~mask.bool(), 0)
+
+
+def index_positions(meta: StepMeta) -> StepMeta:
+    """`meta` with each token's position its column in the padded input (0..T-1 per row, or its cache column
+    with a cache) whatever the padding: the convention of HF's absolute-position encoders (BERT), against
+    `positions_from_mask`, which HF generate uses for decoders (ArchConfig.position_ids)."""
+    if meta.write_index is not None:
+        return replace(meta, positions=meta.write_index)
+    batch, seq = meta.valid.shape
+    cols = torch.arange(seq, dtype=torch.long, device=meta.valid.device)
+    return replace(meta, positions=cols.expand(batch, seq))
 
 
 def prefill_meta(mask: torch.Tensor, slots: torch.Tensor | None = None,

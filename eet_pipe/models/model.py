@@ -11,8 +11,8 @@ from torch import nn
 
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.layers import Embedding, LMHead, Norm, TransformerLayer, attention_mask
-from eet_pipe.models.meta import StepMeta
+from eet_pipe.models.layers import Embedding, LMHead, Norm, TransformerLayer, attention_mask, window_valid
+from eet_pipe.models.meta import StepMeta, index_positions
 from eet_pipe.models.rotary import rotary_table
 
 __all__ = ["CanonicalModel", "parse_units"]
@@ -89,26 +89,39 @@ class CanonicalModel(nn.Module):
         Returns:
             logits [B, T, V] if this slice ends with an LM head, else hidden states [B, T, H].
         """
+        if self.cfg.position_ids == "index":
+            meta = index_positions(meta)
         if self.embed is not None:
             x = self.embed(x, meta)
         if self.layer_ids:
             if cache is not None:
                 cache.commit(meta)
-            # decode steps with a cache use the decode-attention op, which needs no dense mask
-            decode = cache is not None and x.shape[1] == 1
-            if decode:
+            if cache is not None and x.shape[1] == 1:
                 meta = meta.with_cache_lengths()  # one add per step, not one per layer
-            # an unpadded batch without a cache needs no mask: causal (or full) attention on the flash path
-            dense = cache is None and meta.dense
-            mask = None if decode or dense else attention_mask(meta, self.cfg.causal, cache)
+            masks = self._masks(meta, cache, x.shape[1])
             rope = self.rope(x.device)
             for layer in self.layers.values():
-                x = layer(x, meta, mask, cache, rope)
+                x = layer(x, meta, masks[layer.attn.window], cache, rope)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.head is not None:
             x = self.head(x)
         return x
+
+    def _masks(self, meta: StepMeta, cache: KVCache | None, tokens: int) -> dict[int | None, torch.Tensor | None]:
+        """The attention mask of each sliding window the held layers use (None: full attention), built once per
+        forward. A decode step with a cache needs no dense mask (the decode-attention op reads the cache's
+        validity; a window restricts it, `window_valid`); an unpadded batch without a cache needs none either
+        (causal or full attention on the flash path) unless a window is shorter than the sequence."""
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in {layer.attn.window for layer in self.layers.values()}:
+            if cache is not None and tokens == 1:
+                masks[window] = None if window is None else window_valid(meta, cache, window)
+            elif cache is None and meta.dense and (window is None or tokens <= window):
+                masks[window] = None
+            else:
+                masks[window] = attention_mask(meta, self.cfg.causal, cache, window)
+        return masks
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT pooler: tanh(dense(first token)). hidden: [B, T, H] -> [B, H]."""

@@ -10,16 +10,12 @@ import torch
 
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.model import CanonicalModel
-from eet_pipe.weights.bert import BERT
 from eet_pipe.weights.checkpoint import Checkpoint
-from eet_pipe.weights.gpt2 import GPT2
-from eet_pipe.weights.llama import LLAMA
 from eet_pipe.weights.mapping import ArchMapping, MappingError, check_keys, from_hf, normalise_keys
+from eet_pipe.weights.registry import ARCHS
 
 __all__ = ["ARCHS", "mapping_for", "read_hf_config", "load_checkpoint", "from_torch", "init_random",
            "config_from_hf"]
-
-ARCHS: dict[str, ArchMapping] = {"gpt2": GPT2, "bert": BERT, "llama": LLAMA}
 
 
 def mapping_for(model_type: str) -> ArchMapping:

@@ -16,6 +16,7 @@ from eet_pipe import compare as compare_mod
 from eet_pipe.compare import Side, compare, main
 from eet_pipe.compare_points import MissingPointError, point_names
 from eet_pipe.generation import pad_prompts
+from tests.hf_models import mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 17, 33, 9, 41, 3, 77, 12, 5, 6], [8, 13, 40, 99]]  # left-padded: 10 and 4 tokens
@@ -142,3 +143,41 @@ def test_cli_json_reports_failures_with_exit_1(gpt2_dir):
     assert data["passed"] is False and data["first_failure"] == failing[0]["name"]
     assert data["rows"][-1]["name"] == "head" and all(len(r["worst"]) == 2 for r in failing)
     assert data["summary"].startswith(f"first divergence: {failing[0]['name']} (max-abs ")
+
+
+@pytest.mark.parametrize("fixture", ["mistral_dir", "qwen2_dir", "qwen3_dir"])
+def test_new_decoders_match_hf_at_every_point(fixture, request, batch):
+    """Including the attention probabilities past Mistral's and Qwen2's sliding windows (10 tokens, windows 6
+    and 5) and Qwen3's per-head q/k norm outputs; HF module names come from the weight tables."""
+    path = str(request.getfixturevalue(fixture))
+    report = compare(Side("hf", path), Side("eet", path), *batch)
+    assert report.passed, report.table()
+    names = [r.name for r in report.rows]
+    assert names == point_names(eet_pipe.from_pretrained(path).cfg)
+    assert ("layers.3.attn.q_norm" in names) == ("layers.3.attn.k_norm" in names) == (fixture == "qwen3_dir")
+    assert 0 < report.row("head").max_abs
+    if fixture == "qwen3_dir":
+        assert report.row("layers.1.attn.q_norm").shape == (2, 10, 4, 32)
+        assert report.row("layers.1.attn.k_norm").shape == (2, 10, 2, 32)
+
+
+def test_perturbed_k_norm_is_the_first_divergence(qwen3_dir, batch):  # noqa: F811
+    lm = eet_pipe.from_pretrained(str(qwen3_dir))
+    with torch.no_grad():
+        lm.model.layers["2"].attn.k_norm.weight[3] += 0.5
+    report = compare(Side("hf", str(qwen3_dir)), Side("eet", lm), *batch)
+    assert report.first_failure is not None and report.first_failure.name == "layers.2.attn.k_norm", report.table()
+    assert report.row("layers.2.attn.q_norm").passed and report.row("layers.2.attn.k").passed
+    assert not report.row("layers.2.attn.probs").passed  # recomputed from the normalised k
+
+
+def test_q_norm_points_exist_only_where_the_model_has_them(llama_dir, batch):
+    with pytest.raises(MissingPointError, match=r"side a \(hf fp32 cpu\) has no point 'layers\.0\.attn\.q_norm'"):
+        compare(Side("hf", str(llama_dir)), Side("eet", str(llama_dir)), *batch, points=["layers.0.attn.q_norm"])
+
+
+def test_pipelined_qwen3_equals_single_process_exactly(qwen3_dir, batch):  # noqa: F811
+    report = compare(Side("eet", str(qwen3_dir)), Side.parse("eet:stages=2", str(qwen3_dir)), *batch,
+                     points=["layers.1", "layers.2", "head"])
+    assert report.passed and not [(r.name, r.max_abs) for r in report.rows if r.max_abs != 0]
+    assert "layers.2.attn.k_norm" in [r.name for r in report.rows]

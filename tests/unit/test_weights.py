@@ -12,13 +12,15 @@ from safetensors.torch import load_file, save_file
 from eet_pipe.weights import CheckpointError, MappingError, load_checkpoint, mapping_for, to_hf
 from eet_pipe.weights.loader import config_from_hf, read_hf_config
 from eet_pipe.weights.mapping import from_hf, normalise_keys
+from eet_pipe.weights.registry import ARCHS
+from tests.hf_models import mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401  (fixtures)
 
 
 def _state(path):
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir", "bert_dir"])
+@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir", "bert_dir", "mistral_dir", "qwen2_dir", "qwen3_dir"])
 def test_round_trip_is_exact(fixture, request):
     path = request.getfixturevalue(fixture)
     sd = _state(path)
@@ -123,7 +125,8 @@ def test_unsupported_architecture(gpt2_dir, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     cfg["model_type"] = "t5"
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture model_type='t5'; supported: bert, gpt2, llama"):
+    with pytest.raises(ValueError, match="unsupported architecture model_type='t5'; supported: bert, gpt2, llama, "
+                                         "mistral, qwen2, qwen3"):
         load_checkpoint(dst)
 
 
@@ -136,3 +139,83 @@ def test_from_torch_converts_in_memory_model():
     assert torch.equal(ours.layers["1"].mlp.gate.weight, hf.model.layers[1].mlp.gate_proj.weight)
     q = hf.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(ours.layers["0"].attn.qkv.weight[: q.shape[0]], q)
+
+
+def test_registry_is_keyed_by_each_tables_model_type():
+    assert sorted(ARCHS) == ["bert", "gpt2", "llama", "mistral", "qwen2", "qwen3"]
+    assert all(mapping.model_type == name for name, mapping in ARCHS.items())
+
+
+def test_new_decoder_configs_read_their_pieces(mistral_dir, qwen2_dir, qwen3_dir):  # noqa: F811
+    mistral = config_from_hf(read_hf_config(mistral_dir))
+    assert (mistral.sliding_window, mistral.sliding_window_layers, mistral.head_dim) == (6, None, 24)
+    assert (mistral.num_kv_heads, mistral.qkv_bias, mistral.out_bias, mistral.qk_norm) == (2, False, False, False)
+    assert [mistral.window(i) for i in range(mistral.num_layers)] == [6] * 4
+    qwen2 = config_from_hf(read_hf_config(qwen2_dir))
+    assert (qwen2.qkv_bias, qwen2.out_bias, qwen2.tie_embeddings) == (True, False, True)
+    assert [qwen2.window(i) for i in range(qwen2.num_layers)] == [None, None, 5, 5]
+    qwen3 = config_from_hf(read_hf_config(qwen3_dir))
+    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.sliding_window, qwen3.qkv_bias) == (True, 32, None, False)
+
+
+def _qwen2_hf(**extra) -> dict:
+    return {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 16, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32, **extra}
+
+
+@pytest.mark.parametrize("extra,windows", [
+    ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 1}, [None] * 4),  # HF drops it
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, [None, 8, 8, 8]),
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, [8] * 4),
+    ({"use_sliding_window": True, "sliding_window": 8,
+      "layer_types": ["sliding_attention", "full_attention"] * 2}, [8, None, 8, None]),
+    ({"sliding_window": None, "layer_types": ["full_attention"] * 4}, [None] * 4),
+])
+def test_qwen_sliding_window_follows_what_hf_applies(extra, windows):
+    cfg = config_from_hf(_qwen2_hf(**extra))
+    assert [cfg.window(i) for i in range(4)] == windows
+
+
+def test_qwen_bad_layer_types_are_named():
+    with pytest.raises(ValueError, match="layer_types=.*chunked_attention"):
+        config_from_hf(_qwen2_hf(layer_types=["chunked_attention"] * 4))
+
+
+def test_qwen3_without_head_dim_uses_hfs_default_of_128():
+    hf = {**_qwen2_hf(), "model_type": "qwen3"}
+    assert config_from_hf(hf).head_dim == 128
+
+
+@pytest.mark.parametrize("form", ["rope_scaling", "rope_parameters"])
+def test_llama3_rope_scaling_reads_both_config_forms(form):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    hf = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "intermediate_size": 32}
+    if form == "rope_scaling":
+        hf.update(rope_theta=500000.0, rope_scaling=scaling)
+    else:
+        hf.update(rope_parameters={**scaling, "rope_theta": 500000.0})
+    cfg = config_from_hf(hf)
+    assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_positions) == (
+        "llama3", 500000.0, 8.0, 64)
+
+
+def test_qwen3_missing_q_norm_is_named(qwen3_dir, tmp_path):  # noqa: F811
+    dst = tmp_path / "broken"
+    shutil.copytree(qwen3_dir, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    del sd["model.layers.1.self_attn.q_norm.weight"]
+    save_file(sd, str(dst / "model.safetensors"))
+    with pytest.raises(MappingError, match=r"missing keys.*model\.layers\.1\.self_attn\.q_norm\.weight"):
+        load_checkpoint(dst)
+
+
+def test_qwen2_without_its_qkv_bias_is_named(qwen2_dir, tmp_path):  # noqa: F811
+    dst = tmp_path / "nobias"
+    shutil.copytree(qwen2_dir, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    sd = {k: v for k, v in sd.items() if not k.endswith("_proj.bias")}
+    save_file(sd, str(dst / "model.safetensors"))
+    with pytest.raises(MappingError, match=r"missing keys \(12\): model\.layers\.0\.self_attn\.k_proj\.bias"):
+        load_checkpoint(dst)
