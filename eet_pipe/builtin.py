@@ -46,7 +46,11 @@ def cache_dir() -> Path:
 
 
 def _key(cfg: ArchConfig, seed: int) -> str:
-    blob = json.dumps([cfg.to_dict(), seed, CORPUS, TRAIN_STEPS, BATCH, SEQ, LR], sort_keys=True, default=str)
+    """The cache key: what the weights depend on. Config fields at their class default are left out, so a
+    field added to ArchConfig later does not make every machine train the model again."""
+    default = ArchConfig()
+    fields = {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
+    blob = json.dumps([fields, seed, CORPUS, TRAIN_STEPS, BATCH, SEQ, LR], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
