@@ -79,10 +79,12 @@ def _plan(args: argparse.Namespace) -> int:
     opts = build_config(PlanOptions, flags, parse_overrides(args.overrides))
     spec = resolve_model(opts.model, opts.weights)
     workload = opts.make_workload(spec.cfg)
+    budget = opts.budget(spec.cfg)  # bad KV-cache options fail before anything is measured
     inputs = measure_inputs(spec, opts.device_list(), opts.dtype, workload, measure_links=opts.measure_links,
-                            profiles=opts.profile, cache_dir=opts.cache_dir, refresh=opts.refresh)
+                            profiles=opts.profile, cache_dir=opts.cache_dir, refresh=opts.refresh, costs=opts.costs,
+                            mem_caps=opts.mem_caps())
     plan = plan_from_inputs(inputs, spec, opts.dtype, opts.schedule, opts.chunks_per_device, opts.microbatches,
-                            budget=opts.budget())
+                            budget=budget)
     print(plan.table())
     print(describe_inputs(inputs, plan))
     if opts.out:
