@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from eet_pipe.weights.gpt2 import GPT2
 from eet_pipe.weights.llama import LLAMA
 from eet_pipe.weights.mapping import ArchMapping, MappingError, check_keys, from_hf, normalise_keys
 
-__all__ = ["ARCHS", "mapping_for", "read_hf_config", "load_checkpoint", "from_torch", "init_random",
+__all__ = ["ARCHS", "RANDOM_BLOCK", "mapping_for", "read_hf_config", "load_checkpoint", "from_torch", "init_random",
            "config_from_hf"]
 
 ARCHS: dict[str, ArchMapping] = {"gpt2": GPT2, "bert": BERT, "llama": LLAMA}
@@ -98,32 +99,72 @@ def from_torch(hf_model: torch.nn.Module, units: list[str] | None = None, dtype:
     return _build(cfg, mapping, units, lambda n: state[names[n]], dtype, device)
 
 
+RANDOM_BLOCK = 1 << 22
+"""Elements drawn at a time when filling a CPU tensor of another dtype (16 MiB of fp32); a multiple of 16,
+so the blocks draw exactly the numbers one draw of the whole tensor would."""
+
+
 def init_random(cfg: ArchConfig, units: list[str] | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                 device: torch.device | str = "cpu", std: float = 0.02) -> CanonicalModel:
-    """A model with deterministic random weights. Every slice of the same (cfg, seed) sees the same
-    numbers for the same tensor, so a pipeline's stages equal one whole random model."""
+    """A model (or the slice `units`) with deterministic random weights, created directly on `device`.
+
+    The slice is built on the meta device; each of its tensors is then allocated on `device` in `dtype` and
+    filled from a generator seeded by the seed and the tensor's canonical name (which starts with its
+    unit's name), so the weights of unit ``layers.17`` are the same whatever the split and whichever
+    stage builds them, and no process ever holds more than its own units. On CPU a tensor of a dtype
+    other than fp32 is filled block by block (`RANDOM_BLOCK`), so no fp32 copy of it is held either; bf16
+    and fp16 weights are the fp32 ones rounded. A head tied to the embedding reads the embedding's numbers.
+    """
     with torch.device("meta"):
         model = CanonicalModel(cfg, units)
-    tensors = {}
+    dtype = dtype or torch.float32
+    tensors: dict[str, torch.Tensor] = {}
     for name, meta in model.state_dict().items():
-        source = "embed.tok.weight" if name == "head.weight" and cfg.tie_embeddings else name
-        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, device).to(dtype or torch.float32)
-    if "head.weight" in tensors and "embed.tok.weight" in tensors and cfg.tie_embeddings:
-        tensors["head.weight"] = tensors["embed.tok.weight"]
+        tied = name == "head.weight" and cfg.tie_embeddings
+        if tied and "embed.tok.weight" in tensors:
+            tensors[name] = tensors["embed.tok.weight"]
+            continue
+        source = "embed.tok.weight" if tied else name
+        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, dtype, torch.device(device))
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
-                   device: torch.device | str) -> torch.Tensor:
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
     """Norm weights 1, norm biases 0, everything else N(0, std) from a generator seeded by the name."""
     if ".norm." in f".{name}" and name.endswith(".weight") or name == "final_norm.weight":
-        return torch.ones(shape, device=device)
+        return torch.ones(shape, dtype=dtype, device=device)
     if "norm" in name and name.endswith(".bias"):
-        return torch.zeros(shape, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + _stable_hash(name))
-    return torch.randn(shape, generator=gen, device=device) * std
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel < 16:  # on a GPU the fp32 draw lives on the GPU, not on the host
+        return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    if dtype == torch.float32:
+        flat.normal_(0.0, std, generator=gen)
+        return out
+    block = torch.empty(min(RANDOM_BLOCK, numel), dtype=torch.float32)
+    for start, size in _blocks(numel):
+        flat[start:start + size].copy_(block[:size].normal_(0.0, std, generator=gen) if size <= len(block)
+                                       else torch.empty(size).normal_(0.0, std, generator=gen))
+    return out
+
+
+def _blocks(numel: int) -> list[tuple[int, int]]:
+    """(start, size) of the draws filling `numel` elements: RANDOM_BLOCK each, the last one taking a
+    remainder under 16 (CPU draws of fewer than 16 numbers follow another algorithm)."""
+    out, start = [], 0
+    while start < numel:
+        size = min(RANDOM_BLOCK, numel - start)
+        if 0 < numel - start - size < 16:
+            size = numel - start
+        out.append((start, size))
+        start += size
+    return out
 
 
 def _stable_hash(name: str) -> int:
