@@ -117,7 +117,8 @@ def init_random(cfg: ArchConfig, units: list[str] | None = None, seed: int = 0, 
     """
     with torch.device("meta"):
         model = CanonicalModel(cfg, units)
-    dtype = dtype or torch.float32
+    dtype, device = dtype or torch.float32, torch.device(device)
+    block = torch.empty(RANDOM_BLOCK) if device.type == "cpu" and dtype != torch.float32 else None  # reused
     tensors: dict[str, torch.Tensor] = {}
     for name, meta in model.state_dict().items():
         tied = name == "head.weight" and cfg.tie_embeddings
@@ -125,14 +126,15 @@ def init_random(cfg: ArchConfig, units: list[str] | None = None, seed: int = 0, 
             tensors[name] = tensors["embed.tok.weight"]
             continue
         source = "embed.tok.weight" if tied else name
-        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, dtype, torch.device(device))
+        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, dtype, device, block)
+    del block
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, block: torch.Tensor | None = None) -> torch.Tensor:
     """Norm weights 1, norm biases 0, everything else N(0, std) from a generator seeded by the name."""
     if ".norm." in f".{name}" and name.endswith(".weight") or name == "final_norm.weight":
         return torch.ones(shape, dtype=dtype, device=device)
@@ -147,10 +149,10 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dty
     if dtype == torch.float32:
         flat.normal_(0.0, std, generator=gen)
         return out
-    block = torch.empty(min(RANDOM_BLOCK, numel), dtype=torch.float32)
+    block = torch.empty(RANDOM_BLOCK) if block is None else block
     for start, size in _blocks(numel):
-        flat[start:start + size].copy_(block[:size].normal_(0.0, std, generator=gen) if size <= len(block)
-                                       else torch.empty(size).normal_(0.0, std, generator=gen))
+        draws = block[:size] if size <= len(block) else torch.empty(size)  # a last block may be 15 longer
+        flat[start:start + size].copy_(draws.normal_(0.0, std, generator=gen))
     return out
 
 

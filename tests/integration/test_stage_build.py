@@ -92,6 +92,8 @@ def _build_stage(source: str, weights: str | None, units: list[str], dtype: str,
     model = load_units(spec, units, parse_dtype(dtype), "cpu")
     built = _status("VmHWM")
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"{units[0]}..{units[-1]}: RssAnon {_status('RssAnon') >> 20} MiB, RssFile {_status('RssFile') >> 20} MiB, "
+          f"before {before >> 20} MiB, imports {imports >> 20} MiB", flush=True)
     queue.put((max(imports, built), built - before, held))
 
 
