@@ -143,7 +143,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dty
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + _stable_hash(name))
     numel = math.prod(shape)
     if device.type != "cpu" or numel < 16:  # on a GPU the fp32 draw lives on the GPU, not on the host
-        return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
+        return torch.randn(shape, generator=gen, device=device).mul_(std).to(dtype)
     out = torch.empty(shape, dtype=dtype, device=device)
     flat = out.view(-1)
     if dtype == torch.float32:

@@ -6,8 +6,9 @@
 
 Each stage is built in a child process: its whole-life peak RSS (`VmHWM`, the interpreter and torch
 included; `ru_maxrss` would carry the parent's over fork + exec) and the peak of the build itself (`VmHWM`
-after resetting it through /proc/self/clear_refs, less the RSS before the build). A checkpoint's tensors
-are memory-mapped from the shards (safetensors), so they count only once touched, and only the stage's own.
+after resetting it through /proc/self/clear_refs, less the RSS before the build), with every weight read once
+after the build: a checkpoint's tensors are memory-mapped from the shards (safetensors), so they count once
+touched, and only the stage's own.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def _build_stage(source: str, weights: str | None, units: list[str], dtype: str,
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status("VmRSS")
     model = load_units(spec, units, parse_dtype(dtype), "cpu")
+    for tensor in model.state_dict().values():  # read every weight once, as a forward would (mapped pages load)
+        tensor.sum()
     built = _status("VmHWM")
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(f"{units[0]}..{units[-1]}: RssAnon {_status('RssAnon') >> 20} MiB, RssFile {_status('RssFile') >> 20} MiB, "
-          f"before {before >> 20} MiB, imports {imports >> 20} MiB", flush=True)
+    print(f"{units[0]}..{units[-1]}: RssAnon {_status('RssAnon') >> 20} MiB, RssFile {_status('RssFile') >> 20} MiB "
+          f"(of which the process had {before >> 20} MiB before the build)", flush=True)
     queue.put((max(imports, built), built - before, held))
 
 
@@ -165,3 +168,32 @@ def test_stages_build_only_their_tensors_from_checkpoint_or_random(tmp_path):
         for _, grew, held in rss:
             # its own tensors (+ one block of draws and allocator slack), far from the other stage's
             assert grew < held + (full - held) / 2, f"a stage ({weights}) built more than its own tensors"
+
+
+def _build_on_gpu(units: list[str], queue: mp.Queue) -> None:
+    """Child: build `units` of llama-3-8b with random bf16 weights on cuda:0; report (host RSS growth,
+    GPU bytes allocated at the peak, bytes of the stage's tensors)."""
+    spec = resolve_model("llama-3-8b", "random")
+    init_random(SMALL, dtype=torch.bfloat16, device="cuda:0")  # CUDA context and first-use costs first
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    torch.cuda.reset_peak_memory_stats(0)
+    model = load_units(spec, units, torch.bfloat16, "cuda:0")
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    queue.put((_status("VmHWM") - before, torch.cuda.max_memory_allocated(0), held))
+
+
+@pytest.mark.cuda
+def test_random_stage_is_created_on_its_gpu_not_on_the_host():
+    cfg = resolve_model("llama-3-8b", "random").cfg
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_build_on_gpu, args=(_stages(cfg, 2)[0], queue))
+    proc.start()
+    grew, gpu_peak, held = queue.get(timeout=600)
+    proc.join(60)
+    print(f"llama-3-8b stage 0 on cuda:0: host RSS growth {grew / MIB:.0f} MiB, GPU peak {gpu_peak / MIB:.0f} MiB "
+          f"for {held / MIB:.0f} MiB of weights")
+    assert proc.exitcode == 0 and grew < 256 * MIB  # nothing of the weights passes through the host
+    # the weights plus the fp32 draws of the largest tensor (the embedding: 2 GiB), freed after
+    assert gpu_peak < held + 4 * cfg.vocab_size * cfg.hidden_size + 64 * MIB
