@@ -139,3 +139,19 @@ def test_plan_options_memory_fields(spec70):
         PlanOptions(mem=["80 potatoes"])
     assert (parse_bytes("80GiB"), parse_bytes("1.5TB"), parse_bytes("512"), parse_bytes("64 MiB")) == \
         (80 * 2**30, 1_500_000_000_000, 512, 64 * 2**20)
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("building_allowed")
+def test_measured_plan_on_a_gpu_respects_its_free_memory(tmp_path):
+    """On a GPU: costs measured (one unit at a time), the cap is the free memory, the KV cache is in the need."""
+    import torch
+
+    spec = resolve_model("llama-3-8b", "random")
+    plan = auto_plan(spec, ["cuda:0"], "bf16", "gpipe", 1, 1, workload=Workload("prefill", 1, 512),
+                     budget=MemoryBudget(kv_tokens=4 * 8192), cache_dir=tmp_path)
+    st = plan.stages[0]
+    free, _ = torch.cuda.mem_get_info(0)
+    assert st.mem_cap_bytes <= free + 4 * 2**30 and st.predicted_mem_bytes <= st.mem_cap_bytes
+    assert st.predicted_mem["params"] == weight_bytes(spec.cfg, "bf16")
+    assert st.predicted_mem["kv"] == 32 * 2 * 8 * 128 * 2 * 4 * 8192
