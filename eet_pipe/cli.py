@@ -79,10 +79,12 @@ def _plan(args: argparse.Namespace) -> int:
     opts = build_config(PlanOptions, flags, parse_overrides(args.overrides))
     spec = resolve_model(opts.model, opts.weights)
     workload = opts.make_workload(spec.cfg)
+    budget = opts.budget(spec.cfg)  # bad KV-cache options fail before anything is measured
     inputs = measure_inputs(spec, opts.device_list(), opts.dtype, workload, measure_links=opts.measure_links,
-                            profiles=opts.profile, cache_dir=opts.cache_dir, refresh=opts.refresh)
+                            profiles=opts.profile, cache_dir=opts.cache_dir, refresh=opts.refresh, costs=opts.costs,
+                            mem_caps=opts.mem_caps())
     plan = plan_from_inputs(inputs, spec, opts.dtype, opts.schedule, opts.chunks_per_device, opts.microbatches,
-                            budget=opts.budget())
+                            budget=budget)
     print(plan.table())
     print(describe_inputs(inputs, plan))
     if opts.out:
@@ -98,11 +100,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int) -> str:
+    """A parameter count as model cards write it: 8.03B, 124.4M, 249.4K."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.{2 if suffix == 'B' else 1}f}{suffix}"
+    return str(n)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f}" if nbytes >= 1e7 else "<0.01"
+
+
 def _models(_: argparse.Namespace) -> int:
+    from eet_pipe.models.config import ArchConfig
+    from eet_pipe.partition.sizes import PRECISIONS, param_count, weight_bytes
     from eet_pipe.presets import list_presets, load_preset
 
+    rows = [("preset", "params", *(f"{p} GB" for p in PRECISIONS), "description")]
     for name in list_presets():
-        print(f"{name:<20} {load_preset(name).get('description', '')}")
+        data = load_preset(name)
+        cfg = ArchConfig.from_dict(data["arch"])
+        rows.append((name, _count(param_count(cfg)), *(_gb(weight_bytes(cfg, p)) for p in PRECISIONS),
+                     data.get("description", "")))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), *(v.rjust(w) for v, w in zip(row[1:-1], widths[1:], strict=True))]
+        print("  ".join([*cells, row[-1]]))
+    print("GB = 10^9 bytes of weights; int8 = int8 weight-only layers, embeddings, head and scales in fp16")
     return 0
 
 

@@ -3,9 +3,11 @@
 Steps (each one a function here, so the CLI can print what it used):
 
 1. `measure_inputs`: one `Profile` per distinct hardware name (devices with the same name share it; the
-   first device with that name is measured), relative speeds (total model time on the first device /
-   total on this one), `topology.discover` (+ `measure_bandwidth` of the ring of adjacent pairs on CUDA),
-   one `DeviceSpec` per device with its free memory.
+   first device with that name is measured), or with ``costs="config"`` one profile derived from the
+   config for all of them (`estimate.config_profile`: nothing is built, so a 70B model plans on any
+   machine); relative speeds (total model time on the first device / total on this one),
+   `topology.discover` (+ `measure_bandwidth` of the ring of adjacent pairs on CUDA), one `DeviceSpec`
+   per device with its free memory, or the capacity declared for it (`mem_caps`).
 2. `plan_from_inputs`: `balance` the units, simulate the schedule on the balanced chunk times and link
    transfer times, and return `Plan.from_partition` with predicted stage times, memory, bubble and makespan.
 """
@@ -29,13 +31,15 @@ from eet_pipe.partition.topology import Topology, discover, measure_bandwidth
 from eet_pipe.presets import ModelSpec
 from eet_pipe.schedule import Schedule, SimResult, build, simulate
 
-__all__ = ["DECODE_STEPS", "PlanInputs", "auto_plan", "default_workload", "describe_inputs", "measure_inputs",
-           "plan_from_inputs", "simulate_partition"]
+__all__ = ["COST_SOURCES", "DECODE_STEPS", "PlanInputs", "auto_plan", "default_workload", "describe_inputs",
+           "measure_inputs", "plan_from_inputs", "simulate_partition"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEQ = 512
 """Default prefill workload: 1 x min(DEFAULT_SEQ, max positions) tokens per microbatch."""
+COST_SOURCES = ("measure", "config")
+"""Where unit costs come from: measured on the devices (`profile_units`) or derived from the config."""
 DECODE_STEPS = 8
 """Decode steps simulated for schedule 'decode'; the predicted makespan is per step."""
 
@@ -54,6 +58,8 @@ class PlanInputs:
     """Hardware name -> its profile."""
     measured_links: list[tuple[int, int]] = field(default_factory=list)
     """Device index pairs whose bandwidth was measured."""
+    declared: bool = False
+    """True when the devices' memory was declared (`mem_caps`) rather than read from the devices."""
 
     @property
     def profile_key(self) -> str:
@@ -82,11 +88,18 @@ def _given_profiles(given: Sequence[Profile | str | Path], expected: dict[str, s
 
 
 def _profiles(spec: ModelSpec, devices: list[str], dtype: torch.dtype, workload: Workload,
-              given: Sequence[Profile | str | Path], cache_dir: str | Path | None, refresh: bool) -> dict[str, Profile]:
-    """One profile per distinct hardware name, measured on the first device with that name."""
+              given: Sequence[Profile | str | Path], cache_dir: str | Path | None, refresh: bool,
+              costs: str = "measure") -> dict[str, Profile]:
+    """One profile per distinct hardware name, measured on the first device with that name (or derived
+    from the config, the same for every device)."""
     first: dict[str, str] = {}
     for d in devices:
         first.setdefault(device_name(d), d)
+    if costs == "config":
+        from eet_pipe.partition.estimate import config_profile
+
+        derived = config_profile(spec, dtype, workload)
+        return {hw: derived for hw in first}
     expected = {hw: profile_key(spec, hw, dtype, workload) for hw in first}
     out = _given_profiles(given, expected)
     for hw, dev in first.items():
@@ -116,22 +129,33 @@ def _measure_links(topo: Topology) -> list[tuple[int, int]]:
     return pairs
 
 
-def _device_specs(topo: Topology, profiles: dict[str, Profile]) -> list[DeviceSpec]:
+def _device_specs(topo: Topology, profiles: dict[str, Profile], mem_caps: Sequence[int] = ()) -> list[DeviceSpec]:
     """DeviceSpec per device: speed = first device's model time / this device's; free memory (a GPU
-    listed k times gives each of its stages 1/k of it; CPU shares are split by `discover` already)."""
+    listed k times gives each of its stages 1/k of it; CPU shares are split by `discover` already), or
+    the capacity declared in `mem_caps` (one value for every device, or one per device)."""
     names = [device_name(d.name) for d in topo.devices]
+    caps = _caps(mem_caps, len(names))
     ref = profiles[names[0]].total_time_s
     specs = []
-    for info, hw in zip(topo.devices, names, strict=True):
+    for i, (info, hw) in enumerate(zip(topo.devices, names, strict=True)):
         share = 1 if info.kind == "cpu" else sum(1 for d in topo.devices if d.name == info.name)
         speed = ref / profiles[hw].total_time_s if profiles[hw].total_time_s > 0 else 1.0
-        specs.append(DeviceSpec(info.name, speed, hw, mem_bytes=info.free_mem // share))
+        specs.append(DeviceSpec(info.name, speed, hw, mem_bytes=caps[i] if caps else info.free_mem // share))
     return specs
+
+
+def _caps(mem_caps: Sequence[int], n: int) -> list[int]:
+    if len(mem_caps) not in (0, 1, n):
+        raise ValueError(f"mem_caps gives {len(mem_caps)} capacities for {n} devices; give one for all, or one each")
+    if any(c <= 0 for c in mem_caps):
+        raise ValueError(f"mem_caps={list(mem_caps)} is invalid: every capacity must be > 0 bytes")
+    return list(mem_caps) * n if len(mem_caps) == 1 else list(mem_caps)
 
 
 def measure_inputs(spec: ModelSpec, devices: list[str], dtype: torch.dtype | str, workload: Workload | None = None, *,
                    measure_links: bool = True, profiles: Sequence[Profile | str | Path] = (),
-                   cache_dir: str | Path | None = None, refresh: bool = False) -> PlanInputs:
+                   cache_dir: str | Path | None = None, refresh: bool = False, costs: str = "measure",
+                   mem_caps: Sequence[int] = ()) -> PlanInputs:
     """Profiles, topology and device specs for balancing `spec` over `devices` (see module docstring).
 
     Args:
@@ -143,16 +167,22 @@ def measure_inputs(spec: ModelSpec, devices: list[str], dtype: torch.dtype | str
         profiles: ready profiles (objects or JSON paths) to use instead of measuring; each must carry the
             key this model, dtype, workload and one of the devices' hardware names give (ValueError otherwise).
         cache_dir / refresh: passed to `profile_units`.
+        costs: 'measure' (profile on the devices) or 'config' (derive every cost from the config; nothing
+            is built, so any model plans on any machine).
+        mem_caps: declared memory per device in bytes (one for all, or one each) instead of the free memory.
     """
+    if costs not in COST_SOURCES:
+        raise ValueError(f"costs={costs!r} is invalid; allowed: {', '.join(COST_SOURCES)}")
     if not devices:
         raise ValueError("auto_plan: no devices given; pass e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu']")
     dtype = parse_dtype(dtype)
     workload = workload or default_workload(spec)
-    profs = _profiles(spec, list(devices), dtype, workload, profiles, cache_dir, refresh)
+    _caps(mem_caps, len(devices))  # fail before measuring anything
+    profs = _profiles(spec, list(devices), dtype, workload, profiles, cache_dir, refresh, costs)
     topo = discover(list(devices))
     measured = _measure_links(topo) if measure_links else []
     units = profs[device_name(devices[0])].units
-    return PlanInputs(units, _device_specs(topo, profs), topo, profs, measured)
+    return PlanInputs(units, _device_specs(topo, profs, mem_caps), topo, profs, measured, declared=bool(mem_caps))
 
 
 def _schedule(schedule: str, stages: int, microbatches: int, virtual: int) -> Schedule:
@@ -214,7 +244,8 @@ def plan_from_inputs(inputs: PlanInputs, spec: ModelSpec, dtype: torch.dtype | s
 def auto_plan(spec: ModelSpec, devices: list[str], dtype: torch.dtype | str, schedule: str, virtual: int,
               microbatches: int, *, workload: Workload | None = None, measure_links: bool = True,
               budget: MemoryBudget | None = None, profiles: Sequence[Profile | str | Path] = (),
-              cache_dir: str | Path | None = None, refresh: bool = False) -> Plan:
+              cache_dir: str | Path | None = None, refresh: bool = False, costs: str = "measure",
+              mem_caps: Sequence[int] = ()) -> Plan:
     """Profile `spec` on `devices`, balance it and predict the schedule (what `plan="auto"` does).
 
     Args:
@@ -230,6 +261,7 @@ def auto_plan(spec: ModelSpec, devices: list[str], dtype: torch.dtype | str, sch
             context for decode).
         profiles: ready profiles (or JSON paths) to use instead of measuring (keys must match).
         cache_dir / refresh: where profiles are cached, and whether to re-measure.
+        costs / mem_caps: see `measure_inputs`.
     Returns:
         The Plan, with predicted per-stage time and memory, bottleneck, bubble and makespan.
     Raises:
@@ -238,7 +270,7 @@ def auto_plan(spec: ModelSpec, devices: list[str], dtype: torch.dtype | str, sch
     """
     _schedule(schedule, len(devices), microbatches, virtual)  # fail before measuring anything
     inputs = measure_inputs(spec, devices, dtype, workload, measure_links=measure_links, profiles=profiles,
-                            cache_dir=cache_dir, refresh=refresh)
+                            cache_dir=cache_dir, refresh=refresh, costs=costs, mem_caps=mem_caps)
     return plan_from_inputs(inputs, spec, dtype, schedule, virtual, microbatches, budget=budget)
 
 
@@ -249,7 +281,8 @@ def _profile_lines(inputs: PlanInputs) -> list[str]:
     for hw, prof in inputs.profiles.items():
         by_name = {u.name: u for u in prof.units}
         layers = [u for u in prof.units if u.name.startswith("layers.")]
-        how = "measured now" if prof.measured else "from cache/file"
+        how = "measured now" if prof.measured else ("from the config" if prof.device_name == "config"
+                                                    else "from cache/file")
         lines.append(f"  {hw}: {prof.key} ({how})")
         lines.append(f"    embed {by_name['embed'].time_s * 1e3:.3f} ms, layer {layers[0].time_s * 1e3:.3f} ms "
                      f"x {len(layers)}, head {by_name['head'].time_s * 1e3:.3f} ms; model {prof.total_time_s * 1e3:.3f} "
@@ -258,7 +291,7 @@ def _profile_lines(inputs: PlanInputs) -> list[str]:
 
 
 def _device_lines(inputs: PlanInputs) -> list[str]:
-    rows = [("#", "device", "hardware", "speed", "free GiB", "total GiB")]
+    rows = [("#", "device", "hardware", "speed", "declared GiB" if inputs.declared else "free GiB", "total GiB")]
     for i, (spec, info) in enumerate(zip(inputs.devices, inputs.topology.devices, strict=True)):
         rows.append((str(i), spec.name, spec.kind, f"{spec.speed:.2f}", f"{spec.mem_bytes / GIB:.2f}",
                      f"{info.total_mem / GIB:.2f}"))
@@ -300,5 +333,5 @@ def describe_inputs(inputs: PlanInputs, plan: Plan) -> str:
     """What a plan was made from: profiles, devices (speed, memory) and the links along its pipeline."""
     workload = next(iter(inputs.profiles.values())).workload
     return "\n".join([f"profile (one microbatch: {workload.shape}):", *_profile_lines(inputs),
-                      "devices:", *_device_lines(inputs),
+                      "devices:", *_device_lines(inputs), "memory per stage (bytes in GiB):", *plan.memory_lines(),
                       "links along the pipeline (one way):", *_link_lines(inputs, plan)])

@@ -57,7 +57,15 @@ _CONCRETE = re.compile(r"^(?:[^/]+/)?[A-Za-z_]+:\d+$")  # 'cuda:0', 'node1/cuda:
 
 
 class InfeasibleError(ValueError):
-    """No split fits the devices' memory; the message names the tightest stage."""
+    """No split fits the devices' memory; the message names the tightest stage and the shortfall.
+
+    `shortfall_bytes`: how many bytes the tightest stage of the best-fitting split lacks (its need minus
+    its device's memory); `needed_bytes` / `offered_bytes`: a lower bound on what the whole pipeline
+    needs (every unit's parameters and KV cache, each device's workspace) and the memory of all devices."""
+
+    def __init__(self, message: str, shortfall_bytes: int = 0, needed_bytes: int = 0, offered_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.shortfall_bytes, self.needed_bytes, self.offered_bytes = shortfall_bytes, needed_bytes, offered_bytes
 
 
 def _chunk_times(prob: PipelineCosts, order: list[int], k: int) -> np.ndarray:
@@ -205,8 +213,9 @@ def _evaluate(prob: PipelineCosts, order: list[int], bounds: list[tuple[int, int
         send = prob.links.transfer_time(d, order[(c + 1) % p], t.units[e - 1].act_bytes) if c + 1 < len(bounds) else 0.0
         times.append((t.time_list[e] - t.time_list[s]) / prob.devices[d].speed + send)
     stage_times = [sum(times[pos::p]) for pos in range(p)]
-    memory = [t.need(bounds[pos::p]).total for pos in range(p)]
-    return Partition(list(order), list(bounds), times, stage_times, memory, max(stage_times), prob.virtual, exact)
+    needs = [t.need(bounds[pos::p]) for pos in range(p)]
+    return Partition(list(order), list(bounds), times, stage_times, [m.total for m in needs], max(stage_times),
+                     prob.virtual, exact, [m.to_dict() for m in needs])
 
 
 def _describe_units(units: list[UnitCost], chunks: list[tuple[int, int]]) -> str:
@@ -237,11 +246,19 @@ def _infeasible_error(prob: PipelineCosts, order: list[int] | None) -> Infeasibl
     ratio = [needs[pos].total / max(prob.devices[order[pos]].mem_bytes, 1) for pos in range(p)]
     pos = max(range(p), key=lambda q: ratio[q])
     dev = prob.devices[order[pos]]
+    short = needs[pos].total - dev.mem_bytes
+    needed = int(prob.table.held_list[-1]) + p * prob.table.budget.workspace_bytes
+    offered = sum(d.mem_bytes for d in prob.devices)
+    overall = (f"the whole pipeline needs at least {needed:,} bytes ({gib(needed)}: parameters and KV cache of "
+               f"every unit, workspace of every device) and the devices offer {offered:,} bytes ({gib(offered)})"
+               + (f", {needed - offered:,} bytes too few" if needed > offered else ""))
     return InfeasibleError(
         f"no split of {n} units into {k} chunks fits the memory of {p} devices (pipeline order {order}); "
         f"tightest: stage {pos} on device {dev.name!r} holding {_describe_units(prob.table.units, bounds[pos::p])} "
-        f"needs {gib(needs[pos].total)} ({needs[pos].describe()}) but has {gib(dev.mem_bytes)}; "
-        f"reduce MemoryBudget.kv_tokens or workspace_bytes, use a smaller dtype, or add devices")
+        f"needs {needs[pos].total:,} bytes ({gib(needs[pos].total)}: {needs[pos].describe()}) but has "
+        f"{dev.mem_bytes:,} bytes ({gib(dev.mem_bytes)}), short by {short:,} bytes ({gib(short)}); {overall}; "
+        f"reduce the KV cache (max_slots x max_seq, kv_tokens) or workspace_bytes, use a smaller dtype, "
+        f"or add devices", short, needed, offered)
 
 
 def _validate(units: list[UnitCost], devices: list[DeviceSpec], links: LinkMatrix | None, num_stages: int,

@@ -13,7 +13,11 @@ Memory model of a device holding chunks `[s, e)` (unit index ranges, end exclusi
     params + kv_bytes_per_token * kv_tokens      summed over its units
   + act_buffers * largest activation it holds    its units' outputs and each chunk's input
   + largest temp_bytes of its units              temporaries are freed between units
+  + graph_pools * (largest activation + largest temp)   CUDA graphs' private pools keep a captured
+                                                 step's intermediates and static output
   + workspace_bytes                              once per device
+
+docs/PARTITIONER.md explains each term and where its numbers come from.
 """
 
 from __future__ import annotations
@@ -110,10 +114,13 @@ class MemoryBudget:
     """Fixed per-device workspace (allocator slack, cuBLAS workspace, CUDA graphs)."""
     act_buffers: int = 2
     """Number of activation buffers of the largest activation size a device holds."""
+    graph_pools: int = 1
+    """CUDA-graph memory pools per device, each holding one captured step's temporaries and output
+    (0 when CUDA graphs are off)."""
 
     def __post_init__(self) -> None:
-        _check_nonneg("MemoryBudget", kv_tokens=self.kv_tokens,
-                      workspace_bytes=self.workspace_bytes, act_buffers=self.act_buffers)
+        _check_nonneg("MemoryBudget", kv_tokens=self.kv_tokens, workspace_bytes=self.workspace_bytes,
+                      act_buffers=self.act_buffers, graph_pools=self.graph_pools)
 
 
 @dataclass
@@ -125,15 +132,22 @@ class MemoryNeed:
     act: int
     temp: int
     workspace: int
+    graphs: int = 0
+
+    PARTS = ("params", "kv", "act", "temp", "graphs", "workspace")
 
     @property
     def total(self) -> int:
         """Sum of all components."""
-        return self.params + self.kv + self.act + self.temp + self.workspace
+        return self.params + self.kv + self.act + self.temp + self.graphs + self.workspace
+
+    def to_dict(self) -> dict[str, int]:
+        """Component -> bytes, plus 'total'."""
+        return {**{p: int(getattr(self, p)) for p in self.PARTS}, "total": int(self.total)}
 
     def describe(self) -> str:
         """Human readable breakdown in GiB."""
-        parts = ("params", "kv", "act", "temp", "workspace")
+        parts = self.PARTS
         return ", ".join(f"{p} {getattr(self, p) / GIB:.2f}" for p in parts) + " GiB"
 
 
@@ -245,7 +259,7 @@ class CostTable:
         held_sum = self.held_prefix[None, :] - self.held_prefix[:, None]
         # memory a device needs when it holds only chunk [s, e)
         self.single_mem = (held_sum + budget.act_buffers * self.act_max + self.temp_max
-                           + budget.workspace_bytes)
+                           + budget.graph_pools * (self.act_max + self.temp_max) + budget.workspace_bytes)
         # search bounds over units[e:]: cheapest[e][k] = sum of the k smallest times;
         # typical[e] = their median time; lighter[e] = how many are below it
         suffixes = [sorted(times[e:].tolist()) for e in range(n + 1)]
@@ -261,12 +275,14 @@ class CostTable:
         """Memory breakdown of a device holding `chunks` (list of [s, e) ranges)."""
         us = [u for s, e in chunks for u in self.units[s:e]]
         act = max((self.act_max_list[s][e] for s, e in chunks), default=0.0)
+        temp = max((u.temp_bytes for u in us), default=0)
         return MemoryNeed(
             params=sum(u.param_bytes for u in us),
             kv=sum(u.kv_bytes_per_token for u in us) * self.budget.kv_tokens,
             act=int(self.budget.act_buffers * act),
-            temp=max((u.temp_bytes for u in us), default=0),
+            temp=temp,
             workspace=self.budget.workspace_bytes,
+            graphs=int(self.budget.graph_pools * (act + temp)),
         )
 
 

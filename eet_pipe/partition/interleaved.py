@@ -109,7 +109,8 @@ class BranchAndBound:
             comp = load0 + (tl[e] - tl[s]) / self.speed[pos]
             held = held0 + t.held_list[e] - t.held_list[s]
             act, temp = max(act0, t.act_max_list[s][e]), max(temp0, t.temp_max_list[s][e])
-            if comp >= limit or held + budget.act_buffers * act + temp + budget.workspace_bytes > self.cap[pos]:
+            extra = budget.act_buffers * act + temp + budget.graph_pools * (act + temp) + budget.workspace_bytes
+            if comp >= limit or held + extra > self.cap[pos]:
                 break
             load = comp + (0.0 if last else self.xf[pos][e])
             if load < limit:

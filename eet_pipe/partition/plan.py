@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class Partition:
     """Chunks per device."""
     exact: bool = True
     """False when the search budget ran out or only candidate device orders were tried."""
+    stage_memory_parts: list[dict[str, int]] = field(default_factory=list)
+    """Per pipeline position: `MemoryNeed.to_dict()` (params, kv, act, temp, graphs, workspace, total)."""
 
     @property
     def num_stages(self) -> int:
@@ -79,6 +81,10 @@ class StagePlan:
     """Predicted busy time per microbatch (sum over its chunks), None without a profile."""
     predicted_mem_bytes: int | None = None
     """Predicted memory need, None without a profile."""
+    predicted_mem: dict[str, int] | None = None
+    """The need by component (params, kv, act, temp, graphs, workspace, total), bytes."""
+    mem_cap_bytes: int | None = None
+    """Memory the device offered this stage when planned (free or declared), bytes."""
 
     def __post_init__(self) -> None:
         self.chunks = [tuple(c) for c in self.chunks]  # JSON gives lists
@@ -182,6 +188,10 @@ class Plan:
             st = cls._stage(_name(devices[dev]), [partition.bounds[c] for c in partition.chunks_of(pos)], names)
             st.predicted_time_s = partition.stage_times[pos]
             st.predicted_mem_bytes = partition.stage_memory[pos]
+            if partition.stage_memory_parts:
+                st.predicted_mem = dict(partition.stage_memory_parts[pos])
+            if isinstance(devices[dev], DeviceSpec):
+                st.mem_cap_bytes = devices[dev].mem_bytes
             stages.append(st)
         return cls(model, dtype, schedule or ("gpipe" if partition.virtual == 1 else "interleaved"), microbatches,
                    partition.virtual, stages, partition.bottleneck, predicted_bubble, predicted_makespan_s,
@@ -282,15 +292,16 @@ class Plan:
                                  f"are {names}")
 
     def table(self) -> str:
-        """Fixed-width table: stage, device, units, predicted ms and GiB, plus a totals line."""
+        """Fixed-width table: stage, device, units, predicted ms, GiB and the device's GiB, plus a totals line."""
         rows = [(str(s), st.device, " + ".join(a if a == b else f"{a}..{b}" for a, b in st.chunks)
                  + f" ({len(st.units)})",
                  "-" if st.predicted_time_s is None else f"{st.predicted_time_s * 1e3:.3f}",
-                 "-" if st.predicted_mem_bytes is None else f"{st.predicted_mem_bytes / GIB:.2f}")
+                 "-" if st.predicted_mem_bytes is None else f"{st.predicted_mem_bytes / GIB:.2f}",
+                 "-" if st.mem_cap_bytes is None else f"{st.mem_cap_bytes / GIB:.2f}")
                 for s, st in enumerate(self.stages)]
-        head = ("stage", "device", "units", "pred ms", "pred GiB")
-        w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-        fmt = f"{{:<{w[0]}}}  {{:<{w[1]}}}  {{:<{w[2]}}}  {{:>{w[3]}}}  {{:>{w[4]}}}"
+        head = ("stage", "device", "units", "pred ms", "pred GiB", "of GiB")
+        w = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
+        fmt = f"{{:<{w[0]}}}  {{:<{w[1]}}}  {{:<{w[2]}}}  {{:>{w[3]}}}  {{:>{w[4]}}}  {{:>{w[5]}}}"
         lines = [f"plan: {self.model or '?'} {self.dtype or '?'}, schedule {self.schedule}, "
                  f"{self.microbatches} microbatch(es), {self.virtual} chunk(s) per stage",
                  fmt.format(*head), *(fmt.format(*r) for r in rows)]
@@ -304,3 +315,15 @@ class Plan:
         if mem:
             total.append(f"memory {sum(mem) / GIB:.2f} GiB")
         return "\n".join([*lines, ", ".join(total)])
+
+    def memory_lines(self) -> list[str]:
+        """One line per stage: its memory need by component against what its device offers."""
+        out = []
+        for s, st in enumerate(self.stages):
+            if st.predicted_mem is None:
+                continue
+            parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in st.predicted_mem.items() if k != "total")
+            cap = "" if st.mem_cap_bytes is None else (f" of {st.mem_cap_bytes / GIB:.2f} GiB "
+                                                       f"({st.mem_cap_bytes - st.predicted_mem['total']:,} bytes spare)")
+            out.append(f"  stage {s} {st.device}: {parts} GiB = {st.predicted_mem['total'] / GIB:.2f} GiB{cap}")
+        return out

@@ -40,7 +40,7 @@ from eet_pipe.partition.costs import UnitCost
 from eet_pipe.presets import ModelSpec
 
 __all__ = ["CACHE_ENV", "PROFILE_FORMAT", "WORKLOAD_KINDS", "Profile", "Workload", "cache_path",
-           "default_cache_dir", "device_name", "profile_key", "profile_units"]
+           "default_cache_dir", "device_name", "estimate_temp", "profile_key", "profile_units"]
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _cuda_temp(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
     return max(peak - base - out.numel() * out.element_size(), 0)
 
 
-def _estimate_temp(cfg: ArchConfig, unit: str, workload: Workload, elem: int) -> int:
+def estimate_temp(cfg: ArchConfig, unit: str, workload: Workload, elem: int) -> int:
     """CPU estimate of a unit's temporaries from activation sizes (no allocator statistics on CPU)."""
     rows = workload.batch * workload.new_tokens
     if unit == "embed":
@@ -312,7 +312,7 @@ def _measure_unit(spec: ModelSpec, unit: str, device: torch.device, dtype: torch
         temp = _cuda_temp(run, device)
     else:
         seconds, used = _time_cpu(run, warmup, repeats)
-        temp = _estimate_temp(spec.cfg, unit, workload, torch.empty((), dtype=dtype).element_size())
+        temp = estimate_temp(spec.cfg, unit, workload, torch.empty((), dtype=dtype).element_size())
     out = run()
     return _Measure(seconds, params, out.numel() * out.element_size(), temp, used)
 

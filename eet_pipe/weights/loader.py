@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from eet_pipe.weights.checkpoint import Checkpoint
 from eet_pipe.weights.mapping import ArchMapping, MappingError, check_keys, from_hf, normalise_keys
 from eet_pipe.weights.registry import ARCHS
 
-__all__ = ["ARCHS", "mapping_for", "read_hf_config", "load_checkpoint", "from_torch", "init_random",
+__all__ = ["ARCHS", "RANDOM_BLOCK", "mapping_for", "read_hf_config", "load_checkpoint", "from_torch", "init_random",
            "config_from_hf"]
 
 
@@ -94,32 +95,74 @@ def from_torch(hf_model: torch.nn.Module, units: list[str] | None = None, dtype:
     return _build(cfg, mapping, units, lambda n: state[names[n]], dtype, device)
 
 
+RANDOM_BLOCK = 1 << 22
+"""Elements drawn at a time when filling a CPU tensor of another dtype (16 MiB of fp32); a multiple of 16,
+so the blocks draw exactly the numbers one draw of the whole tensor would."""
+
+
 def init_random(cfg: ArchConfig, units: list[str] | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                 device: torch.device | str = "cpu", std: float = 0.02) -> CanonicalModel:
-    """A model with deterministic random weights. Every slice of the same (cfg, seed) sees the same
-    numbers for the same tensor, so a pipeline's stages equal one whole random model."""
+    """A model (or the slice `units`) with deterministic random weights, created directly on `device`.
+
+    The slice is built on the meta device; each of its tensors is then allocated on `device` in `dtype` and
+    filled from a generator seeded by the seed and the tensor's canonical name (which starts with its
+    unit's name), so the weights of unit ``layers.17`` are the same whatever the split and whichever
+    stage builds them, and no process ever holds more than its own units. On CPU a tensor of a dtype
+    other than fp32 is filled block by block (`RANDOM_BLOCK`), so no fp32 copy of it is held either; bf16
+    and fp16 weights are the fp32 ones rounded. A head tied to the embedding reads the embedding's numbers.
+    """
     with torch.device("meta"):
         model = CanonicalModel(cfg, units)
-    tensors = {}
+    dtype, device = dtype or torch.float32, torch.device(device)
+    block = torch.empty(RANDOM_BLOCK) if device.type == "cpu" and dtype != torch.float32 else None  # reused
+    tensors: dict[str, torch.Tensor] = {}
     for name, meta in model.state_dict().items():
-        source = "embed.tok.weight" if name == "head.weight" and cfg.tie_embeddings else name
-        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, device).to(dtype or torch.float32)
-    if "head.weight" in tensors and "embed.tok.weight" in tensors and cfg.tie_embeddings:
-        tensors["head.weight"] = tensors["embed.tok.weight"]
+        tied = name == "head.weight" and cfg.tie_embeddings
+        if tied and "embed.tok.weight" in tensors:
+            tensors[name] = tensors["embed.tok.weight"]
+            continue
+        source = "embed.tok.weight" if tied else name
+        tensors[name] = _random_tensor(source, tuple(meta.shape), seed, std, dtype, device, block)
+    del block
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
-                   device: torch.device | str) -> torch.Tensor:
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dtype: torch.dtype,
+                   device: torch.device, block: torch.Tensor | None = None) -> torch.Tensor:
     """Norm weights 1, norm biases 0, everything else N(0, std) from a generator seeded by the name."""
     if ".norm." in f".{name}" and name.endswith(".weight") or name == "final_norm.weight":
-        return torch.ones(shape, device=device)
+        return torch.ones(shape, dtype=dtype, device=device)
     if "norm" in name and name.endswith(".bias"):
-        return torch.zeros(shape, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + _stable_hash(name))
-    return torch.randn(shape, generator=gen, device=device) * std
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel < 16:  # on a GPU the fp32 draw lives on the GPU, not on the host
+        return torch.randn(shape, generator=gen, device=device).mul_(std).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    if dtype == torch.float32:
+        flat.normal_(0.0, std, generator=gen)
+        return out
+    block = torch.empty(RANDOM_BLOCK) if block is None else block
+    for start, size in _blocks(numel):
+        draws = block[:size] if size <= len(block) else torch.empty(size)  # a last block may be 15 longer
+        flat[start:start + size].copy_(draws.normal_(0.0, std, generator=gen))
+    return out
+
+
+def _blocks(numel: int) -> list[tuple[int, int]]:
+    """(start, size) of the draws filling `numel` elements: RANDOM_BLOCK each, the last one taking a
+    remainder under 16 (CPU draws of fewer than 16 numbers follow another algorithm)."""
+    out, start = [], 0
+    while start < numel:
+        size = min(RANDOM_BLOCK, numel - start)
+        if 0 < numel - start - size < 16:
+            size = numel - start
+        out.append((start, size))
+        start += size
+    return out
 
 
 def _stable_hash(name: str) -> int:

@@ -18,6 +18,8 @@ from eet_pipe.generation import pad_prompts
 from eet_pipe.partition import Plan
 from eet_pipe.partition import profile as profile_mod
 from eet_pipe.partition.options import PlanOptions
+from eet_pipe.partition.sizes import unit_bytes
+from eet_pipe.presets import resolve_model
 from eet_pipe.runtime import PipelineEngine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +53,35 @@ def _same_as_single(engine: PipelineEngine, single: eet_pipe.LanguageModel) -> N
     assert torch.equal(out[mask], ref[mask]), f"max diff {(out - ref)[mask].abs().max()}"
 
 
+def _check_contents(plan: Plan) -> None:
+    """The plan against the model's units: each placed once, in order, every layer somewhere, and each
+    stage's predicted memory (its parameters' bytes computed from the config) within its device's memory."""
+    cfg = resolve_model("tiny").cfg
+    placed = [u for st in plan.stages for u in st.units]
+    assert placed == UNITS == cfg.unit_names()  # every unit exactly once, in model order
+    assert all(st.units for st in plan.stages) and plan.stages[0].units[0] == "embed" and plan.stages[-1].units[-1] == "head"
+    counts = [len(plan.layer_range(s)) for s in range(len(plan.stages))]
+    assert sum(counts) == cfg.num_layers and all(c >= 1 for c in counts)
+    for st in plan.stages:
+        mem = st.predicted_mem
+        assert st.predicted_time_s > 0 and mem["total"] == st.predicted_mem_bytes > 0
+        assert mem["params"] == sum(unit_bytes(cfg, u, "fp32") for u in st.units)
+        assert mem["kv"] == 0  # a prefill plan holds no KV cache
+        assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+        assert st.mem_cap_bytes is not None and mem["total"] <= st.mem_cap_bytes
+
+
 def test_cli_writes_the_plan(cli_plan) -> None:
     path, stdout = cli_plan
     plan = Plan.from_json(path)
     plan.check(UNITS, ["cpu", "cpu"], model="tiny")
     assert plan.schedule == "gpipe" and plan.microbatches == 1 and plan.dtype == "fp32"
-    assert all(st.predicted_time_s is not None and st.predicted_mem_bytes for st in plan.stages)
+    _check_contents(plan)
     assert plan.predicted_bubble is not None and plan.predicted_makespan_s is not None
     assert plan.profile_key.startswith("tiny@") and plan.profile_key.endswith("/cpu/fp32/prefill-1x64")
     assert stdout.startswith("plan: tiny fp32, schedule gpipe")
-    for text in ("pred ms", "profile (one microbatch: prefill-1x64)", "(measured now)", "devices:",
+    for text in ("pred ms", "of GiB", "profile (one microbatch: prefill-1x64)", "(measured now)", "devices:",
+                 "memory per stage (bytes in GiB):", "stage 0 cpu: params", "bytes spare)",
                  "stage 0 cpu -> stage 1 cpu: LOCAL", "link kinds", f"wrote {path}"):
         assert text in stdout, f"{text!r} not in the output:\n{stdout}"
 
@@ -86,6 +107,7 @@ def test_engine_auto_plan_equals_single_device(single, tmp_path, monkeypatch) ->
     monkeypatch.setattr(profile_mod, "default_cache_dir", lambda: tmp_path)
     with PipelineEngine("tiny", devices=["cpu", "cpu"], plan="auto", microbatches=1, timeout=120) as engine:
         engine.plan.check(UNITS, ["cpu", "cpu"])
+        _check_contents(engine.plan)
         assert engine.plan.predicted_bottleneck_s is not None and engine.plan.profile_key.startswith("tiny@")
         assert list(tmp_path.glob("tiny_*.json")), "plan='auto' should have cached its profile"
         _same_as_single(engine, single)

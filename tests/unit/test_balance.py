@@ -14,7 +14,7 @@ import pytest
 from eet_pipe.partition import DeviceSpec, InfeasibleError, LinkMatrix, MemoryBudget, UnitCost, balance
 
 GIB = 1 << 30
-NO_MEM = MemoryBudget(workspace_bytes=0, act_buffers=0)
+NO_MEM = MemoryBudget(workspace_bytes=0, act_buffers=0, graph_pools=0)
 
 
 def units(times: list[float], acts: list[int] | None = None, params: list[int] | None = None) -> list[UnitCost]:
@@ -39,8 +39,9 @@ def layer_counts(part, us: list[UnitCost]) -> list[int]:
 def device_memory(us: list[UnitCost], chunks: list[tuple[int, int]], budget: MemoryBudget) -> int:
     held = [u for s, e in chunks for u in us[s:e]]
     act = max(us[i].act_bytes for s, e in chunks for i in range(max(s - 1, 0), e))
+    temp = max(u.temp_bytes for u in held)
     return (sum(u.param_bytes + u.kv_bytes_per_token * budget.kv_tokens for u in held)
-            + budget.act_buffers * act + max(u.temp_bytes for u in held) + budget.workspace_bytes)
+            + budget.act_buffers * act + temp + budget.graph_pools * (act + temp) + budget.workspace_bytes)
 
 
 def evaluate(us, devs, links, order, bounds, budget) -> float:
@@ -95,7 +96,8 @@ def random_case(rng: random.Random, virtual: int):
         bw = [[math.inf if i == j else rng.choice([10.0, 100.0, 1000.0]) for j in range(p)] for i in range(p)]
         lat = [[0.0 if i == j else rng.choice([0.0, 0.1]) for j in range(p)] for i in range(p)]
         links = LinkMatrix(bw, lat, [["SELF" if i == j else "X" for j in range(p)] for i in range(p)])
-    budget = MemoryBudget(kv_tokens=rng.randint(0, 10), workspace_bytes=rng.randint(0, 30), act_buffers=2)
+    budget = MemoryBudget(kv_tokens=rng.randint(0, 10), workspace_bytes=rng.randint(0, 30), act_buffers=2,
+                          graph_pools=rng.choice([0, 0, 1]))
     return us, devs, links, budget
 
 
@@ -203,16 +205,20 @@ def test_infeasible_memory_names_the_tightest_stage() -> None:
     us = units([0.0, *[1.0] * 4, 0.0], params=[0, *[GIB] * 4, 0])
     devs = [DeviceSpec("cuda:0", mem_bytes=GIB), DeviceSpec("cuda:1", mem_bytes=GIB + GIB // 2)]
     with pytest.raises(InfeasibleError) as err:
-        balance(us, devs, None, 2, budget=MemoryBudget(workspace_bytes=GIB // 4, act_buffers=0))
+        balance(us, devs, None, 2, budget=MemoryBudget(workspace_bytes=GIB // 4, act_buffers=0, graph_pools=0))
     msg = str(err.value)
     assert "tightest: stage" in msg and ("'cuda:0'" in msg or "'cuda:1'" in msg)
-    assert re.search(r"needs \d+\.\d\d GiB", msg) and re.search(r"has 1\.(00|50) GiB", msg)
+    assert re.search(r"needs [\d,]+ bytes \(\d+\.\d\d GiB", msg) and re.search(r"has [\d,]+ bytes \(1\.(00|50) GiB", msg)
     assert isinstance(err.value, ValueError)
+    # 4 GiB of layers + 2 x 1/4 GiB workspace against 2.5 GiB: the pipeline lacks 2 GiB at least
+    assert (err.value.needed_bytes, err.value.offered_bytes) == (4 * GIB + GIB // 2, GIB * 5 // 2)
+    assert f"{2 * GIB:,} bytes too few" in msg
+    assert err.value.shortfall_bytes > 0 and f"short by {err.value.shortfall_bytes:,} bytes" in msg
 
 
 def test_single_huge_unit_is_infeasible() -> None:
     us = units([1.0, 1.0, 1.0], params=[0, 5 * GIB, 0])
-    with pytest.raises(InfeasibleError, match=r"layers\.0.*needs 5\.\d\d GiB.*has 4\.00 GiB"):
+    with pytest.raises(InfeasibleError, match=r"layers\.0.*needs [\d,]+ bytes \(5\.\d\d GiB.*has [\d,]+ bytes \(4\.00 GiB"):
         balance(us, devices([1.0, 1.0], mem=4 * GIB), None, 2, budget=NO_MEM)
 
 

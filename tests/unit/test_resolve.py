@@ -13,7 +13,7 @@ from eet_pipe.presets import ModelNotFoundError, list_presets, resolve_model
 def test_presets_are_listed():
     names = list_presets()
     for required in ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "bert-base-uncased", "llama-7b",
-                     "tinyllama-1.1b"):
+                     "tinyllama-1.1b", "llama-3-8b", "llama-3-70b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b"):
         assert required in names
 
 
