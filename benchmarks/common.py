@@ -85,7 +85,7 @@ def progress(total: int, desc: str):
 
 def prefill_batch(opts: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
     """The microbatch counts and a seeded random [batch, seq] id batch for the model in `opts`."""
-    from eet_pipe.presets import resolve_model
+    from eet_pipe.loading.presets import resolve_model
 
     cfg = resolve_model(opts["model"], opts["weights"] or None).cfg
     ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=torch.Generator().manual_seed(0))

@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from benchmarks.common import environment, kernel_setting, parse_args, save_figure, time_it, write_json
 from eet_pipe import ops
-from eet_pipe.cuda_graphs import graphed
+from eet_pipe.ops.cuda_graphs import graphed
 
 DEFAULTS = {"device": "cuda:0", "hidden": 1600, "heads": 25, "rows": ["1", "4", "8", "16"], "context": ["64", "512"],
             "attn_batches": ["1", "64"], "reps": 48, "stream_mib": 400, "ops": ["linear", "attention"],

@@ -26,13 +26,13 @@ from torch import nn
 
 from benchmarks.common import environment, parse_args, progress, save_figure, time_it, write_json
 from eet_pipe import PipelineEngine
-from eet_pipe.cuda_graphs import graphed
-from eet_pipe.dtypes import dtype_name, parse_dtype
-from eet_pipe.loading import load_units
+from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.units import load_units
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.ops.cuda_graphs import graphed
 from eet_pipe.partition import Plan, PlanInputs, StagePlan, Workload
 from eet_pipe.partition.auto import measure_inputs, plan_from_inputs
-from eet_pipe.presets import ModelSpec, resolve_model
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 8,
             "seq": 512, "microbatches": 8, "warmup": 2, "repeats": 5, "fairscale_timeout": 2.0,

@@ -41,10 +41,10 @@ class _Slice(nn.Module):
 def _peer_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    from eet_pipe.dtypes import parse_dtype
-    from eet_pipe.loading import load_units
+    from eet_pipe.loading.presets import resolve_model
+    from eet_pipe.loading.units import load_units
+    from eet_pipe.models.dtypes import parse_dtype
     from eet_pipe.partition.plan import Plan
-    from eet_pipe.presets import resolve_model
 
     try:
         device = torch.device(cfg["devices"][rank])
@@ -123,10 +123,10 @@ def fairscale_pipe(cfg: dict[str, Any], ms: list[int]) -> dict[str, Any]:
         from fairscale.nn import Pipe
     except ImportError as err:
         return {"ok": False, "results": [], "error": f"fairscale not installed ({err})"}
-    from eet_pipe.dtypes import parse_dtype
-    from eet_pipe.loading import load_units
+    from eet_pipe.loading.presets import resolve_model
+    from eet_pipe.loading.units import load_units
+    from eet_pipe.models.dtypes import parse_dtype
     from eet_pipe.partition.plan import Plan
-    from eet_pipe.presets import resolve_model
 
     devices = cfg["devices"]
     results = []
@@ -154,7 +154,7 @@ def hf_gpt2(model: str, weights: str | None, device: str) -> nn.Module:
     weights: the reference implementation as users run it. GPT-2-family presets only."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from eet_pipe.presets import resolve_model
+    from eet_pipe.loading.presets import resolve_model
 
     cfg = resolve_model(model, weights).cfg
     if cfg.model_type != "gpt2":

@@ -24,8 +24,8 @@ import eet_pipe
 from benchmarks.common import environment, parse_args, prefill_batch, progress, save_figure, time_it, write_json
 from benchmarks.peers import torch_pipelining
 from eet_pipe import PipelineEngine
-from eet_pipe.cuda_graphs import graphed
 from eet_pipe.models.meta import StepMeta, prefill_meta
+from eet_pipe.ops.cuda_graphs import graphed
 from eet_pipe.runtime.commands import split_rows
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "devices": ["cuda:0", "cuda:1"], "batch": 32,

@@ -39,6 +39,7 @@ from benchmarks.common import environment, parse_args, prefill_batch, progress, 
 from benchmarks.peers import fairscale_pipe, hf_gpt2, torch_pipelining
 from benchmarks.pipeline_prefill import single_device
 from eet_pipe import PipelineEngine
+from eet_pipe.loading import presets
 from eet_pipe.runtime.trace import bubble_fraction, events_span, plot_timeline, read_chrome_trace
 from eet_pipe.schedule import build, simulate
 
@@ -194,7 +195,7 @@ def peer_rows(opts: dict, ids: torch.Tensor, ms: list[int]) -> list[dict]:
 
 def decode_rows(opts: dict, ms: list[int], bar) -> list[dict]:
     """The decode schedule with M groups in flight vs our single device, same prompts and lengths."""
-    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
+    cfg = presets.resolve_model(opts["model"], opts["weights"] or None).cfg
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["prompt"]), generator=gen).tolist()
     new = opts["new"]
@@ -251,7 +252,7 @@ def resimulate(path: str) -> None:
     src = Path(path)
     data = json.loads(src.read_text())
     stages = len(data["config"]["devices"])
-    units = eet_pipe.presets.resolve_model(data["config"]["model"], data["config"]["weights"] or None).cfg.unit_names()
+    units = presets.resolve_model(data["config"]["model"], data["config"]["weights"] or None).cfg.unit_names()
     stem = src.with_suffix("")
     print(f"{'schedule':<13} {'M':>3} {'hop us':>7} {'sim/traced':>10} {'sim/timed':>9}")
     for r in data["results"]:

@@ -30,9 +30,9 @@ import torch
 
 from benchmarks.common import environment, parse_args, write_json
 from benchmarks.serve_load import plot, sweep
-from eet_pipe.runtime.serving_engine import StepDriver, resolve_setup
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
 from eet_pipe.runtime.supervisor import free_port
+from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
             "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "out": "bench_results/serve_frontend"}
@@ -85,8 +85,8 @@ class InstantDriver(StepDriver):
 
 
 def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
-    from eet_pipe.config import build_config
-    from eet_pipe.serving.options import ServeOptions
+    from eet_pipe.options.parse import build_config
+    from eet_pipe.serving.serve_options import ServeOptions
     from eet_pipe.serving.server import run_server
 
     opts = build_config(ServeOptions, {"port": port}, opts_dict)

@@ -148,8 +148,8 @@ def _engine_options(opts: dict) -> Any:
     engine options (the server-only ones are skipped)."""
     import dataclasses
 
-    from eet_pipe.config import build_config
-    from eet_pipe.options import EngineOptions
+    from eet_pipe.options.parse import build_config
+    from eet_pipe.options.typed import EngineOptions
 
     names = {f.name for f in dataclasses.fields(EngineOptions)}
     values = {"model": opts["model"], "stages": str(opts["stages"]), "plan": "even"}

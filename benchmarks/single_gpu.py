@@ -43,8 +43,10 @@ from benchmarks.common import environment, kernel_setting, parse_args, save_figu
 from benchmarks.peer_static import build_peer, compile_steps, greedy_generate
 from benchmarks.peers import hf_from_canonical
 from benchmarks.roofline import device_limits, prefill_flops
-from eet_pipe.dtypes import parse_dtype
+from eet_pipe.loading import presets, units
+from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.models.meta import prefill_meta
+from eet_pipe.ops import gemm_tuning
 
 DEFAULTS = {"model": "gpt2-xl", "weights": "random", "dtype": "fp16", "static_prefill": "eager", "device": "cuda:0",
             "batches": ["1", "16", "64"],
@@ -127,7 +129,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
                                   device=opts["device"])
     try:
         if tune:
-            lm.gemm_tuning = eet_pipe.gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
+            lm.gemm_tuning = gemm_tuning.enable_gemm_tuning(lm.device, opts["gemm_cache"])
             lm.warm_up([int(b) for b in opts["batches"]], opts["prompt"])  # the shapes measured below
 
         def decode(b: int, steps: int) -> None:
@@ -147,7 +149,7 @@ def _ours(opts: dict, dtype: str, graphs: bool, tune: bool, gemv: bool, pdl: boo
                                                      "gemv": gemv, "pdl": pdl, "gemm_select": select})
     finally:
         if lm.gemm_tuning is not None:  # TunableOp is process-wide: the systems after this one run untuned
-            eet_pipe.gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
+            gemm_tuning.disable_gemm_tuning(lm.gemm_tuning)
 
 
 def peer_dtype(opts: dict) -> torch.dtype:
@@ -157,8 +159,8 @@ def peer_dtype(opts: dict) -> torch.dtype:
 
 def canonical_weights(opts: dict) -> tuple[Any, dict[str, torch.Tensor]]:
     """The config and canonical tensors (on the device, in the peers' dtype) that every system runs."""
-    spec = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None)
-    model = eet_pipe.loading.load_units(spec, None, peer_dtype(opts), opts["device"])
+    spec = presets.resolve_model(opts["model"], opts["weights"] or None)
+    model = units.load_units(spec, None, peer_dtype(opts), opts["device"])
     return spec.cfg, dict(model.state_dict())
 
 
@@ -316,7 +318,7 @@ def main() -> None:
     unknown = [k for k in opts["systems"] if k not in systems]
     if unknown:
         raise SystemExit(f"systems={','.join(unknown)} unknown; choose from {','.join(systems)}")
-    cfg = eet_pipe.presets.resolve_model(opts["model"], opts["weights"] or None).cfg
+    cfg = presets.resolve_model(opts["model"], opts["weights"] or None).cfg
     limits = device_limits(opts["device"], peer_dtype(opts), cfg)  # before any model holds the memory
     rows = []
     for name, fn in (systems[k] for k in opts["systems"]):

@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {  # public name -> module that defines it
     "ArchConfig": "eet_pipe.models.config",
     "CanonicalModel": "eet_pipe.models.model",
-    "GenerationResult": "eet_pipe.generation",
-    "SamplingParams": "eet_pipe.generation",
-    "LanguageModel": "eet_pipe.lm",
-    "from_pretrained": "eet_pipe.lm",
+    "GenerationResult": "eet_pipe.generation.sequences",
+    "SamplingParams": "eet_pipe.generation.sequences",
+    "LanguageModel": "eet_pipe.generation.lm",
+    "from_pretrained": "eet_pipe.generation.lm",
     "PipelineEngine": "eet_pipe.runtime.engine",
     "WorkerError": "eet_pipe.runtime.supervisor",
     "WorkerDiedError": "eet_pipe.runtime.supervisor",
@@ -29,8 +29,8 @@ __all__ = ["ArchConfig", "CanonicalModel", "GenerationResult", "LanguageModel", 
            "WorkerDiedError", "WorkerError", "WorkerTimeoutError", "from_pretrained", "__version__"]
 
 if TYPE_CHECKING:
-    from eet_pipe.generation import GenerationResult, SamplingParams
-    from eet_pipe.lm import LanguageModel, from_pretrained
+    from eet_pipe.generation.lm import LanguageModel, from_pretrained
+    from eet_pipe.generation.sequences import GenerationResult, SamplingParams
     from eet_pipe.models.config import ArchConfig
     from eet_pipe.models.model import CanonicalModel
     from eet_pipe.runtime.engine import PipelineEngine

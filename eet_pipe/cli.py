@@ -12,9 +12,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from eet_pipe.config import build_config, describe, parse_overrides
-from eet_pipe.options import GenerateOptions
-from eet_pipe.partition.options import PlanOptions
+from eet_pipe.options.parse import build_config, describe, parse_overrides
+from eet_pipe.options.typed import GenerateOptions
+from eet_pipe.partition.plan_options import PlanOptions
 from eet_pipe.partition.predict import PredictOptions
 
 __all__ = ["main"]
@@ -71,8 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from eet_pipe.loading.presets import resolve_model
     from eet_pipe.partition.auto import describe_inputs, measure_inputs, plan_from_inputs
-    from eet_pipe.presets import resolve_model
 
     flags = {k: v for k, v in (("stages", args.stages), ("devices", args.devices), ("out", args.out))
              if v is not None}
@@ -113,9 +113,9 @@ def _gb(nbytes: int) -> str:
 
 
 def _models(_: argparse.Namespace) -> int:
+    from eet_pipe.loading.presets import list_presets, load_preset
     from eet_pipe.models.config import ArchConfig
     from eet_pipe.partition.sizes import PRECISIONS, param_count, weight_bytes
-    from eet_pipe.presets import list_presets, load_preset
 
     rows = [("preset", "params", *(f"{p} GB" for p in PRECISIONS), "description")]
     for name in list_presets():

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from eet_pipe.config import build_config, describe, parse_overrides
-from eet_pipe.options import EngineOptions
-from eet_pipe.serving.options import ServeOptions
+from eet_pipe.options.parse import build_config, describe, parse_overrides
+from eet_pipe.options.typed import EngineOptions
+from eet_pipe.serving.serve_options import ServeOptions
 
 if TYPE_CHECKING:
-    from eet_pipe.runtime.serving_engine import StepDriver
+    from eet_pipe.serving.driver import StepDriver
 
 __all__ = ["main", "make_driver"]
 
@@ -48,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def make_driver(opts: ServeOptions) -> StepDriver:
     """The pipeline driver: rank 0 of torchrun, or spawned workers (resolved here, started later)."""
-    from eet_pipe.runtime.serving_engine import ServingEngine, resolve_setup, stage_devices
     from eet_pipe.runtime.torchrun import under_torchrun
+    from eet_pipe.serving.driver import ServingEngine, resolve_setup, stage_devices
 
     if under_torchrun():
-        from eet_pipe.serving.torchrun import TorchrunDriver
+        from eet_pipe.serving.torchrun_driver import TorchrunDriver
 
         return TorchrunDriver(opts)
     setup = resolve_setup(opts, stage_devices(opts.devices, opts.stages, opts.allow_duplicate_devices))
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eet_pipe.runtime.torchrun import under_torchrun
 
     if under_torchrun():
-        from eet_pipe.serving.torchrun import follower_main, torchrun_rank
+        from eet_pipe.serving.torchrun_driver import follower_main, torchrun_rank
 
         if torchrun_rank() != 0:
             return follower_main(opts)

@@ -18,7 +18,7 @@ ReLU) and the residual are in cuBLASLt's epilogue, and the algorithm is chosen h
 The search takes some 100 ms per shape and happens on the first eager call of the shape (CUDA graph
 warm-up runs eagerly before capture, so graphs replay the chosen algorithm). A call during graph capture
 or under torch.compile that finds no choice runs cuBLASLt's first heuristic choice untimed. Choices are
-kept in memory; `set_cache_dir` (what ``tune_gemm=True`` / `eet_pipe.gemm_tuning.enable_gemm_tuning` does
+kept in memory; `set_cache_dir` (what ``tune_gemm=True`` / `eet_pipe.ops.gemm_tuning.enable_gemm_tuning` does
 on CUDA) also reads them from and writes them to
 ``<dir>/gemm_select_<device>_torch<v>_cuda<v>_cublaslt<v>.json`` (an algorithm is valid for one cuBLASLt
 version only; one that fails anyway is dropped, that call runs the plain path and the shape is measured
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 ENABLED: bool = env_on("EET_PIPE_GEMM_SELECT")
 """`linear` runs decode-bucket shapes through cuBLASLt with a selected algorithm (EET_PIPE_GEMM_SELECT=0: off)."""
 SELECT_ROWS = frozenset(2 ** i for i in range(9))
-"""Row counts that take this path: the decode batch buckets 1..256 (eet_pipe.cuda_graphs.DEFAULT_BUCKETS), so a
+"""Row counts that take this path: the decode batch buckets 1..256 (eet_pipe.ops.cuda_graphs.DEFAULT_BUCKETS), so a
 bounded set of shapes is ever measured (a prefill of exactly that many tokens takes it too). Other row counts are
 prefill GEMMs, compute-bound, where cuBLAS's own heuristic is right, and each would cost a search."""
 EPILOGUE_ACTIVATIONS = ("gelu_new", "relu")

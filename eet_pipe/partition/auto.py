@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from eet_pipe.dtypes import dtype_name, parse_dtype
+from eet_pipe.loading.presets import ModelSpec
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.partition.balance import Partition, balance
 from eet_pipe.partition.costs import GIB, DeviceSpec, LinkMatrix, MemoryBudget, UnitCost
 from eet_pipe.partition.plan import Plan
 from eet_pipe.partition.profile import Profile, Workload, device_name, profile_key, profile_units
 from eet_pipe.partition.topology import Topology, discover, measure_bandwidth
-from eet_pipe.presets import ModelSpec
 from eet_pipe.schedule import Schedule, SimResult, build, simulate
 
 __all__ = ["COST_SOURCES", "DECODE_STEPS", "PlanInputs", "auto_plan", "default_workload", "describe_inputs",

@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from eet_pipe.dtypes import dtype_name, parse_dtype
+from eet_pipe.loading.presets import ModelSpec
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.partition.costs import UnitCost
 from eet_pipe.partition.profile import Profile, Workload, estimate_temp, profile_key
 from eet_pipe.partition.sizes import unit_size
-from eet_pipe.presets import ModelSpec
 
 __all__ = ["CONFIG_HARDWARE", "NOMINAL_BANDWIDTH", "NOMINAL_FLOPS", "config_profile", "unit_cost"]
 

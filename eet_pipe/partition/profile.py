@@ -29,15 +29,15 @@ from typing import Any
 
 import torch
 
-from eet_pipe.cuda_graphs import graphed
-from eet_pipe.dtypes import dtype_name, parse_dtype
-from eet_pipe.loading import load_units
+from eet_pipe.loading.presets import ModelSpec
+from eet_pipe.loading.units import load_units
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
+from eet_pipe.ops.cuda_graphs import graphed
 from eet_pipe.partition.costs import UnitCost
-from eet_pipe.presets import ModelSpec
 
 __all__ = ["CACHE_ENV", "PROFILE_FORMAT", "WORKLOAD_KINDS", "Profile", "Workload", "cache_path",
            "default_cache_dir", "device_name", "estimate_temp", "profile_key", "profile_units"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation.sequences import SamplingParams
 
 __all__ = ["ForwardCommand", "GenerateCommand", "Shutdown", "split_rows", "OUTPUTS"]
 
@@ -46,7 +46,7 @@ class ForwardCommand:
     """Replay each chunk's forward from a CUDA graph per microbatch shape (CUDA stages; ignored on CPU
     and while capturing)."""
     capture: list[str] | None = None
-    """Canonical capture keys (``eet_pipe.compare_points``: module output, or ``name:in`` for its input)
+    """Canonical capture keys (``eet_pipe.compare.points``: module output, or ``name:in`` for its input)
     to record with forward hooks; the last stage then returns ``(output, {key: tensor})`` gathered from
     every stage. None (the default) records nothing."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from eet_pipe.generation import GenerationResult, HostCopy, Sampler, SequenceState, pad_prompts, results
+from eet_pipe.generation.sequences import GenerationResult, HostCopy, Sampler, SequenceState, pad_prompts, results
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.runtime.comm import P2P, Spec

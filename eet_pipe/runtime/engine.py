@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from eet_pipe.dtypes import dtype_name, parse_dtype
-from eet_pipe.generation import GenerationResult
-from eet_pipe.lm import LanguageModel, check_forward_inputs, prepare_generation
-from eet_pipe.loading import prepare, spec_from_model, tokenizer_for
+from eet_pipe.generation.lm import LanguageModel, check_forward_inputs, prepare_generation
+from eet_pipe.generation.sequences import GenerationResult
+from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.units import prepare, spec_from_model, tokenizer_for
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.partition.plan import Plan
-from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.runtime.commands import OUTPUTS, ForwardCommand, GenerateCommand
 from eet_pipe.runtime.placement import FORWARD_SCHEDULES, make_plan, pipeline_devices
 from eet_pipe.runtime.supervisor import Supervisor, free_port
@@ -98,7 +98,7 @@ class PipelineEngine:
 
     @classmethod
     def from_options(cls, opts: Any) -> PipelineEngine:
-        """Build from `eet_pipe.options.EngineOptions`."""
+        """Build from `eet_pipe.options.typed.EngineOptions`."""
         # as for the server and `eet-pipe plan`: with devices given, the default stages=1 means "one per device"
         stages = None if opts.devices and opts.stages == 1 else opts.stages
         return cls(opts.model, devices=opts.devices or None, stages=stages, schedule=opts.schedule,
@@ -199,7 +199,7 @@ class PipelineEngine:
     def forward_capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         points: Sequence[str] = (), token_type_ids: torch.Tensor | None = None,
                         microbatches: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`forward` that also records canonical capture keys on every stage (see `eet_pipe.compare_points`).
+        """`forward` that also records canonical capture keys on every stage (see `eet_pipe.compare.points`).
 
         Args:
             points: capture keys: a canonical module name (its output) or ``name:in`` (its first input).

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from eet_pipe.dtypes import parse_device
+from eet_pipe.loading.presets import ModelSpec
+from eet_pipe.models.dtypes import parse_device
 from eet_pipe.partition.plan import Plan
-from eet_pipe.presets import ModelSpec
 
 __all__ = ["FORWARD_SCHEDULES", "make_plan", "pipeline_devices"]
 

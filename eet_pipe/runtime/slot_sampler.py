@@ -1,6 +1,6 @@
 """Per-slot sampling and stopping on the last stage of a serving pipeline.
 
-Tokens are drawn on the logits' device (`eet_pipe.sampling`: every parameter is a per-slot tensor);
+Tokens are drawn on the logits' device (`eet_pipe.generation.sampling`: every parameter is a per-slot tensor);
 `sample_async` returns them on the device (the pipeline feeds them back to stage 0 from there) and a
 `PendingTokens` whose host copies are read one step later by `resolve`, which applies EOS, stop
 strings and `max_tokens` (`SequenceState`) and fills the result payload. An error in one slot's host
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from eet_pipe.generation import HostCopy, SequenceState
-from eet_pipe.sampling import SamplingTable, top_logprobs
+from eet_pipe.generation.sampling import SamplingTable, top_logprobs
+from eet_pipe.generation.sequences import HostCopy, SequenceState
 
 __all__ = ["SlotSampler", "PendingTokens", "new_payload"]
 

@@ -8,14 +8,14 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from eet_pipe.compare_points import CaptureHooks
-from eet_pipe.cuda_graphs import GraphCache, cache_length
-from eet_pipe.loading import load_units, tokenizer_for
+from eet_pipe.compare.points import CaptureHooks
+from eet_pipe.loading.presets import ModelSpec
+from eet_pipe.loading.units import load_units, tokenizer_for
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta, prefill_meta, to_device
 from eet_pipe.models.model import CanonicalModel
+from eet_pipe.ops.cuda_graphs import GraphCache, cache_length
 from eet_pipe.partition.plan import unit_range
-from eet_pipe.presets import ModelSpec
 from eet_pipe.runtime.comm import P2P, Spec
 from eet_pipe.runtime.commands import ForwardCommand, GenerateCommand, split_rows
 from eet_pipe.runtime.context import StageContext

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, bucket_for
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
+from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from eet_pipe.runtime.comm import P2P
 from eet_pipe.runtime.slot_sampler import PendingTokens, SlotSampler, new_payload
 from eet_pipe.schedule import Action, Op

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from eet_pipe.presets import ModelSpec
+from eet_pipe.loading.presets import ModelSpec
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.serving.errors import APIError, install_errors, request_id, server_error
 from eet_pipe.serving.guard import Guard
 from eet_pipe.serving.metrics import CONTENT_TYPE

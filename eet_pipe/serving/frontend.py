@@ -29,9 +29,9 @@ import zmq.asyncio
 
 from eet_pipe.serving.ipc import IpcPaths, dumps, loads, pull_socket, push_socket
 from eet_pipe.serving.metrics import Metrics
-from eet_pipe.serving.options import ServeOptions
 from eet_pipe.serving.scheduler import QueueFullError, ServiceUnavailableError
 from eet_pipe.serving.sequences import Event, GenRequest
+from eet_pipe.serving.serve_options import ServeOptions
 
 __all__ = ["Frontend", "frontend_main"]
 
@@ -201,8 +201,8 @@ def frontend_main(opts: ServeOptions, paths: IpcPaths, parent: int) -> None:
     """Entry of the HTTP process (spawned by the engine process; exits 0 after a graceful stop)."""
     _die_with_parent(parent)
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from eet_pipe.loading import tokenizer_for
-    from eet_pipe.presets import resolve_model
+    from eet_pipe.loading.presets import resolve_model
+    from eet_pipe.loading.units import tokenizer_for
     from eet_pipe.serving.api import create_app
     from eet_pipe.serving.listener import make_server
 

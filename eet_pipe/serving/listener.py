@@ -10,8 +10,8 @@ from typing import Any
 
 import uvicorn
 
-from eet_pipe.serving.options import ServeOptions
 from eet_pipe.serving.protocol import protocol_with_header_timeout
+from eet_pipe.serving.serve_options import ServeOptions
 
 __all__ = ["make_server"]
 

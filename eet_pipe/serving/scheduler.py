@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from eet_pipe.runtime.serving_engine import StepDriver
 from eet_pipe.runtime.step import SeqInit, StepCommand, StepPart
 from eet_pipe.runtime.supervisor import WorkerError
+from eet_pipe.serving.driver import StepDriver
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.sequences import Event, GenRequest, Sequence
 

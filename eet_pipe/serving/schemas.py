@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eet_pipe.generation import SEED_MAX, SEED_MIN
+from eet_pipe.generation.sequences import SEED_MAX, SEED_MIN
 
 __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "StreamOptions", "SamplingRequest"]
 

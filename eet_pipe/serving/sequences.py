@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from eet_pipe.generation import IncrementalDecoder, SamplingParams
+from eet_pipe.generation.sequences import IncrementalDecoder, SamplingParams
 
 __all__ = ["Event", "GenRequest", "Sequence", "TextStream", "Logprob"]
 

@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver
+from eet_pipe.serving.driver import PipelineSetup, StepDriver
 from eet_pipe.serving.engine_core import EngineCore
 from eet_pipe.serving.errors import public_message
 from eet_pipe.serving.frontend import frontend_main
 from eet_pipe.serving.ipc import IpcPaths
 from eet_pipe.serving.metrics import Metrics
-from eet_pipe.serving.options import ServeOptions
 from eet_pipe.serving.scheduler import Scheduler
+from eet_pipe.serving.serve_options import ServeOptions
 
 __all__ = ["Runtime", "run_server"]
 

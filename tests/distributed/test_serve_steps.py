@@ -9,15 +9,15 @@ import threading
 
 import pytest
 
-from eet_pipe.config import build_config
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation.sequences import SamplingParams
+from eet_pipe.options.parse import build_config
 from eet_pipe.runtime.engine import PipelineEngine
-from eet_pipe.runtime.serving_engine import ServingEngine, resolve_setup
 from eet_pipe.runtime.step import PAD_ENV
+from eet_pipe.serving.driver import ServingEngine, resolve_setup
 from eet_pipe.serving.metrics import Metrics
-from eet_pipe.serving.options import ServeOptions
 from eet_pipe.serving.scheduler import Scheduler
 from eet_pipe.serving.sequences import GenRequest
+from eet_pipe.serving.serve_options import ServeOptions
 
 PROMPTS = ["hello world", "the quick brown fox", "a", "pipeline parallel", "xyz", "ab cd", "once upon a time"]
 CASES = [dict(max_new_tokens=8 + i, ignore_eos=True) if i % 2 == 0 else

@@ -8,7 +8,7 @@ import torch
 
 import eet_pipe
 from eet_pipe import PipelineEngine
-from eet_pipe.generation import pad_prompts
+from eet_pipe.generation.sequences import pad_prompts
 from eet_pipe.runtime.context import shared_gpu_links
 
 PROMPTS = [[int(t) for t in torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(n))]

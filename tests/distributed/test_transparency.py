@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import eet_pipe
-from eet_pipe.generation import pad_prompts
+from eet_pipe.generation.sequences import pad_prompts
 from eet_pipe.runtime import PipelineEngine
 from eet_pipe.runtime.commands import split_rows
 

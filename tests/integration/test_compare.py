@@ -1,4 +1,4 @@
-"""The precision comparison tool (`eet_pipe.compare`): sides, points, tolerances, CLI."""
+"""The precision comparison tool (`eet_pipe.compare.core`): sides, points, tolerances, CLI."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 
 import eet_pipe
 from eet_pipe import compare as compare_mod
-from eet_pipe.compare import Side, compare, main
-from eet_pipe.compare_points import MissingPointError, point_names
-from eet_pipe.generation import pad_prompts
+from eet_pipe.compare.cli import main
+from eet_pipe.compare.core import Side, compare
+from eet_pipe.compare.points import MissingPointError, point_names
+from eet_pipe.generation.sequences import pad_prompts
 from tests.hf_models import mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from eet_pipe.cuda_graphs import DecodeGraphs, GraphDecoder, StaticDecodeInputs, bucket_for, static_decode_step
-from eet_pipe.generation import pad_prompts
-from eet_pipe.lm import LanguageModel
+from eet_pipe.generation.lm import LanguageModel
+from eet_pipe.generation.sequences import pad_prompts
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.meta import decode_meta, prefill_meta
 from eet_pipe.models.quant import quantize_model
+from eet_pipe.ops.cuda_graphs import DecodeGraphs, GraphDecoder, StaticDecodeInputs, bucket_for, static_decode_step
 from eet_pipe.weights.loader import init_random
 
 # GPT-2 shape with head dim 64 (the decode-attention kernel's case), weights large enough for varied tokens
@@ -161,7 +161,7 @@ def test_int8_graph_decode_equals_eager_gpu():
 
 
 def test_graph_cache_needs_cuda_and_graphed_is_identity_on_cpu():
-    from eet_pipe.cuda_graphs import GraphCache, cache_length, graphed
+    from eet_pipe.ops.cuda_graphs import GraphCache, cache_length, graphed
 
     with pytest.raises(ValueError, match="GraphCache needs a CUDA device, got cpu"):
         GraphCache(torch.device("cpu"))
@@ -175,7 +175,7 @@ def test_graph_cache_needs_cuda_and_graphed_is_identity_on_cpu():
 
 @pytest.mark.cuda
 def test_graph_cache_warms_up_eagerly_then_captures_and_replays():
-    from eet_pipe.cuda_graphs import GraphCache
+    from eet_pipe.ops.cuda_graphs import GraphCache
 
     cache = GraphCache(torch.device("cuda:0"), max_graphs=2)
     w = torch.randn(64, 64, device="cuda:0")
@@ -192,7 +192,7 @@ def test_graph_cache_warms_up_eagerly_then_captures_and_replays():
 
 @pytest.mark.cuda
 def test_graph_cache_keeps_large_outputs_eager_and_bounds_its_memory():
-    from eet_pipe.cuda_graphs import GraphCache
+    from eet_pipe.ops.cuda_graphs import GraphCache
 
     x = torch.ones(256, 256, device="cuda:0")
     big = GraphCache(torch.device("cuda:0"), max_output_bytes=1024)

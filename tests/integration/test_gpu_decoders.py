@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import eet_pipe
-from eet_pipe.generation import pad_prompts
+from eet_pipe.generation.sequences import pad_prompts
 from eet_pipe.models.meta import decode_meta, positions_from_mask, prefill_meta
 from tests.hf_models import mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401  (fixtures)
 

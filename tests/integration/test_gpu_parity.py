@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from eet_pipe.lm import LanguageModel
+from eet_pipe.generation.lm import LanguageModel
 from eet_pipe.models.meta import prefill_meta
 from eet_pipe.weights import from_torch
 

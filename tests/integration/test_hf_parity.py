@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import eet_pipe
-from eet_pipe.generation import pad_prompts
+from eet_pipe.generation.sequences import pad_prompts
 from eet_pipe.models.meta import positions_from_mask
 from tests.hf_models import MISTRAL_WINDOW, _randomise, mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401
 

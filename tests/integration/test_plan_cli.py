@@ -14,12 +14,12 @@ import torch
 
 import eet_pipe
 from eet_pipe.cli import main
-from eet_pipe.generation import pad_prompts
+from eet_pipe.generation.sequences import pad_prompts
+from eet_pipe.loading.presets import resolve_model
 from eet_pipe.partition import Plan
 from eet_pipe.partition import profile as profile_mod
-from eet_pipe.partition.options import PlanOptions
+from eet_pipe.partition.plan_options import PlanOptions
 from eet_pipe.partition.sizes import unit_bytes
-from eet_pipe.presets import resolve_model
 from eet_pipe.runtime import PipelineEngine
 
 ROOT = Path(__file__).resolve().parents[2]

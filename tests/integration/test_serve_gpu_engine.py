@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 
-from eet_pipe.generation import Sampler, SamplingParams
-from eet_pipe.sampling import SamplingTable
+from eet_pipe.generation.sampling import SamplingTable
+from eet_pipe.generation.sequences import Sampler, SamplingParams
 from eet_pipe.serving.process import ServerProcess
 
 pytestmark = pytest.mark.cuda

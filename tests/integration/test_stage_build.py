@@ -21,12 +21,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eet_pipe.dtypes import parse_dtype
-from eet_pipe.loading import load_units
+from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.units import load_units
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition import Plan
 from eet_pipe.partition.sizes import weight_bytes
-from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.weights import loader, mapping_for, to_hf
 from eet_pipe.weights.loader import init_random
 

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from eet_pipe.cuda_graphs import DEFAULT_BUCKETS
 from eet_pipe.ops import gemm_select
+from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS
 from eet_pipe.ops.gemm_select import Choice
 
 

@@ -17,7 +17,9 @@ import torch
 from torch.cuda import tunable
 
 from eet_pipe import ops
-from eet_pipe.gemm_tuning import (
+from eet_pipe.ops import gemm_select
+from eet_pipe.ops.gemm_select import Choice
+from eet_pipe.ops.gemm_tuning import (
     MAX_TUNING_MS,
     GemmTuning,
     default_cache_dir,
@@ -26,8 +28,6 @@ from eet_pipe.gemm_tuning import (
     save_tuning,
     tuning_filename,
 )
-from eet_pipe.ops import gemm_select
-from eet_pipe.ops.gemm_select import Choice
 
 GPUS = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H200"}
 QKV = "float16 m=8 n=4800 k=1600 bias=1 residual=0 act=none"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eet_pipe import from_pretrained
-from eet_pipe.generation import Sampler, SamplingParams, SequenceState, check_prompts, pad_prompts
+from eet_pipe.generation.sequences import Sampler, SamplingParams, SequenceState, check_prompts, pad_prompts
 
 
 @pytest.mark.parametrize("field,value,msg", [

@@ -8,14 +8,14 @@ import dataclasses
 
 import pytest
 
-from eet_pipe import loading
 from eet_pipe.cli import main
+from eet_pipe.loading import units as loading
+from eet_pipe.loading.presets import resolve_model
 from eet_pipe.partition import InfeasibleError, MemoryBudget, Workload, auto_plan, profile_units
 from eet_pipe.partition import profile as profile_mod
 from eet_pipe.partition.estimate import config_profile
-from eet_pipe.partition.options import PlanOptions, parse_bytes
+from eet_pipe.partition.plan_options import PlanOptions, parse_bytes
 from eet_pipe.partition.sizes import unit_bytes, weight_bytes
-from eet_pipe.presets import resolve_model
 from eet_pipe.weights import loader
 
 GB = 10**9

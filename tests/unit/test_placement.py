@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eet_pipe.options import EngineOptions
+from eet_pipe.options.typed import EngineOptions
 from eet_pipe.runtime.placement import pipeline_devices
-from eet_pipe.runtime.serving_engine import stage_devices
+from eet_pipe.serving.driver import stage_devices
 
 
 @pytest.fixture

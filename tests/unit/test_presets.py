@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+from eet_pipe.loading.presets import list_presets, resolve_model
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.quant import quantize_model
 from eet_pipe.partition.sizes import PRECISIONS, param_count, unit_bytes, weight_bytes
-from eet_pipe.presets import list_presets, resolve_model
 from eet_pipe.weights.loader import init_random
 
 NEW = ("llama-3-8b", "llama-3-70b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b")

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from eet_pipe.loading import load_units
+from eet_pipe.loading.presets import resolve_model
+from eet_pipe.loading.units import load_units
 from eet_pipe.partition import (
     DeviceInfo,
     DeviceSpec,
@@ -25,9 +26,8 @@ from eet_pipe.partition import (
     profile_units,
 )
 from eet_pipe.partition import profile as profile_mod
-from eet_pipe.partition.options import PlanOptions
+from eet_pipe.partition.plan_options import PlanOptions
 from eet_pipe.partition.profile import cache_path, profile_key
-from eet_pipe.presets import resolve_model
 
 SMALL = Workload("prefill", 2, 16)
 FP32 = 4

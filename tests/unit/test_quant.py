@@ -10,10 +10,10 @@ from torch import nn
 
 import eet_pipe
 from eet_pipe import ops
-from eet_pipe.lm import LanguageModel
-from eet_pipe.loading import load_units
+from eet_pipe.generation.lm import LanguageModel
+from eet_pipe.loading.presets import resolve_model
+from eet_pipe.loading.units import load_units
 from eet_pipe.models.quant import Int8Linear, check_quantize, quantize_model, resolve_precision
-from eet_pipe.presets import resolve_model
 from eet_pipe.weights.loader import from_torch
 from tests.hf_models import make_gpt2
 

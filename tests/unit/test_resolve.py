@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from eet_pipe import from_pretrained
-from eet_pipe.presets import ModelNotFoundError, list_presets, resolve_model
+from eet_pipe.loading.presets import ModelNotFoundError, list_presets, resolve_model
 
 
 def test_presets_are_listed():

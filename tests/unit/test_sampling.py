@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from eet_pipe.generation import Sampler, SamplingParams
-from eet_pipe.sampling import LOGPROB_FLOOR, SamplingTable, mix64, top_logprobs
+from eet_pipe.generation.sampling import LOGPROB_FLOOR, SamplingTable, mix64, top_logprobs
+from eet_pipe.generation.sequences import Sampler, SamplingParams
 
 
 def _splitmix_final(x: int) -> int:

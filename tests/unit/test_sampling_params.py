@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eet_pipe
-from eet_pipe.generation import SAMPLING_EPS, SEED_MAX, SEED_MIN, Sampler, SamplingParams
+from eet_pipe.generation.sequences import SAMPLING_EPS, SEED_MAX, SEED_MIN, Sampler, SamplingParams
 
 
 @pytest.mark.parametrize("field,value", [

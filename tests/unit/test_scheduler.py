@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eet_pipe.generation import SamplingParams
-from eet_pipe.runtime.serving_engine import StepDriver
+from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
 from eet_pipe.runtime.step import ServeInit, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError
+from eet_pipe.serving.driver import StepDriver
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import QueueFullError, Scheduler, ServiceUnavailableError
 from eet_pipe.serving.sequences import GenRequest

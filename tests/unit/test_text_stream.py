@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from eet_pipe.loading.tokenizer import ByteTokenizer
 from eet_pipe.serving.sequences import TextStream
-from eet_pipe.tokenizer import ByteTokenizer
 
 TEXTS = ["Hello world", "héllo wörld ✓ 日本語 🙂 done", "a" * 300 + " ünïcödé " * 20, "🙂🙂🙂x", "line\nbreak\ttab  spaces "]
 
@@ -102,7 +102,7 @@ def test_each_update_decodes_a_short_window_not_the_whole_output() -> None:
 def test_stop_strings_end_sequences_like_a_full_decode_search(kind: str) -> None:
     """SequenceState searches only the new text for stop strings; the result equals searching the whole
     decode after every token (the stop strings are cut from the text's middle, across token edges)."""
-    from eet_pipe.generation import SamplingParams, SequenceState
+    from eet_pipe.generation.sequences import SamplingParams, SequenceState
 
     if kind == "bytes":
         tok = ByteTokenizer()
@@ -132,7 +132,7 @@ def test_stop_strings_end_sequences_like_a_full_decode_search(kind: str) -> None
 
 def test_stop_string_completed_by_a_token_that_ends_in_half_a_character() -> None:
     """A token can finish a stop string and start a multi-byte character in the same bytes."""
-    from eet_pipe.generation import SamplingParams, SequenceState
+    from eet_pipe.generation.sequences import SamplingParams, SequenceState
 
     pieces = {0: b"x", 1: b"ab\xe2", 2: b"\x9c\x93", 3: b"y"}
 

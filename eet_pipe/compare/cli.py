@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from eet_pipe.compare import Side, compare
-from eet_pipe.generation import pad_prompts
-from eet_pipe.loading import tokenizer_for
-from eet_pipe.presets import resolve_model
+from eet_pipe.compare.core import Side, compare
+from eet_pipe.generation.sequences import pad_prompts
+from eet_pipe.loading.presets import resolve_model
+from eet_pipe.loading.units import tokenizer_for
 
 __all__ = ["main"]
 

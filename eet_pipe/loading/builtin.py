@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from eet_pipe.loading.tokenizer import ByteTokenizer
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.meta import prefill_meta
 from eet_pipe.models.model import CanonicalModel
-from eet_pipe.tokenizer import ByteTokenizer
 from eet_pipe.weights.loader import init_random
 
 __all__ = ["builtin_state", "cache_dir", "CORPUS"]
 
-log = logging.getLogger("eet_pipe.builtin")
+log = logging.getLogger("eet_pipe.loading.builtin")
 
 CORPUS = """\
 Hello, world! Hello there. Hello again, and welcome to the pipeline.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eet_pipe.generation.sampling import SamplingTable
 from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
-from eet_pipe.sampling import SamplingTable
 
 __all__ = ["SamplingParams", "SAMPLING_EPS", "SEED_MIN", "SEED_MAX",
            "Sampler", "SequenceState", "IncrementalDecoder", "GenerationResult", "HostCopy",
@@ -114,7 +114,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
 
 class Sampler:
     """Picks next tokens for a batch whose rows may have different `SamplingParams`, on the logits' device
-    (`eet_pipe.sampling`): row n's k-th token depends only on its logits, its parameters, its seed and k,
+    (`eet_pipe.generation.sampling`): row n's k-th token depends only on its logits, its parameters, its seed and k,
     so the same seed gives the same tokens here, in the pipeline and in the server."""
 
     def __init__(self, params: Sequence[SamplingParams]) -> None:

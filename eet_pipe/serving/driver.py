@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
-from eet_pipe.dtypes import parse_dtype
-from eet_pipe.generation import SamplingParams
+from eet_pipe.generation.sequences import SamplingParams
+from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.tokenizer import Tokenizer
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition.plan import Plan
-from eet_pipe.presets import ModelSpec, resolve_model
 from eet_pipe.runtime.placement import make_plan, pipeline_devices
 from eet_pipe.runtime.step import SeqInit, ServeInit, StepCommand, StepPart
 from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError, free_port
 from eet_pipe.runtime.worker import WorkerArgs
-from eet_pipe.tokenizer import Tokenizer
 
 __all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "resolve_setup", "stage_devices"]
 
@@ -72,7 +72,7 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
     """Resolve `ServeOptions` into a `PipelineSetup` (no process is started); `plan` overrides `opts.plan`.
 
     Raises ValueError naming the option for an encoder model, a missing tokenizer or a bad plan."""
-    from eet_pipe.loading import tokenizer_for
+    from eet_pipe.loading.units import tokenizer_for
 
     spec = resolve_model(opts.model, opts.weights, opts.seed)
     if not spec.cfg.is_decoder:

@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from eet_pipe.cuda_graphs import DEFAULT_BUCKETS, GraphDecoder
-from eet_pipe.dtypes import parse_device, parse_dtype
-from eet_pipe.gemm_tuning import GemmTuning, enable_gemm_tuning, warm_up
-from eet_pipe.generation import GenerationResult, SamplingParams, StepFn, check_prompts, generate_loop
-from eet_pipe.loading import load_units, tokenizer_for
+from eet_pipe.generation.sequences import GenerationResult, SamplingParams, StepFn, check_prompts, generate_loop
+from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.tokenizer import Tokenizer
+from eet_pipe.loading.units import load_units, tokenizer_for
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import parse_device, parse_dtype
 from eet_pipe.models.meta import StepMeta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.models.quant import resolve_precision
-from eet_pipe.presets import ModelSpec, resolve_model
-from eet_pipe.tokenizer import Tokenizer
+from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS, GraphDecoder
+from eet_pipe.ops.gemm_tuning import GemmTuning, enable_gemm_tuning, warm_up
 
 __all__ = ["LanguageModel", "from_pretrained", "encode_prompts", "check_forward_inputs", "prepare_generation"]
 
@@ -115,7 +115,7 @@ class LanguageModel:
     def generate(self, prompts: Prompts, cuda_graphs: bool | None = None, **sampling: Any) -> list[GenerationResult]:
         """Generate for each prompt (text or ids); keyword arguments are `SamplingParams` fields.
 
-        `cuda_graphs` replays decode steps from CUDA graphs (`eet_pipe.cuda_graphs`); default: on
+        `cuda_graphs` replays decode steps from CUDA graphs (`eet_pipe.ops.cuda_graphs`); default: on
         for a CUDA model, off on CPU (where True runs the same steps eagerly).
         """
         ids, per_seq = prepare_generation(self.cfg, self.tokenizer, prompts, sampling)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from eet_pipe.dtypes import parse_device, parse_dtype
 from eet_pipe.models.config import ArchConfig
-from eet_pipe.options import ModelOptions
+from eet_pipe.models.dtypes import parse_device, parse_dtype
+from eet_pipe.options.typed import ModelOptions
 from eet_pipe.partition.costs import MemoryBudget
 from eet_pipe.partition.profile import WORKLOAD_KINDS, Workload
 from eet_pipe.schedule import SCHEDULES

@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import StageContext, init_distributed
-from eet_pipe.runtime.serving_engine import PipelineSetup, StepDriver, resolve_setup
 from eet_pipe.runtime.step import ServeInit, StepCommand, next_command, serve_command
 from eet_pipe.runtime.supervisor import WorkerError, WorkerTimeoutError
+from eet_pipe.serving.driver import PipelineSetup, StepDriver, resolve_setup
 
 __all__ = ["TorchrunDriver", "follower_main", "torchrun_rank"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eet_pipe.options import EngineOptions
+from eet_pipe.options.typed import EngineOptions
 
 __all__ = ["ServeOptions"]
 

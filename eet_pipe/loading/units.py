@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from eet_pipe.loading.presets import ModelSpec
+from eet_pipe.loading.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.models.quant import check_quantize, quantize_model
-from eet_pipe.presets import ModelSpec
-from eet_pipe.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from eet_pipe.weights.loader import init_random, load_checkpoint
 
 __all__ = ["load_units", "tokenizer_for", "spec_from_model", "prepare"]
@@ -34,7 +34,7 @@ def _load(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
     if spec.source == "state":
         return _from_state(spec, units, dtype, device)
     if spec.source == "builtin":
-        from eet_pipe.builtin import builtin_model
+        from eet_pipe.loading.builtin import builtin_model
 
         return builtin_model(spec.cfg, units, spec.seed, dtype, device)
     return init_random(spec.cfg, units, seed=spec.seed, dtype=dtype, device=device)
@@ -66,7 +66,7 @@ def spec_from_model(model: CanonicalModel, tokenizer: str = "none") -> ModelSpec
 def prepare(spec: ModelSpec) -> None:
     """Do once, before workers start, what every worker would otherwise repeat (build built-in weights)."""
     if spec.source == "builtin":
-        from eet_pipe.builtin import builtin_state
+        from eet_pipe.loading.builtin import builtin_state
 
         builtin_state(spec.cfg, spec.seed)
 

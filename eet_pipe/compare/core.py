@@ -9,7 +9,6 @@ and exits 0 (all pass), 1 (some fail) or 2 (usage or input error). See docs/COMP
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from eet_pipe.compare_points import (
+from eet_pipe.compare.points import (
     CaptureHooks,
     HFCapture,
     capture_keys,
@@ -27,13 +26,13 @@ from eet_pipe.compare_points import (
     select_points,
     valid_elements,
 )
-from eet_pipe.dtypes import dtype_name, parse_dtype
-from eet_pipe.lm import LanguageModel, check_forward_inputs, from_pretrained
+from eet_pipe.generation.lm import LanguageModel, check_forward_inputs, from_pretrained
+from eet_pipe.loading.presets import resolve_model
 from eet_pipe.models.config import ArchConfig
+from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.models.model import CanonicalModel
-from eet_pipe.presets import resolve_model
 
-__all__ = ["Side", "Row", "Report", "compare", "tolerance", "reference_ops", "main"]
+__all__ = ["Side", "Row", "Report", "compare", "tolerance", "reference_ops"]
 
 SIDE_KINDS = ("eet", "hf")
 OPS_MODES = ("auto", "reference")
@@ -335,14 +334,3 @@ def _source(side: Side) -> str:
     if isinstance(side.model, (str, bytes)) or hasattr(side.model, "__fspath__"):
         return str(side.model) + (f", weights={side.weights} seed={side.seed}" if side.weights == "random" else "")
     return f"in-memory {type(side.model).__name__}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (`python -m eet_pipe.compare`, see `eet_pipe.compare_cli`): 0 all pass, 1 some fail, 2 error."""
-    from eet_pipe.compare_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Typed options of the command-line entry points (`typed`) and their `key=value` parsing (`parse`)."""
