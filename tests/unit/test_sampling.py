@@ -80,11 +80,15 @@ def test_non_finite_logits_never_raise():
     assert all(math.isfinite(x) and x >= LOGPROB_FLOOR for x in [*chosen.tolist(), *values.view(-1).tolist()])
 
 
-def test_huge_seeds_are_taken_modulo_2_64():
+def test_seeds_are_taken_modulo_2_64_within_the_accepted_range():
+    """SamplingParams accepts what torch.Generator.manual_seed accepts (-2**63 .. 2**64 - 1); the sampler
+    reads a seed modulo 2**64, so -1 and 2**64 - 1 are one seed, and a larger one is refused up front."""
     logits = torch.randn(1, 50)
-    a = Sampler([SamplingParams(temperature=1.0, seed=2**64 + 5)])
-    b = Sampler([SamplingParams(temperature=1.0, seed=5)])
+    a = Sampler([SamplingParams(temperature=1.0, seed=-1)])
+    b = Sampler([SamplingParams(temperature=1.0, seed=2**64 - 1)])
     assert [int(a(logits)) for _ in range(5)] == [int(b(logits)) for _ in range(5)]
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(temperature=1.0, seed=2**64 + 5)
 
 
 def test_table_counters_advance_per_sampled_row_only():
