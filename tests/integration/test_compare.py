@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eet_pipe
-from eet_pipe import compare as compare_mod
+from eet_pipe.compare import core as compare_mod
 from eet_pipe.compare.cli import main
 from eet_pipe.compare.core import Side, compare
 from eet_pipe.compare.points import MissingPointError, point_names
