@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import eet_pipe
 from eet_pipe.generation.sequences import pad_prompts
-from eet_pipe.runtime import PipelineEngine
 from eet_pipe.runtime.commands import split_rows
+from tests.distributed.cases import pipeline_cases
 
 PROMPTS = [[5, 17, 33, 9, 41, 3, 77, 12, 5, 6, 90], [8, 13], [100, 3, 4, 5, 6, 44, 23], [9, 9, 1], [4, 5, 6, 7, 8]]
 
@@ -29,15 +28,7 @@ GRID = [  # (model fixture, stages, schedule, virtual)
 ]
 
 
-@pytest.fixture(scope="module", params=GRID, ids=lambda p: f"{p[0][:-4]}-P{p[1]}-{p[2]}")
-def case(request):
-    fixture, stages, schedule, virtual = request.param
-    path = request.getfixturevalue(fixture)
-    single = eet_pipe.from_pretrained(str(path))
-    engine = PipelineEngine(str(path), devices=["cpu"] * stages, schedule=schedule, virtual=virtual, plan="even",
-                            timeout=120)
-    yield path, single, engine, schedule
-    engine.close()
+case = pipeline_cases(GRID)
 
 
 @pytest.mark.timeout(600)

@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import eet_pipe
 from eet_pipe.generation.sequences import pad_prompts
-from eet_pipe.runtime import PipelineEngine
 from eet_pipe.runtime.commands import split_rows
+from tests.distributed.cases import pipeline_cases
 from tests.hf_models import mistral_dir, qwen2_dir, qwen3_dir  # noqa: F401  (fixtures)
 
 PROMPTS = [[5, 17, 33, 9, 41, 3, 77, 12, 5, 6, 90], [8, 13], [100, 3, 4, 5, 6, 44, 23], [9, 9, 1]]
@@ -26,20 +25,12 @@ GRID = [  # (model fixture, stages, schedule, virtual)
 ]
 
 
-@pytest.fixture(scope="module", params=GRID, ids=lambda p: f"{p[0][:-4]}-P{p[1]}-{p[2]}")
-def case(request):
-    fixture, stages, schedule, virtual = request.param
-    path = request.getfixturevalue(fixture)
-    single = eet_pipe.from_pretrained(str(path))
-    engine = PipelineEngine(str(path), devices=["cpu"] * stages, schedule=schedule, virtual=virtual, plan="even",
-                            timeout=120)
-    yield path, single, engine
-    engine.close()
+case = pipeline_cases(GRID)
 
 
 @pytest.mark.timeout(600)
 def test_forward_is_bit_identical(case):
-    _, single, engine = case
+    _, single, engine, _ = case
     ids, mask = pad_prompts(PROMPTS)
     for m in (1, 2):
         out = engine.forward(ids, mask, microbatches=m)
@@ -50,7 +41,7 @@ def test_forward_is_bit_identical(case):
 
 @pytest.mark.timeout(600)
 def test_generate_equals_one_stage_and_hf(case):
-    path, single, engine = case
+    path, single, engine, _ = case
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     ids, mask = pad_prompts(PROMPTS)
     with torch.no_grad():
