@@ -174,7 +174,7 @@ def engine_reference(opts: dict) -> dict[int, dict]:
     # CPU workers get the server's thread count (cores / stages): more would oversubscribe the cores
     with PipelineEngine(eng.model, devices=eng.devices or None, stages=None if eng.devices and eng.stages == 1
                         else eng.stages, schedule=eng.schedule, plan=eng.plan, dtype=eng.dtype, virtual=eng.virtual,
-                        weights=eng.weights, seed=eng.seed, timeout=eng.timeout, cuda_graphs=eng.cuda_graphs,
+                        weights=eng.weights, weights_seed=eng.weights_seed, timeout=eng.timeout, cuda_graphs=eng.cuda_graphs,
                         allow_duplicate_devices=eng.allow_duplicate_devices,
                         cpu_threads=max(1, (os.cpu_count() or 1) // stages)) as engine:
         for c in (int(x) for x in opts["concurrency"]):

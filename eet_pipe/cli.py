@@ -51,8 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in (("stages", args.stages), ("devices", args.devices)) if v is not None}
     opts = build_config(GenerateOptions, flags, parse_overrides(args.overrides))
-    sampling = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
-                    top_p=opts.top_p, seed=opts.sample_seed, stop=opts.stop)
+    sampling = vars(opts.sampling())
     start = time.perf_counter()
     with PipelineEngine.from_options(opts) as engine:
         if not engine.is_driver:  # torchrun ranks > 0 execute what rank 0 sends

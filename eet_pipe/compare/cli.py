@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -11,10 +12,12 @@ import torch
 
 from eet_pipe.compare.core import Side, compare
 from eet_pipe.generation.sequences import pad_prompts
-from eet_pipe.loading.presets import resolve_model
+from eet_pipe.loading.presets import SEED_RENAMED, resolve_model
 from eet_pipe.loading.units import tokenizer_for
 
 __all__ = ["main"]
+
+log = logging.getLogger("eet_pipe.compare")
 
 _KEYS = {"model": "checkpoint dir, HF-cache name or preset (required)",
          "a": "side A spec (default hf): hf | eet[:dtype=fp16|bf16,device=..,stages=N,ops=reference,model=..]",
@@ -23,9 +26,12 @@ _KEYS = {"model": "checkpoint dir, HF-cache name or preset (required)",
          "ids": "token ids, e.g. 1,2,3 (several sequences: 1,2,3;4,5, left-padded)",
          "points": "comma-separated points or prefixes (e.g. layers.3,head); default all",
          "weights": "random: seeded random weights (presets); default: the checkpoint",
-         "seed": "seed of random weights (default 0)",
+         "weights_seed": "seed of random weights (default 0)",
          "tol": "one max-abs bound for every point instead of the dtype-based tolerance",
          "topk": "show the K largest errors (with indices) of each failing point"}
+
+
+_INTS = ("weights_seed", "seed", "topk")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog="every --key value is also accepted as key=value",
                                      description="Compare two sides (hf, eet, eet:stages=N, ...) at every canonical point.")
     for key, desc in _KEYS.items():
-        parser.add_argument(f"--{key}", type=int if key in ("seed", "topk") else float if key == "tol" else str, help=desc)
+        parser.add_argument(f"--{key}", type=int if key in _INTS else float if key == "tol" else str, help=desc)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # the old --weights_seed, for one release
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.add_argument("overrides", nargs="*", help="key=value options (the keys above)")
     return parser
@@ -44,12 +51,15 @@ def _options(argv: Sequence[str] | None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
     for item in args.overrides:
         key, eq, value = item.partition("=")
-        if not eq or key not in _KEYS:
+        if not eq or key not in (*_KEYS, "seed"):
             raise ValueError(f"{item!r} is not key=value with a key among {', '.join(_KEYS)}")
         try:
-            setattr(args, key, int(value) if key in ("seed", "topk") else float(value) if key == "tol" else value)
+            setattr(args, key, int(value) if key in _INTS else float(value) if key == "tol" else value)
         except ValueError as err:
             raise ValueError(f"{key}={value!r} is not a number") from err
+    if args.seed is not None:
+        log.warning(SEED_RENAMED)
+        args.weights_seed = args.seed if args.weights_seed is None else args.weights_seed
     if not args.model:
         raise ValueError("model= is required (checkpoint directory, HF-cache name or preset)")
     if (args.prompt is None) == (args.ids is None):
@@ -60,7 +70,7 @@ def _options(argv: Sequence[str] | None) -> argparse.Namespace:
 def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [B, T] and mask [B, T] from prompt= (the model's tokenizer) or ids=."""
     if args.prompt is not None:
-        tokenizer = tokenizer_for(resolve_model(args.model, args.weights, args.seed or 0))
+        tokenizer = tokenizer_for(resolve_model(args.model, args.weights, args.weights_seed or 0))
         if tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer: pass ids=1,2,3 instead of prompt=")
         return pad_prompts([tokenizer.encode(args.prompt)])
@@ -81,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _options(argv)
         ids, mask = _inputs(args)
-        sides = [Side.parse(spec, args.model, args.weights, args.seed or 0) for spec in (args.a or "hf", args.b or "eet")]
+        sides = [Side.parse(spec, args.model, args.weights, args.weights_seed or 0)
+                 for spec in (args.a or "hf", args.b or "eet")]
         points = [p for p in (args.points or "").split(",") if p] or None
         report = compare(sides[0], sides[1], ids, mask, points=points, tol=args.tol, topk=args.topk or 0)
     except (ValueError, FileNotFoundError) as err:

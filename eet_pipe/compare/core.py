@@ -63,7 +63,7 @@ class Side:
     """eet only: 'auto' (kernels where available) or 'reference' (pure-PyTorch ops, see `reference_ops`)."""
     weights: str | None = None
     """'random' builds seeded random weights (presets); None reads the checkpoint."""
-    seed: int = 0
+    weights_seed: int = 0
     """Seed of random weights (the same on both sides)."""
 
     def __post_init__(self) -> None:
@@ -81,7 +81,7 @@ class Side:
                              "process only, not in the pipeline's worker processes")
 
     @classmethod
-    def parse(cls, spec: str, model: Any, weights: str | None = None, seed: int = 0) -> Side:
+    def parse(cls, spec: str, model: Any, weights: str | None = None, weights_seed: int = 0) -> Side:
         """``kind[:key=value,...]`` -> Side; keys: dtype, device, stages, ops, model (this side's own model)."""
         kind, _, rest = spec.partition(":")
         opts: dict[str, Any] = {"model": model}
@@ -93,7 +93,7 @@ class Side:
         if not str(opts.get("stages", "1")).isdigit():
             raise ValueError(f"side spec {spec!r}: stages={opts['stages']!r} is not an integer")
         opts["stages"] = int(opts.get("stages", 1))
-        return cls(kind=kind, weights=weights, seed=seed, **opts)
+        return cls(kind=kind, weights=weights, weights_seed=weights_seed, **opts)
 
     @property
     def label(self) -> str:
@@ -111,7 +111,7 @@ class _EetRunner:
         elif isinstance(side.model, CanonicalModel):
             self.lm = LanguageModel(side.model)
         else:
-            self.lm = from_pretrained(str(side.model), side.weights, side.dtype, side.device, side.seed)
+            self.lm = from_pretrained(str(side.model), side.weights, side.dtype, side.device, side.weights_seed)
         self.cfg, self.dtype, self.ops = self.lm.cfg, self.lm.dtype, side.ops
         self.desc = Side(side.kind, dtype=self.dtype, device=str(self.lm.device), ops=side.ops).label  # as loaded
         self.label = f"{which} ({self.desc})"
@@ -137,7 +137,7 @@ class _PipelineRunner:
         cpu = torch.device(side.device).type == "cpu"
         self.engine = PipelineEngine(model, devices=["cpu"] * side.stages if cpu else None, stages=side.stages,
                                      schedule="gpipe", microbatches=1, plan="even", dtype=side.dtype,
-                                     weights=side.weights, seed=side.seed, timeout=120)
+                                     weights=side.weights, weights_seed=side.weights_seed, timeout=120)
         self.cfg, self.dtype, self.desc = self.engine.cfg, side.dtype, side.label
         self.label = f"{which} ({self.desc})"
 
@@ -157,7 +157,7 @@ class _HFRunner:
         if isinstance(side.model, nn.Module):
             self.recorder = HFCapture(side.model)
         else:
-            spec = resolve_model(str(side.model), side.weights, side.seed)
+            spec = resolve_model(str(side.model), side.weights, side.weights_seed)
             if spec.source != "dir":
                 raise ValueError(f"side {which} (hf) needs an HF checkpoint directory; model={side.model!r} "
                                  f"(weights={side.weights}) has {spec.source} weights")
@@ -332,5 +332,6 @@ def compare(a: Side, b: Side, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def _source(side: Side) -> str:
     if isinstance(side.model, (str, bytes)) or hasattr(side.model, "__fspath__"):
-        return str(side.model) + (f", weights={side.weights} seed={side.seed}" if side.weights == "random" else "")
+        seeded = f", weights={side.weights} weights_seed={side.weights_seed}" if side.weights == "random" else ""
+        return str(side.model) + seeded
     return f"in-memory {type(side.model).__name__}"

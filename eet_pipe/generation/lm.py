@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from eet_pipe.generation.sequences import GenerationResult, SamplingParams, StepFn, check_prompts, generate_loop
-from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.presets import ModelSpec, legacy_weights_seed, resolve_model
 from eet_pipe.loading.tokenizer import Tokenizer
 from eet_pipe.loading.units import load_units, tokenizer_for
 from eet_pipe.models.config import ArchConfig
@@ -145,20 +145,21 @@ class LanguageModel:
 
 
 def from_pretrained(model: str, weights: str | None = None, dtype: str | torch.dtype | None = None,
-                    device: str = "cpu", seed: int = 0, quantize: str | None = None,
-                    tune_gemm: bool = False) -> LanguageModel:
+                    device: str = "cpu", weights_seed: int = 0, quantize: str | None = None,
+                    tune_gemm: bool = False, seed: int | None = None) -> LanguageModel:
     """Load `model` (checkpoint directory, HF-cache name or preset) on one device.
 
     Args:
-        model, weights, seed: what to load (see `resolve_model`).
+        model, weights, weights_seed: what to load (see `resolve_model`).
         dtype: fp32 / fp16 / bf16 activations and weights, or "int8": int8 weights (as
             quantize="int8-weight") with fp16 activations on CUDA and fp32 on CPU.
         device: "cpu" or "cuda:N".
         quantize: None or "int8-weight" (weight-only int8 for the layers' projections).
         tune_gemm: measure every decode shape's GEMM algorithm at start-up and keep the choices in a file, see
             `LanguageModel`.
+        seed: the old spelling of `weights_seed`, accepted with a FutureWarning for one release.
     """
-    spec = resolve_model(model, weights, seed)
+    spec = resolve_model(model, weights, legacy_weights_seed(weights_seed, seed))
     dev = parse_device(device)
     act_dtype, quantize = resolve_precision(dtype, quantize, dev)
     canonical = load_units(spec, None, parse_dtype(act_dtype), dev, quantize=quantize)

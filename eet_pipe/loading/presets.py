@@ -6,6 +6,7 @@ the ``tiny`` preset carries built-in weights and tokenizer so it needs nothing a
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.weights.checkpoint import WEIGHT_FILES
 from eet_pipe.weights.loader import config_from_hf, mapping_for, read_hf_config
 
-__all__ = ["ModelSpec", "resolve_model", "list_presets", "load_preset", "CONFIG_DIR", "ModelNotFoundError"]
+__all__ = ["ModelSpec", "resolve_model", "legacy_weights_seed", "SEED_RENAMED", "list_presets", "load_preset", "CONFIG_DIR",
+           "ModelNotFoundError"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WEIGHT_CHOICES = ("checkpoint", "random")
@@ -23,6 +25,20 @@ WEIGHT_CHOICES = ("checkpoint", "random")
 
 class ModelNotFoundError(ValueError):
     """`model=` names nothing that can be loaded."""
+
+
+SEED_RENAMED = "seed= is the weights' seed here for one more release; use weights_seed="
+"""The warning for the old spelling of `weights_seed` (`seed` is the sampling seed in `SamplingParams`)."""
+
+
+def legacy_weights_seed(weights_seed: int, seed: int | None) -> int:
+    """The weights' seed of a call that may still pass the old `seed=` keyword (a FutureWarning, for one release)."""
+    if seed is None:
+        return weights_seed
+    warnings.warn(SEED_RENAMED, FutureWarning, stacklevel=3)
+    if weights_seed not in (0, seed):
+        raise ValueError(f"weights_seed={weights_seed} and seed={seed} disagree: pass weights_seed= only")
+    return seed
 
 
 @dataclass
@@ -34,7 +50,8 @@ class ModelSpec:
     source: str
     """'dir' (HF checkpoint directory), 'random' (seeded random weights), 'builtin' or 'state' (in memory)."""
     path: Path | None = None
-    seed: int = 0
+    weights_seed: int = 0
+    """Seed of random weights (source 'random') or of the built-in training ('builtin')."""
     tokenizer: str = "byte"
     """'byte' (built in), 'dir' (from `path`) or 'none'."""
     state: dict | None = None
@@ -71,20 +88,20 @@ def _from_dir(path: Path, name: str) -> ModelSpec:
     return ModelSpec(name=name, cfg=config_from_hf(hf), source="dir", path=path, tokenizer="dir")
 
 
-def _from_preset(name: str, weights: str | None, seed: int) -> ModelSpec:
+def _from_preset(name: str, weights: str | None, weights_seed: int) -> ModelSpec:
     data = load_preset(name)
     cfg = ArchConfig.from_dict(data["arch"])
     if data.get("weights") == "builtin" and weights in (None, "builtin"):
-        return ModelSpec(name=name, cfg=cfg, source="builtin", seed=int(data.get("seed", 0)),
+        return ModelSpec(name=name, cfg=cfg, source="builtin", weights_seed=int(data.get("seed", 0)),
                          tokenizer=data.get("tokenizer", "byte"))
     if weights != "random":
         raise ModelNotFoundError(
             f"preset {name!r} has no weights on this machine: pass weights=random to build seeded random "
             f"weights (for benchmarks), or model=<checkpoint directory> for real ones")
-    return ModelSpec(name=name, cfg=cfg, source="random", seed=seed, tokenizer=data.get("tokenizer", "byte"))
+    return ModelSpec(name=name, cfg=cfg, source="random", weights_seed=weights_seed, tokenizer=data.get("tokenizer", "byte"))
 
 
-def resolve_model(model: str, weights: str | None = None, seed: int = 0) -> ModelSpec:
+def resolve_model(model: str, weights: str | None = None, weights_seed: int = 0) -> ModelSpec:
     """Resolve ``model=`` (directory, HF-cache name, or preset) into a `ModelSpec`.
 
     Raises ModelNotFoundError listing everything that was tried.
@@ -99,13 +116,13 @@ def resolve_model(model: str, weights: str | None = None, seed: int = 0) -> Mode
                                      f"one of {', '.join(WEIGHT_FILES)}")
         if weights == "random":
             return ModelSpec(name=path.name, cfg=config_from_hf(read_hf_config(path)), source="random",
-                             path=path, seed=seed, tokenizer="dir")
+                             path=path, weights_seed=weights_seed, tokenizer="dir")
         return _from_dir(path, path.name)
     for snap in _hf_cache_dirs(model):
         if _is_checkpoint(snap):
             return _from_dir(snap, model)
     if (CONFIG_DIR / f"{model}.yaml").exists():
-        return _from_preset(model, weights, seed)
+        return _from_preset(model, weights, weights_seed)
     tried = [f"directory {path} (does not exist)", f"local HF cache entry for {model!r} (not found)",
              f"preset {model!r} (presets: {', '.join(list_presets())})"]
     raise ModelNotFoundError(f"model={model!r} not found; tried: " + "; ".join(tried))

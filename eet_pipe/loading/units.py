@@ -36,8 +36,8 @@ def _load(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
     if spec.source == "builtin":
         from eet_pipe.loading.builtin import builtin_model
 
-        return builtin_model(spec.cfg, units, spec.seed, dtype, device)
-    return init_random(spec.cfg, units, seed=spec.seed, dtype=dtype, device=device)
+        return builtin_model(spec.cfg, units, spec.weights_seed, dtype, device)
+    return init_random(spec.cfg, units, seed=spec.weights_seed, dtype=dtype, device=device)
 
 
 def _from_state(spec: ModelSpec, units: list[str] | None, dtype: torch.dtype,
@@ -68,7 +68,7 @@ def prepare(spec: ModelSpec) -> None:
     if spec.source == "builtin":
         from eet_pipe.loading.builtin import builtin_state
 
-        builtin_state(spec.cfg, spec.seed)
+        builtin_state(spec.cfg, spec.weights_seed)
 
 
 def tokenizer_for(spec: ModelSpec) -> Tokenizer | None:

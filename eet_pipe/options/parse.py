@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import logging
 import textwrap
 import types
 import typing
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 __all__ = ["parse_overrides", "build_config", "describe", "field_docs"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("eet_pipe")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -35,6 +38,8 @@ def field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__[:-1]):
         docs.update(_own_field_docs(klass))
+    if dataclasses.is_dataclass(cls):  # fields declared elsewhere carry their docstring in metadata["doc"]
+        docs.update({f.name: f.metadata["doc"] for f in dataclasses.fields(cls) if "doc" in f.metadata})
     return docs
 
 
@@ -76,12 +81,18 @@ def _convert(name: str, raw: Any, annotation: Any) -> Any:
 
 
 def build_config(cls: type[T], *layers: dict[str, Any]) -> T:
-    """Instantiate dataclass `cls` from defaults overlaid by each dict in `layers` (later wins)."""
+    """Instantiate dataclass `cls` from defaults overlaid by each dict in `layers` (later wins).
+
+    A key of `cls.RENAMED` (old -> (new, warning)) is read as its new key, with the warning logged."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
+    renamed: dict[str, tuple[str, str]] = getattr(cls, "RENAMED", {})
     values: dict[str, Any] = {}
     for layer in layers:
         for key, raw in layer.items():
+            if key in renamed and key not in fields:
+                key, warning = renamed[key]
+                log.warning(warning)
             if key not in fields:
                 raise ValueError(f"unknown option {key!r}; allowed: {', '.join(sorted(fields))}")
             values[key] = _convert(key, raw, hints[key])

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, ClassVar
 
-__all__ = ["ModelOptions", "EngineOptions", "GenerateOptions"]
+from eet_pipe.generation.sequences import SamplingParams
+from eet_pipe.loading.presets import SEED_RENAMED
+from eet_pipe.options.parse import field_docs
+
+__all__ = ["ModelOptions", "EngineOptions", "SamplingOptions", "GenerateOptions", "SAMPLING_NAMES"]
 
 
 @dataclass
@@ -35,8 +41,8 @@ class EngineOptions(ModelOptions):
     """Chunks per device for the interleaved schedule."""
     plan: str = "auto"
     """'auto' (profile and balance), 'even' (split layers evenly) or a plan.json path."""
-    seed: int = 0
-    """Seed for random weights."""
+    weights_seed: int = 0
+    """Seed of random weights (weights=random)."""
     max_seq: int = 0
     """KV-cache length per sequence (0 = the model's max positions)."""
     trace: str | None = None
@@ -48,22 +54,34 @@ class EngineOptions(ModelOptions):
     cuda_graphs: bool = True
     """Replay GPU stages' forwards and decode steps from CUDA graphs."""
 
+    RENAMED: ClassVar[dict[str, tuple[str, str]]] = {"seed": ("weights_seed", SEED_RENAMED)}
+    """Old key -> (new key, warning), accepted for one release by `build_config`."""
+
+
+SAMPLING_NAMES = {"seed": "sample_seed"}
+"""`SamplingParams` fields spelt otherwise on the command line (there, `seed=` is still the weights' seed)."""
+
+
+def _sampling_fields() -> list[tuple[str, Any, Any]]:
+    """`SamplingParams`' fields with their defaults and docstrings, under their command-line names."""
+    hints, docs = typing.get_type_hints(SamplingParams), field_docs(SamplingParams)
+    return [(SAMPLING_NAMES.get(f.name, f.name), hints[f.name],
+             field(default=f.default, default_factory=f.default_factory, metadata={"doc": docs.get(f.name, "")}))
+            for f in fields(SamplingParams)]
+
+
+SamplingOptions = make_dataclass("SamplingOptions", _sampling_fields())
+SamplingOptions.__doc__ = "The fields of `SamplingParams`, declared there once, as command-line options."
+SamplingOptions.__module__ = __name__
+
 
 @dataclass
-class GenerateOptions(EngineOptions):
+class GenerateOptions(SamplingOptions, EngineOptions):
     """Options of `eet-pipe generate`."""
 
     prompt: list[str] = field(default_factory=lambda: ["Hello"])
     """Prompt text; several prompts separated by commas form one batch."""
-    max_new_tokens: int = 32
-    """Tokens to generate per prompt."""
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0 = all)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold in (0, 1]."""
-    sample_seed: int | None = None
-    """Seed of the sampler (sampling only)."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings (comma separated)."""
+
+    def sampling(self) -> SamplingParams:
+        """The `SamplingParams` these options name (ValueError naming a bad field)."""
+        return SamplingParams(**{f.name: getattr(self, SAMPLING_NAMES.get(f.name, f.name)) for f in fields(SamplingParams)})

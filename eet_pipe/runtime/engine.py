@@ -12,7 +12,7 @@ import torch
 
 from eet_pipe.generation.lm import LanguageModel, check_forward_inputs, prepare_generation
 from eet_pipe.generation.sequences import GenerationResult
-from eet_pipe.loading.presets import ModelSpec, resolve_model
+from eet_pipe.loading.presets import ModelSpec, legacy_weights_seed, resolve_model
 from eet_pipe.loading.units import prepare, spec_from_model, tokenizer_for
 from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.models.model import CanonicalModel
@@ -30,7 +30,7 @@ __all__ = ["PipelineEngine"]
 log = logging.getLogger("eet_pipe.runtime")
 
 
-def _spec(model: str | CanonicalModel | LanguageModel | ModelSpec, weights: str | None, seed: int) -> ModelSpec:
+def _spec(model: str | CanonicalModel | LanguageModel | ModelSpec, weights: str | None, weights_seed: int) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, LanguageModel):
@@ -41,7 +41,7 @@ def _spec(model: str | CanonicalModel | LanguageModel | ModelSpec, weights: str 
     if isinstance(model, CanonicalModel):
         return spec_from_model(model)
     if isinstance(model, (str, Path)):
-        return resolve_model(str(model), weights, seed)
+        return resolve_model(str(model), weights, weights_seed)
     raise TypeError(f"model must be a path, preset name, LanguageModel or CanonicalModel, not {type(model).__name__}")
 
 
@@ -56,6 +56,8 @@ class PipelineEngine:
         plan: "auto" (profile and balance), "even", a plan.json path or a `Plan`.
         dtype: fp32 / fp16 / bf16 (default fp32).
         virtual: chunks per device for the interleaved schedule.
+        weights, weights_seed: what to load for a named model (see `resolve_model`); `seed=` is the old
+            spelling of `weights_seed`, accepted with a FutureWarning for one release.
         timeout: seconds without progress from any worker before the call fails.
         trace: path of a Chrome trace JSON written after each call (a PNG timeline beside it).
         cuda_graphs: replay GPU stages' chunk forwards (per microbatch shape) and decode steps (per
@@ -66,9 +68,10 @@ class PipelineEngine:
 
     def __init__(self, model: Any, devices: Sequence[str] | None = None, schedule: str = "gpipe",
                  microbatches: int | None = None, plan: str | Plan | None = "auto", dtype: str | torch.dtype | None = None,
-                 virtual: int = 2, weights: str | None = None, seed: int = 0, timeout: float = 60.0,
+                 virtual: int = 2, weights: str | None = None, weights_seed: int = 0, timeout: float = 60.0,
                  trace: str | None = None, stages: int | None = None, allow_duplicate_devices: bool = False,
-                 startup_timeout: float = 900.0, cpu_threads: int | None = None, cuda_graphs: bool = True) -> None:
+                 startup_timeout: float = 900.0, cpu_threads: int | None = None, cuda_graphs: bool = True,
+                 seed: int | None = None) -> None:
         if schedule not in FORWARD_SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a forward schedule; allowed: {', '.join(FORWARD_SCHEDULES)} "
                              "(generate() always uses the decode schedule)")
@@ -76,7 +79,7 @@ class PipelineEngine:
             raise ValueError(f"microbatches={microbatches} is invalid: must be >= 1 (or None for automatic)")
         if timeout <= 0:
             raise ValueError(f"timeout={timeout} is invalid: must be > 0 seconds")
-        self.spec = _spec(model, weights, seed)
+        self.spec = _spec(model, weights, legacy_weights_seed(weights_seed, seed))
         self.cfg = self.spec.cfg
         self.devices = pipeline_devices(devices, stages, allow_duplicate_devices)
         self.schedule, self.microbatches = schedule, microbatches
@@ -103,7 +106,7 @@ class PipelineEngine:
         stages = None if opts.devices and opts.stages == 1 else opts.stages
         return cls(opts.model, devices=opts.devices or None, stages=stages, schedule=opts.schedule,
                    microbatches=opts.microbatches or None, plan=opts.plan, dtype=opts.dtype, virtual=opts.virtual,
-                   weights=opts.weights, seed=opts.seed, timeout=opts.timeout, trace=opts.trace,
+                   weights=opts.weights, weights_seed=opts.weights_seed, timeout=opts.timeout, trace=opts.trace,
                    allow_duplicate_devices=opts.allow_duplicate_devices, cuda_graphs=opts.cuda_graphs)
 
     @property

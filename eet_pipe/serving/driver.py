@@ -74,7 +74,7 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
     Raises ValueError naming the option for an encoder model, a missing tokenizer or a bad plan."""
     from eet_pipe.loading.units import tokenizer_for
 
-    spec = resolve_model(opts.model, opts.weights, opts.seed)
+    spec = resolve_model(opts.model, opts.weights, opts.weights_seed)
     if not spec.cfg.is_decoder:
         raise ValueError(f"model={opts.model!r} is an encoder ({spec.cfg.model_type}): the server needs a causal LM")
     tokenizer = tokenizer_for(spec)

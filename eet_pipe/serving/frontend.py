@@ -206,7 +206,7 @@ def frontend_main(opts: ServeOptions, paths: IpcPaths, parent: int) -> None:
     from eet_pipe.serving.api import create_app
     from eet_pipe.serving.listener import make_server
 
-    frontend = Frontend(opts, paths, tokenizer_for(resolve_model(opts.model, opts.weights, opts.seed)), parent)
+    frontend = Frontend(opts, paths, tokenizer_for(resolve_model(opts.model, opts.weights, opts.weights_seed)), parent)
     frontend.server = make_server(opts, create_app(frontend))
     frontend.server.run()
     sys.exit(0)

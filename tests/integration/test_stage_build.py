@@ -44,7 +44,7 @@ def _stages(cfg: ArchConfig, p: int) -> list[list[str]]:
 @pytest.mark.parametrize("cfg", [SMALL, TIED], ids=["llama-gqa", "gpt2-tied"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unit_weights_are_the_same_whatever_the_split(cfg, dtype):
-    spec = ModelSpec(name="small", cfg=cfg, source="random", seed=7)
+    spec = ModelSpec(name="small", cfg=cfg, source="random", weights_seed=7)
     whole = load_units(spec, None, dtype, "cpu").state_dict()
     for p in (1, 2, 3):
         seen = set()
@@ -57,7 +57,7 @@ def test_unit_weights_are_the_same_whatever_the_split(cfg, dtype):
     if cfg.tie_embeddings:  # the head alone (on the last stage) reads the embedding's numbers
         head = load_units(spec, ["layers.3", "head"], dtype, "cpu").state_dict()["head.weight"]
         assert torch.equal(head, whole["embed.tok.weight"])
-    other = load_units(ModelSpec(name="small", cfg=cfg, source="random", seed=8), None, dtype, "cpu").state_dict()
+    other = load_units(ModelSpec(name="small", cfg=cfg, source="random", weights_seed=8), None, dtype, "cpu").state_dict()
     assert not torch.equal(other["layers.1.attn.qkv.weight"], whole["layers.1.attn.qkv.weight"])
 
 
