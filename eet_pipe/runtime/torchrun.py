@@ -35,7 +35,9 @@ class DistTransport:
             raise ValueError(f"torchrun started {world} processes but the pipeline has {len(devices)} stages: "
                              f"use --nproc-per-node/--nnodes so that the world size equals --stages")
         self.rank, self.world = rank, world
-        self.ctx: StageContext = init_distributed(rank, world, torch.device(devices[rank]), "env://", devices=list(devices))
+        # no `devices`: under torchrun "cuda:0" of two ranks may be two hosts' GPUs, so links are never staged
+        # through host memory here (as in the server's torchrun driver); one GPU per rank, as torchrun places them
+        self.ctx: StageContext = init_distributed(rank, world, torch.device(devices[rank]), "env://")
         self.stage = Stage(self.ctx, spec, chunk_units, dtype)
         self.closed = False
         dist.barrier(group=self.ctx.control)
