@@ -40,6 +40,9 @@ log = logging.getLogger("eet_pipe.serve")
 AHEAD = 2
 """Steps a group keeps in flight: 2 = the next step is issued before the previous one's tokens are known."""
 
+IDLE_CHECK_S = 0.1
+"""With nothing in flight, the scheduler checks the pipeline's health this often until work arrives."""
+
 
 class QueueFullError(RuntimeError):
     """Too many sequences are waiting for a slot (HTTP 429)."""
@@ -133,8 +136,10 @@ class Scheduler:
                     self._on_result(payload)
                     self.metrics.step_host.observe(host + time.perf_counter() - began)
                 else:
-                    self.wake.wait(0.1)
+                    # before waiting: the server's driver sends what the last result produced here (the
+                    # final tokens and ends of requests), which must not wait for the next request
                     self.driver.check_alive()
+                    self.wake.wait(IDLE_CHECK_S)
         except WorkerError as err:
             self._fail(f"the pipeline failed: {err}")
         except Exception as err:  # noqa: BLE001 - any scheduler bug must fail every request, never hang them

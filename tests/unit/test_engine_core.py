@@ -43,3 +43,36 @@ def test_a_step_of_many_requests_is_one_message(tmp_path):
     inbox.close()
     outbox.sock.close()
     ctx.term()
+
+
+def test_a_request_ends_at_once_when_the_pipeline_goes_idle(tmp_path, monkeypatch):
+    """The events of the last step of the only request leave as soon as its result is in, not after the
+    scheduler's idle wait (a closed-loop client would otherwise wait that long before every request)."""
+    from tests.unit.test_scheduler import FakePipeline, decode
+
+    from eet_pipe.generation.sequences import SamplingParams
+    from eet_pipe.serving import scheduler as scheduler_mod
+    from eet_pipe.serving.metrics import Metrics
+    from eet_pipe.serving.sequences import GenRequest
+
+    monkeypatch.setattr(scheduler_mod, "IDLE_CHECK_S", 30.0)
+    ctx = zmq.Context()
+    paths = IpcPaths(str(tmp_path))
+    inbox = pull_socket(ctx, paths.frontend)
+    outbox = _Outbox(ctx, paths.frontend)
+    pipeline = FakePipeline(slots=2, groups=1)
+    sched = scheduler_mod.Scheduler(_FlushingDriver(pipeline, outbox), max_queue=4, max_prefill_tokens=64,
+                                    metrics=Metrics())
+    sched.thread.start()
+    sched.submit(GenRequest([[4, 5]], [SamplingParams(max_new_tokens=5)], 1, decode, outbox.sink(7)))
+    kinds = []
+    try:
+        while "done" not in kinds:
+            assert inbox.poll(5000), f"the request's events stopped after {kinds}"
+            kinds += [e[1] for e in loads(inbox.recv())[1] if e[0] == 7]
+        assert kinds == ["token"] * 5 + ["finish", "done"], kinds
+    finally:
+        sched.stop(1.0)
+        inbox.close()
+        outbox.sock.close()
+        ctx.term()
