@@ -12,7 +12,8 @@ independent of how fast the load generator on the same machine is. Run it from a
 (PYTHONPATH=<checkout>) for a before/after comparison in one shell command.
 The tokens/s measured here is the ceiling that the host side puts on any real server with the same
 options: a GPU pipeline faster than this leaves its GPUs waiting. Each step's tokens come from the real
-`SlotSampler` (stopping, max tokens, finish reasons), fed logits whose argmax cycles over the vocabulary.
+`SlotSampler` (stopping, max tokens, finish reasons), fed logits whose argmax cycles over the vocabulary,
+in a stage process of its own that commands and results cross to as they cross to real workers.
 Writes <out>.json (per-level throughput, TTFT, TPOT, as serve_load.py) and <out>.png.
 """
 
@@ -30,8 +31,9 @@ import torch
 
 from benchmarks.common import environment, parse_args, write_json
 from benchmarks.serve_load import plot, sweep
+from eet_pipe.runtime import wire
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
-from eet_pipe.runtime.supervisor import free_port
+from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
@@ -39,19 +41,43 @@ DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4,
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
+def _instant_stage(opts, step_s: float, commands: mp.Queue, results: mp.Queue) -> None:
+    """The pipeline's last stage: the real per-slot sampler on logits whose argmax cycles over the
+    vocabulary, each answer `step_s` after the previous one at the earliest (sleeping, not spinning)."""
+    setup = resolve_setup(opts, ["cpu"])
+    sampler = SlotSampler(setup.tokenizer.decode)
+    vocab, next_token, free_at = min(setup.cfg.vocab_size, 250), 0, 0.0
+    while (payload := commands.get()) is not None:
+        cmd = wire.loads(payload)
+        sampler.drop([*cmd.free, *cmd.new])
+        sampler.start(cmd.new)
+        out = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {}, "logprobs": {}}
+        for part in cmd.parts:
+            rows = part.slots.numel()
+            logits = torch.zeros(rows, vocab)
+            logits[torch.arange(rows), (torch.arange(rows) + next_token) % vocab] = 1.0
+            next_token += 1
+            sampler.sample(logits, part.slots.tolist(), out)
+        free_at = max(free_at, time.monotonic()) + step_s
+        time.sleep(max(0.0, free_at - time.monotonic()))
+        results.put(out)
+
+
 class InstantDriver(StepDriver):
-    """A pipeline whose last stage answers each step with the real per-slot sampler, at once or (`step_ms`)
-    after that many milliseconds per step, one step after another, without using the CPU meanwhile (so
-    the batch fills up with load as on a real pipeline, and the CPU time measured is the host side's)."""
+    """A one-stage pipeline whose stage process answers each step at once or (`step_ms`) that many
+    milliseconds after the previous one, without using the CPU meanwhile. Commands and results cross
+    process queues as with the real workers, so the step-loop process pays what it pays in front of a
+    real pipeline (building and pickling commands, unpickling results) and nothing of the stage's work
+    (sampling and stop checks run on the last stage)."""
 
     def __init__(self, opts, step_ms: float = 0.0) -> None:
         super().__init__()
-        self.step_s, self.free_at = step_ms / 1e3, 0.0
         self.setup = resolve_setup(opts, ["cpu"])
-        self.sampler = SlotSampler(self.setup.tokenizer.decode)
-        self.results: queue.Queue = queue.Queue()
-        self.vocab = self.setup.cfg.vocab_size
-        self.next_token = 0
+        ctx = mp.get_context("spawn")
+        self.commands, self.results = ctx.Queue(), ctx.Queue()
+        self.stage = ctx.Process(target=_instant_stage, args=(opts, step_ms / 1e3, self.commands, self.results),
+                                 daemon=True, name="instant-stage")
+        self.stage.start()
 
     def start(self) -> None:
         pass
@@ -60,28 +86,25 @@ class InstantDriver(StepDriver):
         if isinstance(cmd, ServeInit):
             return
         assert isinstance(cmd, StepCommand)
-        self.sampler.drop([*cmd.free, *cmd.new])
-        self.sampler.start(cmd.new)
-        out = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {}, "logprobs": {}}
-        for part in cmd.parts:
-            rows = part.slots.numel()
-            logits = torch.zeros(rows, self.vocab)
-            logits[torch.arange(rows), (torch.arange(rows) + self.next_token) % min(self.vocab, 250)] = 1.0
-            self.next_token += 1
-            self.sampler.sample(logits, part.slots.tolist(), out)
-        self.free_at = max(self.free_at, time.monotonic()) + self.step_s
-        self.results.put((self.free_at, out))
+        self.commands.put(wire.dumps(cmd))  # as `Supervisor.broadcast` sends it
 
     def collect(self) -> dict:
-        ready, out = self.results.get()
-        time.sleep(max(0.0, ready - time.monotonic()))
-        return out
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                self.check_alive()
 
     def check_alive(self) -> None:
-        pass
+        if not self.stage.is_alive():
+            raise WorkerError(f"the instant stage exited with status {self.stage.exitcode}")
 
     def close(self) -> None:
-        pass
+        if self.stage.is_alive():
+            self.commands.put(None)
+            self.stage.join(5)
+        if self.stage.is_alive():
+            self.stage.kill()
 
 
 def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
@@ -94,12 +117,13 @@ def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
 
 
 class _CpuProbe:
-    """The step-loop process's CPU times for `sweep`; records the HTTP process's at the same moments."""
+    """The step-loop process's CPU times for `sweep`; records the HTTP process's at the same moments (the
+    child listening on the server's port; the instant stage, standing in for the GPUs, is not counted)."""
 
-    def __init__(self, server: psutil.Process) -> None:
+    def __init__(self, server: psutil.Process, port: int) -> None:
         self.server = server
-        kids = [p for p in server.children() if "resource_tracker" not in " ".join(p.cmdline())]
-        self.http = kids[0] if kids else None
+        self.http = next((p for p in server.children() if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))), None)
         self.http_marks: list[float] = []
 
     def cpu_times(self):
@@ -141,7 +165,7 @@ def main() -> None:
         else:
             raise SystemExit("the server did not become ready in 120 s")
         opts["url"] = url
-        probe = _CpuProbe(server)
+        probe = _CpuProbe(server, port)
         levels = sweep(url, {}, opts, probe)
         probe.annotate(levels)
     finally:
