@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from eet_pipe.serving.driver import PipelineSetup, StepDriver
 from eet_pipe.serving.engine_core import EngineCore
@@ -141,9 +142,28 @@ def _wait(rt: Runtime, frontend: mp.process.BaseProcess, stop: threading.Event) 
             return
 
 
+IPC_PREFIX = "eet_pipe-ipc-"
+"""Each server's socket folder is <tmp>/eet_pipe-ipc-<pid>-<random> (mode 0700)."""
+
+
+def _remove_stale_ipc_folders() -> None:
+    """Remove socket folders of this user's servers that were killed before they could clean up."""
+    for path in Path(tempfile.gettempdir()).glob(f"{IPC_PREFIX}*-*"):
+        pid = path.name[len(IPC_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or not path.is_dir():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone meanwhile, or a live process of another user
+            continue
+
+
 def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     """Serve until SIGINT/SIGTERM (exit status 0) or a pipeline failure (1, with exit_on_failure)."""
-    folder = tempfile.mkdtemp(prefix="eet_pipe-ipc-")
+    _remove_stale_ipc_folders()
+    folder = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
     paths = IpcPaths(folder)
     rt = Runtime(opts, driver)
     core = EngineCore(rt, paths)
