@@ -32,6 +32,7 @@ import torch
 from benchmarks.common import environment, parse_args, write_json
 from benchmarks.serve_load import plot, sweep
 from eet_pipe.runtime import wire
+from eet_pipe.runtime.channel import CommandChannel, CommandReader
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
@@ -41,14 +42,13 @@ DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4,
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
-def _instant_stage(opts, step_s: float, commands: mp.Queue, results: mp.Queue) -> None:
+def _instant_stage(opts, step_s: float, commands: CommandReader, results: mp.Queue) -> None:
     """The pipeline's last stage: the real per-slot sampler on logits whose argmax cycles over the
     vocabulary, each answer `step_s` after the previous one at the earliest (sleeping, not spinning)."""
     setup = resolve_setup(opts, ["cpu"])
     sampler = SlotSampler(setup.tokenizer.decode)
     vocab, next_token, free_at = min(setup.cfg.vocab_size, 250), 0, 0.0
-    while (payload := commands.get()) is not None:
-        cmd = wire.loads(payload)
+    while (cmd := wire.loads(commands.get())) is not None:
         sampler.drop([*cmd.free, *cmd.new])
         sampler.start(cmd.new)
         out = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {}, "logprobs": {}}
@@ -74,10 +74,11 @@ class InstantDriver(StepDriver):
         super().__init__()
         self.setup = resolve_setup(opts, ["cpu"])
         ctx = mp.get_context("spawn")
-        self.commands, self.results = ctx.Queue(), ctx.Queue()
-        self.stage = ctx.Process(target=_instant_stage, args=(opts, step_ms / 1e3, self.commands, self.results),
-                                 daemon=True, name="instant-stage")
+        self.commands, self.results = CommandChannel(ctx), ctx.Queue()  # as `Supervisor` has them
+        self.stage = ctx.Process(target=_instant_stage, args=(opts, step_ms / 1e3, self.commands.reader,
+                                                              self.results), daemon=True, name="instant-stage")
         self.stage.start()
+        self.commands.started()
 
     def start(self) -> None:
         pass
@@ -101,8 +102,9 @@ class InstantDriver(StepDriver):
 
     def close(self) -> None:
         if self.stage.is_alive():
-            self.commands.put(None)
+            self.commands.put(wire.dumps(None))
             self.stage.join(5)
+        self.commands.close()
         if self.stage.is_alive():
             self.stage.kill()
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from eet_pipe.runtime import wire
+from eet_pipe.runtime.channel import CommandChannel
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.worker import WorkerArgs, worker_main
 
@@ -98,11 +99,11 @@ class Supervisor:
             a.stack_file = os.path.join(self._stacks.name, f"stage{a.rank}.txt")
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
-        self.commands = [ctx.Queue() for _ in args]
+        self.commands = [CommandChannel(ctx) for _ in args]
         self.progress = [ctx.Value("d", time.monotonic()) for _ in args]
-        self.procs = [ctx.Process(target=worker_main, args=(a, q, self.results, p), daemon=True,
+        self.procs = [ctx.Process(target=worker_main, args=(a, c.reader, self.results, p), daemon=True,
                                   name=f"eet_pipe-stage{a.rank}")
-                      for a, q, p in zip(args, self.commands, self.progress, strict=True)]
+                      for a, c, p in zip(args, self.commands, self.progress, strict=True)]
         self.closed = False
         self.shutting_down = False
         """`shutdown` was called: a wait that sees workers exit from now on raises PipelineClosedError."""
@@ -112,6 +113,8 @@ class Supervisor:
         with _without_main_module():
             for p in self.procs:
                 p.start()
+        for channel in self.commands:
+            channel.started()
         self._finalizer = weakref.finalize(self, _reap, list(self.procs))
         atexit.register(self._finalizer)
 
@@ -125,8 +128,8 @@ class Supervisor:
         # bytes: tensors in commands travel by value, not as shared-memory file descriptors (which would
         # keep a descriptor-server thread in this process and tie memory to worker lifetimes)
         payload = wire.dumps(cmd)
-        for q in self.commands:
-            q.put(payload)
+        for channel in self.commands:
+            channel.put(payload)
 
     def collect(self, count: int, what: str, kinds: tuple[str, ...] = ("result",),
                 timeout: float | None = None) -> list[tuple]:
@@ -218,22 +221,23 @@ class Supervisor:
     def kill(self) -> None:
         self.closed = True
         _reap(self.procs)
+        for channel in self.commands:
+            channel.close()
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Ask workers to stop, wait `grace` seconds, then kill what is left."""
         self.shutting_down = True
         if not self.closed:
             self.closed = True
-            for q in self.commands:
-                try:
-                    q.put(Shutdown())
-                except (ValueError, OSError):
-                    pass
+            stop = wire.dumps(Shutdown())
+            for channel in self.commands:
+                channel.put(stop)
             deadline = time.monotonic() + grace
             for p in self.procs:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
         _reap(self.procs)
         self._stacks.cleanup()
-        for q in [*self.commands, self.results]:
-            q.cancel_join_thread()
-            q.close()
+        for channel in self.commands:
+            channel.close()
+        self.results.cancel_join_thread()
+        self.results.close()
