@@ -121,7 +121,7 @@ class Handler:
             if ev.kind == "disconnect":  # `run` cancels the request
                 raise APIError(499, "client closed the request", "cancelled")
             if ev.kind == "error":
-                raise APIError(ev.status, ev.message, "service_unavailable")
+                raise APIError(ev.status, ev.message, _error_kind(ev.status))
             if ev.kind == "done":
                 return builder.response(choices, ev.usage or req.usage())
             choice = choices[ev.index]
@@ -147,7 +147,7 @@ class Handler:
                 for ev in pending:
                     if ev.kind in ("error", "done"):
                         if ev.kind == "error":
-                            out.append(sse(server_error(ev.status, ev.message, rid)))
+                            out.append(sse(server_error(ev.status, ev.message, rid, _error_kind(ev.status))))
                         elif usage:
                             out.append(builder.usage_chunk(ev.usage or req.usage()))
                         out.append(SSE_DONE)
@@ -165,6 +165,12 @@ class Handler:
         finally:
             if not req.closed:
                 self.rt.cancel(req)
+
+
+def _error_kind(status: int) -> str:
+    """The error type of a request the pipeline ended: 500 is our failure on that request alone, 503 the
+    pipeline's or a stopping server's."""
+    return "internal_error" if status == 500 else "service_unavailable"
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
