@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import zmq
 
+from eet_pipe.generation.sequences import SamplingParams
+from eet_pipe.serving import scheduler as scheduler_mod
 from eet_pipe.serving.engine_core import _FlushingDriver, _Outbox
 from eet_pipe.serving.ipc import NO_TEXT, IpcPaths, loads, pull_socket
-from eet_pipe.serving.sequences import Event
+from eet_pipe.serving.metrics import Metrics
+from eet_pipe.serving.sequences import Event, GenRequest
+from tests.unit.test_scheduler import FakePipeline, decode
 
 
 class _Driver:
@@ -48,13 +52,6 @@ def test_a_step_of_many_requests_is_one_message(tmp_path):
 def test_a_request_ends_at_once_when_the_pipeline_goes_idle(tmp_path, monkeypatch):
     """The events of the last step of the only request leave as soon as its result is in, not after the
     scheduler's idle wait (a closed-loop client would otherwise wait that long before every request)."""
-    from tests.unit.test_scheduler import FakePipeline, decode
-
-    from eet_pipe.generation.sequences import SamplingParams
-    from eet_pipe.serving import scheduler as scheduler_mod
-    from eet_pipe.serving.metrics import Metrics
-    from eet_pipe.serving.sequences import GenRequest
-
     monkeypatch.setattr(scheduler_mod, "IDLE_CHECK_S", 30.0)
     ctx = zmq.Context()
     paths = IpcPaths(str(tmp_path))
