@@ -102,6 +102,8 @@ class CommandChannel:
         return None
 
     def _send_backlog(self) -> None:
+        room = select.poll()  # not select.select: the descriptor may be above FD_SETSIZE
+        room.register(self._fd, select.POLLOUT)
         while True:
             with self._lock:
                 while not self._backlog and not self.closed and not self.broken:
@@ -114,7 +116,7 @@ class CommandChannel:
                         self._backlog.popleft()
                     continue
                 self._backlog[0] = rest
-            select.select([], [self._fd], [], 1.0)  # room in the pipe (or check closed / broken again)
+            room.poll(1000)  # room in the pipe (or look at closed / broken again)
 
     def close(self) -> None:
         """Stop the sender and close the engine's end (unsent commands are dropped)."""
