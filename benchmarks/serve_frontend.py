@@ -8,7 +8,8 @@ SSE streaming in front of a pipeline that answers every step at once (no model r
 Besides tokens/s, each level records CPU time per generated token (user + system, all threads) of the
 step-loop process (`server_cpu_us_per_token`: the scheduler and the step loop) and, where HTTP runs in a
 process of its own, of that HTTP process (`http_cpu_us_per_token`): what the host side costs
-independent of how fast the load generator on the same machine is. Run it from an older checkout
+independent of how fast the load generator on the same machine is (null for a level too short for the
+process clock, under three ticks). Run it from an older checkout
 (PYTHONPATH=<checkout>) for a before/after comparison in one shell command.
 The tokens/s measured here is the ceiling that the host side puts on any real server with the same
 options: a GPU pipeline faster than this leaves its GPUs waiting. Each step's tokens come from the real
@@ -30,7 +31,7 @@ import psutil
 import torch
 
 from benchmarks.common import environment, parse_args, write_json
-from benchmarks.serve_load import plot, sweep
+from benchmarks.serve_load import cpu_per_token, fmt_us, plot, sweep
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
@@ -39,7 +40,7 @@ from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
             "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "out": "bench_results/serve_frontend"}
-QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 16, "prompt_len": 16}
+QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 32, "prompt_len": 16}
 
 
 def _instant_stage(opts, step_s: float, commands: CommandReader, results: mp.Queue) -> None:
@@ -138,9 +139,10 @@ class _CpuProbe:
         for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
                                           strict=False):
             level["http_cpu_s"] = after - before
-            level["http_cpu_us_per_token"] = level["http_cpu_s"] / max(level["tokens"], 1) * 1e6
-            print(f"concurrency {level['concurrency']:>4}: step-loop process {level['server_cpu_us_per_token']:6.1f} "
-                  f"us/token, HTTP process {level['http_cpu_us_per_token']:6.1f} us/token", file=sys.stderr)
+            level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
+            print(f"concurrency {level['concurrency']:>4}: step-loop process "
+                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process "
+                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
 
 
 def main() -> None:

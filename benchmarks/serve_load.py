@@ -120,6 +120,19 @@ async def run_level(url: str, headers: dict, concurrency: int, count: int, promp
             "errors": sorted({r["error"] for r in rows if "error" in r})[:5]}
 
 
+CPU_RESOLUTION_S = 3 / os.sysconf("SC_CLK_TCK")
+"""Process CPU times advance in clock ticks: a level that used less than three of them is not measured."""
+
+
+def cpu_per_token(cpu_s: float, tokens: int) -> float | None:
+    """CPU microseconds per token, or None when the level was too short for the clock to measure."""
+    return None if cpu_s < CPU_RESOLUTION_S or not tokens else cpu_s / tokens * 1e6
+
+
+def fmt_us(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.1f}"
+
+
 def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]:
     """Every concurrency level of `opts`, each with max(requests, waves x concurrency) requests, printed as
     it finishes. With `server` (a psutil.Process) each level also records that process's CPU time."""
@@ -132,8 +145,8 @@ def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]
         if server is not None:
             after = server.cpu_times()
             level["server_cpu_s"] = (after.user - before.user) + (after.system - before.system)
-            level["server_cpu_us_per_token"] = level["server_cpu_s"] / max(level["tokens"], 1) * 1e6
-            cpu_note = f"server CPU {level['server_cpu_us_per_token']:6.1f} us/token, "
+            level["server_cpu_us_per_token"] = cpu_per_token(level["server_cpu_s"], level["tokens"])
+            cpu_note = f"server CPU {fmt_us(level['server_cpu_us_per_token'])} us/token, "
         levels.append(level)
         print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, {cpu_note}TTFT p50 "
               f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.2f} ms, "
