@@ -100,7 +100,9 @@ class Supervisor:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [CommandChannel(ctx) for _ in args]
-        self.progress = [ctx.Value("d", time.monotonic()) for _ in args]
+        # no lock: a worker killed while holding a shared lock would block every later read of its stamp
+        # (the supervisor's liveness check itself); an aligned double is stored and read whole
+        self.progress = [ctx.Value("d", time.monotonic(), lock=False) for _ in args]
         self.procs = [ctx.Process(target=worker_main, args=(a, c.reader, self.results, p), daemon=True,
                                   name=f"eet_pipe-stage{a.rank}")
                       for a, c, p in zip(args, self.commands, self.progress, strict=True)]
