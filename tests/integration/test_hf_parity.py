@@ -19,6 +19,17 @@ def _hf_logits(hf, ids, mask):
     return hf(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)).logits
 
 
+def _assert_logits_and_greedy_match(hf, ours, prompts: list[list[int]], new_tokens: int) -> None:
+    """Logits of the padded `prompts` within 1e-4 of HF's, and `new_tokens` greedy tokens (EOS ignored) equal."""
+    ids, mask = pad_prompts(prompts)
+    with torch.no_grad():
+        logits = _hf_logits(hf, ids, mask)
+        ref = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    assert (ours.forward(ids, mask) - logits)[mask].abs().max().item() <= 1e-4
+    assert [r.token_ids for r in ours.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)] == ref.tolist()
+
+
 @pytest.mark.parametrize("fixture", DECODERS)
 def test_decoder_logits_match_hf(fixture, request):
     path = request.getfixturevalue(fixture)
@@ -53,15 +64,7 @@ def test_mistral_context_beyond_the_window_matches_hf(mistral_dir):  # noqa: F81
     hf = AutoModelForCausalLM.from_pretrained(mistral_dir).eval()
     ours = eet_pipe.from_pretrained(str(mistral_dir))
     assert ours.cfg.sliding_window == MISTRAL_WINDOW
-    prompts = [[(7 * i + 3) % 180 + 1 for i in range(40)], [5, 9, 11]]
-    ids, mask = pad_prompts(prompts)
-    with torch.no_grad():
-        logits = _hf_logits(hf, ids, mask)
-        ref = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    assert (ours.forward(ids, mask) - logits)[mask].abs().max().item() <= 1e-4
-    got = ours.generate(prompts, max_new_tokens=24, ignore_eos=True)
-    assert [r.token_ids for r in got] == ref.tolist()
+    _assert_logits_and_greedy_match(hf, ours, [[(7 * i + 3) % 180 + 1 for i in range(40)], [5, 9, 11]], 24)
 
 
 def test_llama3_rope_scaling_matches_hf(tmp_path):
@@ -77,14 +80,7 @@ def test_llama3_rope_scaling_matches_hf(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = eet_pipe.from_pretrained(str(tmp_path))
     assert (ours.cfg.rope_type, ours.cfg.rope_factor, ours.cfg.rope_original_max_positions) == ("llama3", 8.0, 16)
-    prompts = [[(5 * i + 2) % 150 + 1 for i in range(30)], [4, 8, 15, 16, 23, 42]]
-    ids, mask = pad_prompts(prompts)
-    with torch.no_grad():
-        ref = _hf_logits(hf, ids, mask)
-        tokens = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    assert (ours.forward(ids, mask) - ref)[mask].abs().max().item() <= 1e-4
-    assert [r.token_ids for r in ours.generate(prompts, max_new_tokens=12, ignore_eos=True)] == tokens.tolist()
+    _assert_logits_and_greedy_match(hf, ours, [[(5 * i + 2) % 150 + 1 for i in range(30)], [4, 8, 15, 16, 23, 42]], 12)
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
