@@ -87,7 +87,8 @@ class CommandChannel:
             self._more.notify()
 
     def _write(self, frame: memoryview) -> memoryview | None:
-        """Write what the pipe takes now; the rest of the frame, or None when all of it went (lock held)."""
+        """Write what the pipe takes now (lock held); the rest of the frame, or None when all of it went or
+        the worker is gone (then `broken` is set)."""
         while frame:
             try:
                 frame = frame[os.write(self._fd, frame):]
@@ -97,7 +98,6 @@ class CommandChannel:
                 if err.errno not in (errno.EPIPE, errno.EBADF):
                     raise
                 self.broken = True
-                self._backlog.clear()
                 return None
         return None
 
@@ -111,9 +111,11 @@ class CommandChannel:
                 if self.closed or self.broken:
                     return
                 rest = self._write(self._backlog[0])
+                if self.broken:
+                    self._backlog.clear()
+                    return
                 if rest is None:
-                    if self._backlog:
-                        self._backlog.popleft()
+                    self._backlog.popleft()
                     continue
                 self._backlog[0] = rest
             room.poll(1000)  # room in the pipe (or look at closed / broken again)
