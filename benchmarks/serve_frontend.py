@@ -34,6 +34,7 @@ from benchmarks.common import environment, parse_args, write_json
 from benchmarks.serve_load import cpu_per_token, fmt_us, plot, sweep
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
+from eet_pipe.runtime.slot_sampler import new_payload
 from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
@@ -52,7 +53,7 @@ def _instant_stage(opts, step_s: float, commands: CommandReader, results: mp.Que
     while (cmd := wire.loads(commands.get())) is not None:
         sampler.drop([*cmd.free, *cmd.new])
         sampler.start(cmd.new)
-        out = {"group": cmd.group, "step": cmd.step, "tokens": {}, "finished": {}, "text": {}, "logprobs": {}}
+        out = new_payload(cmd.group, cmd.step)
         for part in cmd.parts:
             rows = part.slots.numel()
             logits = torch.zeros(rows, vocab)
