@@ -247,7 +247,9 @@ def _infeasible_error(prob: PipelineCosts, order: list[int] | None) -> Infeasibl
     pos = max(range(p), key=lambda q: ratio[q])
     dev = prob.devices[order[pos]]
     short = needs[pos].total - dev.mem_bytes
-    needed = int(prob.table.held_list[-1]) + p * prob.table.budget.workspace_bytes
+    t = prob.table
+    shared = t.shared_prefix[-1] if k == 1 and t.units[0].name == "embed" else 0  # one chunk holds a tied head once
+    needed = int(t.held_list[-1]) - shared + p * t.budget.workspace_bytes
     offered = sum(d.mem_bytes for d in prob.devices)
     overall = (f"the whole pipeline needs at least {needed:,} bytes ({gib(needed)}: parameters and KV cache of "
                f"every unit, workspace of every device) and the devices offer {offered:,} bytes ({gib(offered)})"

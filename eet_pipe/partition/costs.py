@@ -76,13 +76,19 @@ class UnitCost:
     """KV-cache bytes per cached token (0 for embed/head)."""
     temp_bytes: int = 0
     """Peak temporary bytes while the unit runs (freed afterwards)."""
+    shared_bytes: int = 0
+    """Bytes of `param_bytes` that are the embedding's own tensor (a head tied to it): a chunk that
+    also holds `embed` shares them and does not hold them twice."""
 
     def __post_init__(self) -> None:
         _check_nonneg(
             f"UnitCost({self.name!r})", time_s=self.time_s, param_bytes=self.param_bytes,
             act_bytes=self.act_bytes, kv_bytes_per_token=self.kv_bytes_per_token,
-            temp_bytes=self.temp_bytes,
+            temp_bytes=self.temp_bytes, shared_bytes=self.shared_bytes,
         )
+        if self.shared_bytes > self.param_bytes:
+            raise ValueError(f"UnitCost({self.name!r}).shared_bytes = {self.shared_bytes} exceeds its "
+                             f"param_bytes = {self.param_bytes}")
 
 
 @dataclass
@@ -257,6 +263,10 @@ class CostTable:
         temps = np.array([u.temp_bytes for u in units], dtype=np.float64)
         self.act_max, self.temp_max = _range_maxima(self.act, temps)
         held_sum = self.held_prefix[None, :] - self.held_prefix[:, None]
+        # a chunk that starts with the embedding holds a tied head's weight once
+        self.shared_prefix = [0, *itertools.accumulate(u.shared_bytes for u in units)]
+        if units and units[0].name == "embed":
+            held_sum[0, :] -= np.array(self.shared_prefix, dtype=np.float64)
         # memory a device needs when it holds only chunk [s, e)
         self.single_mem = (held_sum + budget.act_buffers * self.act_max + self.temp_max
                            + budget.graph_pools * (self.act_max + self.temp_max) + budget.workspace_bytes)
@@ -276,8 +286,9 @@ class CostTable:
         us = [u for s, e in chunks for u in self.units[s:e]]
         act = max((self.act_max_list[s][e] for s, e in chunks), default=0.0)
         temp = max((u.temp_bytes for u in us), default=0)
+        shared = sum(self.shared_prefix[e] for s, e in chunks if s == 0 and self.units[0].name == "embed")
         return MemoryNeed(
-            params=sum(u.param_bytes for u in us),
+            params=sum(u.param_bytes for u in us) - shared,
             kv=sum(u.kv_bytes_per_token for u in us) * self.budget.kv_tokens,
             act=int(self.budget.act_buffers * act),
             temp=temp,

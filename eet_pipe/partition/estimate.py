@@ -21,7 +21,7 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.dtypes import dtype_name, parse_dtype
 from eet_pipe.partition.costs import UnitCost
 from eet_pipe.partition.profile import Profile, Workload, estimate_temp, profile_key
-from eet_pipe.partition.sizes import unit_size
+from eet_pipe.partition.sizes import tied_elements, unit_size
 
 __all__ = ["CONFIG_HARDWARE", "NOMINAL_BANDWIDTH", "NOMINAL_FLOPS", "config_profile", "unit_cost"]
 
@@ -60,7 +60,8 @@ def unit_cost(cfg: ArchConfig, unit: str, dtype: str, workload: Workload) -> Uni
         cached = workload.batch * keys * kv_per_token if workload.kind == "decode" else 0
         moved += cached + 2 * out
     seconds = max(flops / NOMINAL_FLOPS[dtype], moved / NOMINAL_BANDWIDTH)
-    return UnitCost(unit, seconds, weights, out, kv_per_token, estimate_temp(cfg, unit, workload, elem))
+    return UnitCost(unit, seconds, weights, out, kv_per_token, estimate_temp(cfg, unit, workload, elem),
+                    tied_elements(cfg, unit) * elem)
 
 
 def config_profile(spec: ModelSpec, dtype: torch.dtype | str, workload: Workload) -> Profile:

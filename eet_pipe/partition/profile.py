@@ -38,6 +38,7 @@ from eet_pipe.models.meta import StepMeta, decode_meta, prefill_meta
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.ops.cuda_graphs import graphed
 from eet_pipe.partition.costs import UnitCost
+from eet_pipe.partition.sizes import tied_elements
 
 __all__ = ["CACHE_ENV", "PROFILE_FORMAT", "WORKLOAD_KINDS", "Profile", "Workload", "cache_path",
            "default_cache_dir", "device_name", "estimate_temp", "profile_key", "profile_units"]
@@ -324,7 +325,7 @@ def _unit_costs(cfg: ArchConfig, measured: dict[str, _Measure], elem: int) -> li
     for name in cfg.unit_names():
         m = measured["layers.0" if name.startswith("layers.") else name]
         kv = kv_per_token if name.startswith("layers.") else 0
-        out.append(UnitCost(name, m.time_s, m.param_bytes, m.out_bytes, kv, m.temp_bytes))
+        out.append(UnitCost(name, m.time_s, m.param_bytes, m.out_bytes, kv, m.temp_bytes, tied_elements(cfg, name) * elem))
     return out
 
 

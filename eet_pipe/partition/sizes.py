@@ -22,7 +22,7 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.model import CanonicalModel
 from eet_pipe.models.quant import QUANTIZED_LINEARS
 
-__all__ = ["PRECISIONS", "UnitSize", "param_count", "unit_bytes", "unit_size", "weight_bytes"]
+__all__ = ["PRECISIONS", "UnitSize", "param_count", "tied_elements", "unit_bytes", "unit_size", "weight_bytes"]
 
 PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 """Precision name -> bytes of one (projection) weight element."""
@@ -90,12 +90,15 @@ def unit_bytes(cfg: ArchConfig, unit: str, precision: str) -> int:
     return unit_size(cfg, unit).nbytes(precision)
 
 
+def tied_elements(cfg: ArchConfig, unit: str) -> int:
+    """Elements of `unit` that are the embedding's own tensor: the weight of a head tied to it, else 0."""
+    return cfg.vocab_size * cfg.hidden_size if unit == "head" and cfg.tie_embeddings and cfg.lm_head else 0
+
+
 def _tied_head(cfg: ArchConfig) -> UnitSize:
     """What the head adds to a whole model: nothing of its weight when tied to the embedding."""
     head = unit_size(cfg, "head")
-    if not (cfg.tie_embeddings and cfg.lm_head):
-        return head
-    return UnitSize(head.params - cfg.vocab_size * cfg.hidden_size, head.quantizable, head.scales)
+    return UnitSize(head.params - tied_elements(cfg, "head"), head.quantizable, head.scales)
 
 
 def param_count(cfg: ArchConfig) -> int:

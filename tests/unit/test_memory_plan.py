@@ -87,6 +87,23 @@ def test_without_a_kv_cache_two_devices_suffice(spec70):
     assert all(st.predicted_mem_bytes <= 80 * GB for st in plan.stages)
 
 
+def test_a_tied_head_is_held_once_where_it_shares_a_stage_with_the_embedding():
+    """GPT-2 ties its head to the token embedding: one stage holds that matrix once (the model shares it),
+    two stages hold it twice (each builds its own). A cap between the two figures fits one stage."""
+    spec = resolve_model("gpt2-xl", "random")
+    cfg, tied = spec.cfg, spec.cfg.vocab_size * spec.cfg.hidden_size * 2
+    whole = weight_bytes(cfg, "bf16")
+    one = _plan(spec, 1, 80 * GB, kv_tokens=0).stages[0].predicted_mem
+    assert one["params"] == whole
+    two = _plan(spec, 2, 80 * GB, kv_tokens=0)
+    assert sum(st.predicted_mem["params"] for st in two.stages) == whole + tied
+    room = one["total"] - one["params"]
+    assert _plan(spec, 1, whole + room + tied // 2, kv_tokens=0).stages[0].predicted_mem_bytes <= whole + room + tied // 2
+    with pytest.raises(InfeasibleError) as err:
+        _plan(spec, 1, whole + room - 1, kv_tokens=0)
+    assert err.value.needed_bytes == whole + MemoryBudget().workspace_bytes
+
+
 def test_cli_plans_and_refuses(capsys):
     args = ["plan", "model=llama-3-70b", "weights=random", "dtype=bf16", "costs=config", "mem=80GB",
             f"max_slots={SLOTS}", f"max_seq={SEQ}", "measure_links=false"]
