@@ -56,6 +56,9 @@ def test_parameters_and_grad_tensors_use_the_default_path():
     p = torch.nn.Parameter(torch.ones(3))
     back = wire.loads(wire.dumps(p))
     assert isinstance(back, torch.nn.Parameter) and torch.equal(back.detach(), p.detach())
+    g = torch.ones(3, requires_grad=True)
+    back = wire.loads(wire.dumps(g))
+    assert back.requires_grad and torch.equal(back.detach(), g.detach())
 
 
 def test_conjugate_and_negative_views_travel_as_their_values():
