@@ -40,7 +40,8 @@ from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
-            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "out": "bench_results/serve_frontend"}
+            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "clients": "auto",
+            "out": "bench_results/serve_frontend"}
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 32, "prompt_len": 16}
 
 

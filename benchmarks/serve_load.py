@@ -11,6 +11,11 @@ wall time. Each level sends max(requests, waves x concurrency) requests, so it i
 state rather than as one burst. Writes <out>.json (environment, config,
 per-level figures, the server's /metrics) and <out>.png.
 
+The load generator is `clients` processes (`auto`: a quarter of the cores, 1 to 8), each with its share
+of a level's concurrency and requests, started together: one Python HTTP client process handles a few
+thousand streamed tokens a second, less than a GPU server produces. Each level records the clients' CPU
+time and warns when a client process was busy more than 80 % of the level (it may then be the limit).
+
 The engine under the server is measured in the same run as the reference: `PipelineEngine.generate` on
 the same model, devices, stages and step groups, one batch of `concurrency` prompts per level (greedy,
 ignore_eos, max_tokens each; a warm-up batch of the same shape first), before the server starts so the
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,7 @@ from benchmarks.common import environment, parse_args, write_json
 from eet_pipe.serving.process import ServerProcess
 
 DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
-            "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2,
+            "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2, "clients": "auto",
             "server_args": "", "reference": "auto", "out": "bench_results/serve_load"}
 QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
@@ -97,8 +104,10 @@ async def _stream_one(client: httpx.AsyncClient, body: dict, start: float) -> di
     return {"ttft": first - start, "tpot": tpot, "latency": end - start, "tokens": tokens}
 
 
-async def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: list[str], opts: dict) -> dict:
-    """`count` requests with at most `concurrency` in flight."""
+async def _send_all(url: str, headers: dict, concurrency: int, picks: list[int], prompts: list[str], opts: dict,
+                    start_at: float) -> dict:
+    """One client process's share of a level: the prompts `picks`, at most `concurrency` in flight, sent from
+    `start_at` (a `time.perf_counter` instant, the same clock in every process)."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
@@ -107,19 +116,52 @@ async def run_level(url: str, headers: dict, concurrency: int, count: int, promp
             async with gate:
                 return await one_request(client, prompts[i % len(prompts)], opts)
 
-        began = time.perf_counter()
-        rows = await asyncio.gather(*(gated(i) for i in range(count)))
-        wall = time.perf_counter() - began
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        cpu, began = time.process_time(), time.perf_counter()
+        rows = await asyncio.gather(*(gated(i) for i in picks))
+        ended = time.perf_counter()
+    return {"rows": rows, "began": began, "ended": ended, "cpu_s": time.process_time() - cpu}
+
+
+def _client_process(args: tuple) -> dict:
+    return asyncio.run(_send_all(*args))
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` integers that differ by at most one (larger first)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: list[str], opts: dict,
+              pool: Any = None) -> dict:
+    """`count` requests with at most `concurrency` in flight, sent by the client processes of `pool` (a
+    ProcessPoolExecutor; None = this process), each with its share of the concurrency and the requests.
+    Throughput counts from the first client's start to the last one's end."""
+    procs = 1 if pool is None else min(pool._max_workers, concurrency)
+    gates = shares(concurrency, procs)
+    counts = [count * g // concurrency for g in gates]
+    counts[0] += count - sum(counts)
+    starts = [sum(counts[:i]) for i in range(procs)]
+    start_at = time.perf_counter() + (0.5 if pool is not None else 0.0)  # every process ready before it
+    jobs = [(url, headers, g, list(range(s, s + n)), prompts, opts, start_at)
+            for g, s, n in zip(gates, starts, counts, strict=True)]
+    parts = [_client_process(jobs[0])] if pool is None else list(pool.map(_client_process, jobs))
+    rows = [r for part in parts for r in part["rows"]]
+    wall = max(p["ended"] for p in parts) - min(p["began"] for p in parts)
     ok = [r for r in rows if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
+    busiest = max(p["cpu_s"] / max(p["ended"] - p["began"], 1e-9) for p in parts)
     return {"concurrency": concurrency, "requests": count, "failed": len(rows) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
             "ttft_s": percentiles([r["ttft"] for r in ok]),
             "tpot_s": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
             "latency_s": percentiles([r["latency"] for r in ok]),
+            "client_processes": procs, "client_cpu_s": sum(p["cpu_s"] for p in parts), "client_busiest": busiest,
             "errors": sorted({r["error"] for r in rows if "error" in r})[:5]}
 
 
+CLIENT_SATURATED = 0.8
+"""A client process busier than this share of a core may be what limits a level's throughput."""
 CPU_RESOLUTION_S = 3 / os.sysconf("SC_CLK_TCK")
 """Process CPU times advance in clock ticks: a level that used less than three of them is not measured."""
 
@@ -137,10 +179,29 @@ def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]
     """Every concurrency level of `opts`, each with max(requests, waves x concurrency) requests, printed as
     it finishes. With `server` (a psutil.Process) each level also records that process's CPU time."""
     prompts = prompts_for(opts["prompt_len"])
+    procs = client_processes(opts.get("clients", "auto"))
+    pool = None if procs == 1 else ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return _levels(url, headers, opts, server, prompts, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def client_processes(value: Any) -> int:
+    """`clients=auto`: a quarter of the cores (1 to 8), the rest left to the server; else the number given."""
+    if str(value) == "auto":
+        return max(1, min(8, (os.cpu_count() or 1) // 4))
+    if not str(value).isdigit() or int(value) < 1:
+        raise SystemExit(f"clients={value!r} is invalid: must be auto or an integer >= 1 (load generator processes)")
+    return int(value)
+
+
+def _levels(url: str, headers: dict, opts: dict, server: Any, prompts: list[str], pool: Any) -> list[dict]:
     levels = []
     for c in (int(x) for x in opts["concurrency"]):
         before = server.cpu_times() if server is not None else None
-        level = asyncio.run(run_level(url, headers, c, max(opts["requests"], opts["waves"] * c), prompts, opts))
+        level = run_level(url, headers, c, max(opts["requests"], opts["waves"] * c), prompts, opts, pool)
         cpu_note = ""
         if server is not None:
             after = server.cpu_times()
@@ -153,6 +214,10 @@ def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]
               f"{level['failed']} failed", file=sys.stderr)
         for message in level["errors"]:
             print(f"    error: {message}", file=sys.stderr)
+        if level["client_busiest"] > CLIENT_SATURATED:
+            print(f"    the load generator may limit this level: its busiest process used "
+                  f"{level['client_busiest']:.0%} of a core (clients={level['client_processes']}; raise clients=)",
+                  file=sys.stderr)
     return levels
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serve_load import client_processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {  # script -> fields every result row (or the results dict) must have
@@ -26,12 +28,15 @@ CASES = {  # script -> fields every result row (or the results dict) must have
 }
 
 
+EXTRA_ARGS = {"serve_frontend.py": ["clients=2"]}  # the load generator in several processes
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_quick_run_writes_json_and_plot(script, tmp_path):
     out = tmp_path / "result"
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", f"out={out}"],
-                          capture_output=True, text=True, timeout=230, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", f"out={out}",
+                           *EXTRA_ARGS.get(script, [])], capture_output=True, text=True, timeout=230, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(Path(f"{out}.json").read_text())
     assert {"env", "config", "results"} <= set(data)
@@ -46,6 +51,11 @@ def test_quick_run_writes_json_and_plot(script, tmp_path):
     assert numbers and all(math.isfinite(x) for x in numbers), "a figure is NaN or infinite"
     figures = [x for r in rows for k, v in r.items() if _is_figure(k) for x in _numbers(v)]
     assert all(x > 0 for x in figures), f"a timing or throughput figure is not positive: {figures}"
+    if script in ("serve_load.py", "serve_frontend.py"):  # every request of every level answered in full
+        max_tokens = data["config"]["max_tokens"]
+        for r in rows:
+            assert r["failed"] == 0 and r["tokens"] == r["requests"] * max_tokens, r
+            assert r["client_processes"] == min(client_processes(data["config"]["clients"]), r["concurrency"])
     plotted = Path(f"{out}.plot.json")
     if plotted.exists():  # scripts that draw through common.save_figure record what they drew
         _check_plot_shows_json(json.loads(plotted.read_text()), numbers)
