@@ -40,7 +40,7 @@ from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
-            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "clients": "auto",
+            "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "clients": "auto", "api_servers": 1,
             "out": "bench_results/serve_frontend"}
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 32, "prompt_len": 16}
 
@@ -122,19 +122,19 @@ def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
 
 
 class _CpuProbe:
-    """The step-loop process's CPU times for `sweep`; records the HTTP process's at the same moments (the
-    child listening on the server's port; the instant stage, standing in for the GPUs, is not counted)."""
+    """The step-loop process's CPU times for `sweep`; records the HTTP processes' at the same moments (the
+    children listening on the server's port, summed; the instant stage, standing in for the GPUs, is not
+    counted)."""
 
     def __init__(self, server: psutil.Process, port: int) -> None:
         self.server = server
-        self.http = next((p for p in server.children() if any(
-            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))), None)
+        self.http = [p for p in server.children() if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
         self.http_marks: list[float] = []
 
     def cpu_times(self):
-        if self.http is not None:
-            t = self.http.cpu_times()
-            self.http_marks.append(t.user + t.system)
+        if self.http:
+            self.http_marks.append(sum(t.user + t.system for t in (p.cpu_times() for p in self.http)))
         return self.server.cpu_times()
 
     def annotate(self, levels: list[dict]) -> None:
@@ -143,7 +143,7 @@ class _CpuProbe:
             level["http_cpu_s"] = after - before
             level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
             print(f"concurrency {level['concurrency']:>4}: step-loop process "
-                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process "
+                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
                   f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     top = max(int(c) for c in opts["concurrency"])
     port = free_port()
     server_opts = {"model": opts["model"], "max_slots": str(top), "microbatches": str(opts["groups"]),
-                   "log_level": "warning", "plan": "even"}
+                   "log_level": "warning", "plan": "even", "api_servers": str(opts["api_servers"])}
     # not a daemon: the server starts its HTTP process
     proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port, float(opts["step_ms"])))
     proc.start()

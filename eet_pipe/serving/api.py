@@ -203,10 +203,10 @@ def _generation_routes(app: FastAPI, rt: Any) -> None:
 
 
 def create_app(rt: Any) -> FastAPI:
-    """The app over a runtime `rt` (status, message, opts, setup, metrics, model_name, submit, cancel,
+    """The app over a runtime `rt` (status, message, opts, setup, model_name, submit, cancel, count_response,
     render_metrics, lifespan): `eet_pipe.serving.frontend.Frontend`."""
     app = FastAPI(title="eet_pipe", version="0.1.0", lifespan=rt.lifespan)
-    app.add_middleware(Guard, max_bytes=rt.opts.max_body_bytes, metrics=rt.metrics, api_key=rt.opts.api_key,
+    app.add_middleware(Guard, max_bytes=rt.opts.max_body_bytes, count=rt.count_response, api_key=rt.opts.api_key,
                        body_timeout=rt.opts.body_timeout)
     install_errors(app)
 

@@ -28,7 +28,6 @@ import zmq
 import zmq.asyncio
 
 from eet_pipe.serving.ipc import IpcPaths, dumps, loads, pull_socket, push_socket
-from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import QueueFullError, ServiceUnavailableError
 from eet_pipe.serving.sequences import Event, GenRequest
 from eet_pipe.serving.serve_options import ServeOptions
@@ -58,13 +57,14 @@ class FrontendSetup:
 class Frontend:
     """The runtime of the HTTP app in this process; see the module docstring."""
 
-    def __init__(self, opts: ServeOptions, paths: IpcPaths, tokenizer: Any, engine_pid: int) -> None:
+    def __init__(self, opts: ServeOptions, paths: IpcPaths, tokenizer: Any, engine_pid: int, index: int = 0) -> None:
         self.opts, self.paths, self.tokenizer = opts, paths, tokenizer
         self.engine_pid = engine_pid
         """The server's main process (the one to signal); /health shows it as `pid`."""
+        self.index = index
+        """This HTTP process's number (0 .. api_servers - 1)."""
         self.status, self.message = "loading", "the server is loading the model"
         self.setup: FrontendSetup | None = None
-        self.metrics = Metrics()  # request counts by status; everything else comes from the engine
         self.created = int(time.time())
         self.server: Any = None
         self.requests: dict[int, GenRequest] = {}
@@ -84,7 +84,7 @@ class Frontend:
         self.requests[req.id] = req
         params = [s.params for s in req.sequences]
         try:
-            status, message = await self._ask(req.id, ("submit", req.id, prompts, params, n, req.logprobs))
+            status, message = await self._ask(req.id, ("submit", self.index, req.id, prompts, params, n, req.logprobs))
         except BaseException:  # no answer, or the client went away meanwhile: the engine may still take it
             self.cancel(req)
             raise
@@ -95,15 +95,16 @@ class Frontend:
     def cancel(self, req: GenRequest) -> None:
         req.closed = True
         if self.requests.pop(req.id, None) is not None:
-            self._push.send(dumps(("cancel", req.id)))
+            self._push.send(dumps(("cancel", self.index, req.id)))
+
+    def count_response(self, status: int) -> None:
+        """A POST /v1/* response began with `status`: counted by the engine, for every HTTP process."""
+        self._push.send(dumps(("response", status)))
 
     async def render_metrics(self) -> str:
-        """The engine's metrics with this process's request counts."""
+        """The engine's metrics (request counts of every HTTP process included)."""
         token = ("metrics", next(self._tokens))
-        text = await self._ask(token, ("metrics", token))
-        own = self.metrics.requests
-        engine = [line for line in text.splitlines() if own.name not in line]
-        return "\n".join([*own.header(), *own.render(), *engine]) + "\n"
+        return await self._ask(token, ("metrics", self.index, token))
 
     async def _ask(self, key: Any, message: tuple) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -120,7 +121,7 @@ class Frontend:
 
     async def read(self) -> None:
         ctx = zmq.asyncio.Context()
-        sock = pull_socket(ctx, self.paths.frontend)
+        sock = pull_socket(ctx, self.paths.frontend(self.index))
         try:
             while True:
                 self._handle_safely(loads(await sock.recv()))
@@ -197,16 +198,18 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def frontend_main(opts: ServeOptions, paths: IpcPaths, parent: int) -> None:
-    """Entry of the HTTP process (spawned by the engine process; exits 0 after a graceful stop)."""
+def frontend_main(opts: ServeOptions, paths: IpcPaths, parent: int, index: int = 0) -> None:
+    """Entry of HTTP process `index` (spawned by the engine process; exits 0 after a graceful stop)."""
     _die_with_parent(parent)
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from eet_pipe.loading.presets import resolve_model
     from eet_pipe.loading.units import tokenizer_for
     from eet_pipe.serving.api import create_app
-    from eet_pipe.serving.listener import make_server
+    from eet_pipe.serving.listener import make_server, shared_port_socket
 
-    frontend = Frontend(opts, paths, tokenizer_for(resolve_model(opts.model, opts.weights, opts.weights_seed)), parent)
+    sockets = [shared_port_socket(opts)] if opts.api_servers > 1 else None  # bound before the tokenizer loads
+    tokenizer = tokenizer_for(resolve_model(opts.model, opts.weights, opts.weights_seed))
+    frontend = Frontend(opts, paths, tokenizer, parent, index)
     frontend.server = make_server(opts, create_app(frontend))
-    frontend.server.run()
+    frontend.server.run(sockets=sockets)
     sys.exit(0)

@@ -4,7 +4,7 @@
    error bodies carry and the server log names;
 2. the API key of /v1/* (401), checked before a byte of the body is read;
 3. the body, read whole within `body_timeout` seconds (else 408) and up to `max_bytes` (else 413);
-4. per-status counts of POST /v1/* responses.
+4. per-status counts of POST /v1/* responses (`count(status)` at each response's start).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import asyncio
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
-
-from eet_pipe.serving.metrics import Metrics
 
 __all__ = ["Guard", "new_request_id"]
 
@@ -29,9 +28,9 @@ def new_request_id() -> str:
 class Guard:
     """See the module docstring; `api_key` None means /v1/* is open."""
 
-    def __init__(self, app: Any, max_bytes: int, metrics: Metrics, api_key: str | None = None,
+    def __init__(self, app: Any, max_bytes: int, count: Callable[[int], None], api_key: str | None = None,
                  body_timeout: float = 30.0) -> None:
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+        self.app, self.max_bytes, self.count = app, max_bytes, count
         self.api_key, self.body_timeout = api_key, body_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -46,7 +45,7 @@ class Guard:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
                 if counted:
-                    self.metrics.requests.inc(status=str(message["status"]))
+                    self.count(message["status"])
             await send(message)
 
         headers = dict(scope.get("headers") or [])

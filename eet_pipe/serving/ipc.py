@@ -4,10 +4,15 @@ Each side binds one PULL socket (``ipc://`` in a private temporary folder) and e
 connects a PUSH socket of its own (ZeroMQ sockets are not thread-safe). Messages are pickled tuples;
 both ends are processes of one server, started together.
 
+With ``api_servers`` > 1 there are several HTTP processes, numbered from 0; each binds its own PULL
+socket (`IpcPaths.frontend(index)`) and names itself in what it sends, and the engine sends each one only
+the events of its own requests (request ids are per process). Status and stop go to every one.
+
 HTTP process -> engine:
-    ("submit", rid, prompts, params, n, logprobs)    a request; answered by ("accepted", rid, status, message)
-    ("cancel", rid)                                  its client went away
-    ("metrics", token)                               answered by ("metrics", token, text)
+    ("submit", index, rid, prompts, params, n, logprobs)  a request; answered by ("accepted", rid, status, message)
+    ("cancel", index, rid)                           its client went away
+    ("response", status)                             a POST /v1/* response began with this HTTP status
+    ("metrics", index, token)                        answered by ("metrics", token, text)
 Engine -> HTTP process:
     ("events", [event, ...])                         every request's events of one step, in one message
     ("status", status, message, info)                loading / ready / stopping / failed (info: max_len, vocab)
@@ -37,7 +42,7 @@ NO_TEXT = "\x00eet_pipe:no-text\x00"
 
 @dataclass(frozen=True)
 class IpcPaths:
-    """The two endpoints: `engine` (bound by the engine process) and `frontend` (by the HTTP process)."""
+    """The endpoints: `engine` (bound by the engine process) and `frontend(i)` (by HTTP process i)."""
 
     folder: str
 
@@ -45,9 +50,8 @@ class IpcPaths:
     def engine(self) -> str:
         return f"ipc://{Path(self.folder) / 'engine'}"
 
-    @property
-    def frontend(self) -> str:
-        return f"ipc://{Path(self.folder) / 'frontend'}"
+    def frontend(self, index: int = 0) -> str:
+        return f"ipc://{Path(self.folder) / f'frontend-{index}'}"
 
 
 def push_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ import uvicorn
 from eet_pipe.serving.protocol import protocol_with_header_timeout
 from eet_pipe.serving.serve_options import ServeOptions
 
-__all__ = ["make_server"]
+__all__ = ["make_server", "shared_port_socket"]
 
 
 class _Server(uvicorn.Server):
@@ -34,3 +35,16 @@ def make_server(opts: ServeOptions, app: Any) -> uvicorn.Server:
                             http=protocol_with_header_timeout(opts.header_timeout),
                             access_log=opts.log_level.lower() == "debug")
     return _Server(config)
+
+
+def shared_port_socket(opts: ServeOptions) -> socket.socket:
+    """A listening socket on `opts.host`:`opts.port` that the other HTTP processes bind too
+    (SO_REUSEPORT: the kernel spreads new connections over them)."""
+    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((opts.host, opts.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass
 
 from eet_pipe.options.typed import EngineOptions
@@ -17,6 +19,9 @@ class ServeOptions(EngineOptions):
     """Address to bind (0.0.0.0 to accept connections from other machines)."""
     port: int = 8000
     """TCP port of the HTTP server."""
+    api_servers: int = 1
+    """HTTP processes (HTTP, tokenisation, detokenisation, SSE), all on `port` (SO_REUSEPORT; Linux): more
+    than one when one process's core limits the server (many streaming clients on fast GPUs)."""
     api_key: str | None = None
     """If set, /v1/* requests need the header 'Authorization: Bearer <api_key>'."""
     served_model_name: str | None = None
@@ -59,6 +64,7 @@ class ServeOptions(EngineOptions):
     def __post_init__(self) -> None:
         checks = [
             ("port", 0 <= self.port <= 65535, "an integer 0..65535"),
+            ("api_servers", 1 <= self.api_servers <= 64, "an integer 1..64"),
             ("threads", self.threads >= 0, ">= 0 (0 = cores / stages)"),
             ("max_slots", self.max_slots >= 1, ">= 1"),
             ("max_queue", self.max_queue >= 0, ">= 0"),
@@ -83,6 +89,12 @@ class ServeOptions(EngineOptions):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.api_servers > 1 and not (sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")):
+            raise ValueError(f"api_servers={self.api_servers} needs SO_REUSEPORT with load balancing (Linux); "
+                             "use api_servers=1 here")
+        if self.api_servers > 1 and self.port == 0:
+            raise ValueError(f"api_servers={self.api_servers} with port=0: processes cannot share an arbitrary "
+                             "free port; give a port number")
         if self.trace is not None:
             raise ValueError("trace= is not supported by the server (traces cover single engine calls); "
                              "use PipelineEngine or `eet-pipe generate` for traces")

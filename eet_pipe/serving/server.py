@@ -1,12 +1,13 @@
-"""Server lifecycle: two processes. This one (the engine process) loads the pipeline and runs the
-scheduler and the step loop; a spawned HTTP process (`eet_pipe.serving.frontend`) binds the port at
-once and serves HTTP, tokenisation, detokenisation and SSE. They talk over ZeroMQ (`ipc`).
+"""Server lifecycle: two processes, or more. This one (the engine process) loads the pipeline and runs
+the scheduler and the step loop; a spawned HTTP process (`eet_pipe.serving.frontend`) binds the port at
+once and serves HTTP, tokenisation, detokenisation and SSE (`api_servers` > 1: that many, sharing the
+port). They talk over ZeroMQ (`ipc`).
 
 /health answers 503 ("loading") until the workers have loaded their stages, allocated their KV
 caches and run a warm-up step; then 200 ("ready"). A worker failure fails every pending request with
 503 and, with `exit_on_failure`, stops the server with exit status 1. SIGINT/SIGTERM: the HTTP process
 stops accepting connections, running requests finish (up to `drain_timeout`), the workers stop, exit 0.
-Either process dies with the other.
+The HTTP processes die with the engine process, and the death of any of them stops the server (exit 1).
 """
 
 from __future__ import annotations
@@ -132,14 +133,15 @@ def _children_ignore_stop_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait(rt: Runtime, frontend: mp.process.BaseProcess, stop: threading.Event) -> None:
-    """Until a stop signal, a failure that ends the server, or the HTTP process's death."""
+def _wait(rt: Runtime, frontends: list[mp.process.BaseProcess], stop: threading.Event) -> None:
+    """Until a stop signal, a failure that ends the server, or the death of an HTTP process."""
     while not stop.wait(0.1) and not rt.done.is_set():
-        if not frontend.is_alive():
-            with rt._lock:
-                rt.failed = True
-            log.error("the HTTP process exited (status %s); stopping", frontend.exitcode)
-            return
+        for index, frontend in enumerate(frontends):
+            if not frontend.is_alive():
+                with rt._lock:
+                    rt.failed = True
+                log.error("HTTP process %d exited (status %s); stopping", index, frontend.exitcode)
+                return
 
 
 IPC_PREFIX = "eet_pipe-ipc-"
@@ -166,29 +168,34 @@ def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     folder = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
     paths = IpcPaths(folder)
     rt = Runtime(opts, driver)
-    core = EngineCore(rt, paths)
+    core = EngineCore(rt, paths, opts.api_servers)
     rt.wrap, rt.on_change = core.wrap, core.publish_status
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    frontend = mp.get_context("spawn").Process(target=frontend_main, args=(opts, paths, os.getpid()),
-                                               name="eet_pipe-http", daemon=True)
+    ctx = mp.get_context("spawn")
+    frontends = [ctx.Process(target=frontend_main, args=(opts, paths, os.getpid(), i), daemon=True,
+                             name=f"eet_pipe-http{i if opts.api_servers > 1 else ''}") for i in range(opts.api_servers)]
     try:
         with _children_ignore_stop_signals():
-            frontend.start()
+            for frontend in frontends:
+                frontend.start()
             driver.spawn()
         core.start()
         core.publish_status()
         rt.start_loading()
-        _wait(rt, frontend, stop)
+        _wait(rt, frontends, stop)
         core.stop_frontend()
         rt.stop()
         core.flush()  # the events of the last step (the scheduler thread has ended)
-        frontend.join(opts.drain_timeout + 15.0)
+        deadline = time.monotonic() + opts.drain_timeout + 15.0
+        for frontend in frontends:
+            frontend.join(max(0.0, deadline - time.monotonic()))
     finally:
         rt.stop()  # idempotent; covers an exception above
-        if frontend.is_alive():
-            frontend.kill()
-            frontend.join(5.0)
+        for frontend in frontends:
+            if frontend.is_alive():
+                frontend.kill()
+                frontend.join(5.0)
         core.close()
         shutil.rmtree(folder, ignore_errors=True)
         for sig, handler in previous.items():

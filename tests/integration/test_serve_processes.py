@@ -68,3 +68,40 @@ def test_sigterm_is_for_the_engine_process_only_and_drains():
 def test_messages_round_trip():
     events = [(1, "token", 0, [5], [], None, "", 200, ""), (1, "finish", 0, [], [], "stop", None, 200, "")]
     assert loads(dumps(("events", events))) == ("events", events)
+
+
+@pytest.mark.timeout(180)
+def test_several_http_processes_share_the_port_and_one_engine():
+    """api_servers=2: both HTTP processes take connections on the one port, each request's stream comes
+    back whole through whichever took it, /metrics counts the requests of both, and the death of either
+    stops the server."""
+    with ServerProcess([*ARGS, "api_servers=2"]) as server:
+        engine = psutil.Process(server.proc.pid)
+        listening = [p.pid for p in engine.children() if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == server.port for c in p.net_connections("tcp"))]
+        assert len(listening) == 2, listening
+        answered, texts = set(), []
+        for _ in range(24):  # a new connection each time: the kernel spreads them over the two processes
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                answered.add(client.get("/health").json()["http_pid"])
+                r = client.post("/v1/completions", json={"prompt": "a b c", "max_tokens": 5, "ignore_eos": True,
+                                                         "return_token_ids": True, "temperature": 0})
+                assert r.status_code == 200, r.text
+                texts.append(r.json()["choices"][0]["token_ids"])
+        assert answered == set(listening)
+        assert all(t == texts[0] and len(t) == 5 for t in texts), texts  # greedy: the same tokens through either
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        assert 'eet_pipe_requests_total{status="200"} 24' in metrics, metrics
+        kids = [p.pid for p in engine.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+        psutil.Process(listening[1]).kill()
+        assert server.proc.wait(30) == 1, server.log()
+        assert _gone(kids)
+
+
+def test_api_servers_is_checked_before_anything_starts():
+    from eet_pipe.serving.serve_options import ServeOptions
+
+    with pytest.raises(ValueError, match="api_servers=0 is invalid: must be an integer 1..64"):
+        ServeOptions(api_servers=0)
+    with pytest.raises(ValueError, match="cannot share an arbitrary free port"):
+        ServeOptions(api_servers=2, port=0)

@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from eet_pipe.serving.api import create_app
-from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.sequences import Event
 from eet_pipe.serving.serve_options import ServeOptions
 
@@ -32,7 +31,7 @@ class _FailingRuntime:
         self.status, self.message, self.engine_pid, self.created = "ready", "", 1, int(time.time())
         self.model_name = "fake"
         self.setup = SimpleNamespace(tokenizer=_Tokenizer(), max_len=64, cfg=SimpleNamespace(vocab_size=90))
-        self.metrics = Metrics()
+        self.responses = []
         self.failure = (status, message)
         self.cancelled = []
 
@@ -44,6 +43,9 @@ class _FailingRuntime:
 
     def cancel(self, req) -> None:
         self.cancelled.append(req)
+
+    def count_response(self, status: int) -> None:
+        self.responses.append(status)
 
     async def render_metrics(self) -> str:
         return ""
@@ -57,7 +59,8 @@ class _FailingRuntime:
 def test_a_failed_request_is_answered_with_its_status_kind_and_no_internals(status, kind):
     message = ("internal error while generating (error id 0123456789ab)" if status == 500 else
                "the pipeline failed: stage 1 (device cpu, pid 42) failed while serving:\nTraceback\n  File \"/srv/x.py\"")
-    client = TestClient(create_app(_FailingRuntime(status, message)))
+    rt = _FailingRuntime(status, message)
+    client = TestClient(create_app(rt))
     body = {"prompt": "hello", "max_tokens": 4}
     r = client.post("/v1/completions", json=body)
     err = r.json()["error"]
@@ -72,3 +75,4 @@ def test_a_failed_request_is_answered_with_its_status_kind_and_no_internals(stat
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert err["type"] == kind and err["code"] == status and "Traceback" not in err["message"]
+    assert rt.responses == [status, 200]  # each response counted once, by the status it began with

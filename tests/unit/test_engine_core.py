@@ -29,8 +29,8 @@ class _Driver:
 def test_a_step_of_many_requests_is_one_message(tmp_path):
     ctx = zmq.Context()
     paths = IpcPaths(str(tmp_path))
-    inbox = pull_socket(ctx, paths.frontend)
-    outbox = _Outbox(ctx, paths.frontend)
+    inbox = pull_socket(ctx, paths.frontend())
+    outbox = _Outbox(ctx, [paths.frontend()])
     sinks = [outbox.sink(rid) for rid in range(3)]
     for rid, sink in enumerate(sinks):
         sink(Event("token", 0, "", [10 + rid]))
@@ -45,7 +45,7 @@ def test_a_step_of_many_requests_is_one_message(tmp_path):
     outbox.flush()
     assert inbox.poll(200) == 0  # an empty outbox sends nothing
     inbox.close()
-    outbox.sock.close()
+    outbox.close()
     ctx.term()
 
 
@@ -55,8 +55,8 @@ def test_a_request_ends_at_once_when_the_pipeline_goes_idle(tmp_path, monkeypatc
     monkeypatch.setattr(scheduler_mod, "IDLE_CHECK_S", 30.0)
     ctx = zmq.Context()
     paths = IpcPaths(str(tmp_path))
-    inbox = pull_socket(ctx, paths.frontend)
-    outbox = _Outbox(ctx, paths.frontend)
+    inbox = pull_socket(ctx, paths.frontend())
+    outbox = _Outbox(ctx, [paths.frontend()])
     pipeline = FakePipeline(slots=2, groups=1)
     sched = scheduler_mod.Scheduler(_FlushingDriver(pipeline, outbox), max_queue=4, max_prefill_tokens=64,
                                     metrics=Metrics())
@@ -71,5 +71,5 @@ def test_a_request_ends_at_once_when_the_pipeline_goes_idle(tmp_path, monkeypatc
     finally:
         sched.stop(1.0)
         inbox.close()
-        outbox.sock.close()
+        outbox.close()
         ctx.term()

@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 
 from eet_pipe.serving.errors import APIError, install_errors, public_message
 from eet_pipe.serving.guard import Guard
-from eet_pipe.serving.metrics import Metrics
 
 WORKER_TEXT = ('the pipeline failed: stage 1 (device cpu, pid 42) failed while serving:\nTraceback (most recent call '
                'last):\n  File "/srv/app/eet_pipe/runtime/step.py", line 9, in run\nRuntimeError: bad')
@@ -17,7 +16,7 @@ WORKER_TEXT = ('the pipeline failed: stage 1 (device cpu, pid 42) failed while s
 
 def _app() -> FastAPI:
     app = FastAPI()
-    app.add_middleware(Guard, max_bytes=2048, metrics=Metrics(), api_key="k")
+    app.add_middleware(Guard, max_bytes=2048, count=lambda status: None, api_key="k")
     install_errors(app)
 
     @app.post("/v1/boom")
