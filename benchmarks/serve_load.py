@@ -210,7 +210,7 @@ def _levels(url: str, headers: dict, opts: dict, server: Any, prompts: list[str]
             cpu_note = f"server CPU {fmt_us(level['server_cpu_us_per_token'])} us/token, "
         levels.append(level)
         print(f"concurrency {c:>4}: {level['tokens_per_s']:8.1f} tok/s, {cpu_note}TTFT p50 "
-              f"{level['ttft_s']['p50'] * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.2f} ms, "
+              f"{(level['ttft_s']['p50'] or 0) * 1e3:7.1f} ms, TPOT p50 {(level['tpot_s']['p50'] or 0) * 1e3:6.2f} ms, "
               f"{level['failed']} failed", file=sys.stderr)
         for message in level["errors"]:
             print(f"    error: {message}", file=sys.stderr)
