@@ -42,9 +42,9 @@ def parse_args(defaults: dict[str, Any], quick: dict[str, Any], argv: list[str] 
 
 
 def environment() -> dict[str, Any]:
-    """Devices, versions, date and commit of this run."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    """Devices, versions, date and commit of this run ('<commit>-dirty' when the files differ from it)."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+                            capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
             "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
