@@ -29,9 +29,11 @@ class _Server(uvicorn.Server):
 
 
 def make_server(opts: ServeOptions, app: Any) -> uvicorn.Server:
+    """uvicorn for one HTTP process; `max_connections` is shared out over the `api_servers` processes."""
+    share = -(-opts.max_connections // opts.api_servers)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
                             timeout_graceful_shutdown=max(opts.drain_timeout, 0.1) + 5.0, lifespan="on",
-                            timeout_keep_alive=opts.keep_alive, limit_concurrency=opts.max_connections,
+                            timeout_keep_alive=opts.keep_alive, limit_concurrency=share,
                             http=protocol_with_header_timeout(opts.header_timeout),
                             access_log=opts.log_level.lower() == "debug")
     return _Server(config)

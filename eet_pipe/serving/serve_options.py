@@ -44,7 +44,8 @@ class ServeOptions(EngineOptions):
     max_stop_chars: int = 128
     """Longest stop string in characters (a stream holds back this many characters minus one)."""
     max_connections: int = 2048
-    """Open connections plus running requests before new requests get 503 (uvicorn's limit_concurrency)."""
+    """Open connections plus running requests before new requests get 503 (uvicorn's limit_concurrency,
+    shared out over the `api_servers` HTTP processes)."""
     header_timeout: float = 30.0
     """Seconds a connection may take to send a request's line and headers before it is closed."""
     body_timeout: float = 60.0

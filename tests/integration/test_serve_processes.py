@@ -105,3 +105,12 @@ def test_api_servers_is_checked_before_anything_starts():
         ServeOptions(api_servers=0)
     with pytest.raises(ValueError, match="cannot share an arbitrary free port"):
         ServeOptions(api_servers=2, port=0)
+
+
+def test_max_connections_is_shared_out_over_the_http_processes():
+    from eet_pipe.serving.listener import make_server
+    from eet_pipe.serving.serve_options import ServeOptions
+
+    limits = [make_server(ServeOptions(api_servers=n, max_connections=10), app=None).config.limit_concurrency
+              for n in (1, 3)]
+    assert limits == [10, 4]
