@@ -137,10 +137,8 @@ def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: li
     """`count` requests with at most `concurrency` in flight, sent by the client processes of `pool` (a
     ProcessPoolExecutor; None = this process), each with its share of the concurrency and the requests.
     Throughput counts from the first client's start to the last one's end."""
-    procs = 1 if pool is None else min(pool._max_workers, concurrency)
-    gates = shares(concurrency, procs)
-    counts = [count * g // concurrency for g in gates]
-    counts[0] += count - sum(counts)
+    procs = 1 if pool is None else min(pool._max_workers, concurrency, count)
+    gates, counts = shares(concurrency, procs), shares(count, procs)  # every process has requests
     starts = [sum(counts[:i]) for i in range(procs)]
     start_at = time.perf_counter() + (0.5 if pool is not None else 0.0)  # every process ready before it
     jobs = [(url, headers, g, list(range(s, s + n)), prompts, opts, start_at)

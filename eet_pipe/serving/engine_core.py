@@ -123,6 +123,14 @@ class EngineCore:
             for sock in self._status_socks:
                 sock.send(data)
 
+    def cancel_frontend(self, index: int) -> None:
+        """HTTP process `index` is gone: cancel its requests (nobody would read their events)."""
+        scheduler = self.rt.scheduler
+        for key in [k for k in list(self.requests) if k[0] == index]:
+            req = self.requests.pop(key, None)
+            if req is not None and scheduler is not None:
+                scheduler.cancel(req)
+
     def flush(self) -> None:
         """Send what is left in the outbox (when the scheduler thread has ended)."""
         self.outbox.flush()

@@ -14,7 +14,7 @@ import uvicorn
 from eet_pipe.serving.protocol import protocol_with_header_timeout
 from eet_pipe.serving.serve_options import ServeOptions
 
-__all__ = ["make_server", "shared_port_socket"]
+__all__ = ["check_port_free", "make_server", "shared_port_socket"]
 
 
 class _Server(uvicorn.Server):
@@ -50,3 +50,17 @@ def shared_port_socket(opts: ServeOptions) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def check_port_free(opts: ServeOptions) -> None:
+    """Raise ValueError if something already listens on `opts.host`:`opts.port`. SO_REUSEPORT would let the
+    HTTP processes join another listener of this user on that port and silently take part of its
+    connections; a bind without it fails instead."""
+    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((opts.host, opts.port))
+        except OSError as err:
+            raise ValueError(f"port {opts.port} on {opts.host} is in use ({err.strerror}); api_servers="
+                             f"{opts.api_servers} would share it with that listener: stop it or pick another port") from None

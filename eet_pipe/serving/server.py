@@ -133,15 +133,16 @@ def _children_ignore_stop_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait(rt: Runtime, frontends: list[mp.process.BaseProcess], stop: threading.Event) -> None:
-    """Until a stop signal, a failure that ends the server, or the death of an HTTP process."""
+def _wait(rt: Runtime, frontends: list[mp.process.BaseProcess], stop: threading.Event) -> int | None:
+    """Until a stop signal, a failure that ends the server, or the death of an HTTP process (its index)."""
     while not stop.wait(0.1) and not rt.done.is_set():
         for index, frontend in enumerate(frontends):
             if not frontend.is_alive():
                 with rt._lock:
                     rt.failed = True
                 log.error("HTTP process %d exited (status %s); stopping", index, frontend.exitcode)
-                return
+                return index
+    return None
 
 
 IPC_PREFIX = "eet_pipe-ipc-"
@@ -183,7 +184,9 @@ def run_server(opts: ServeOptions, driver: StepDriver) -> int:
         core.start()
         core.publish_status()
         rt.start_loading()
-        _wait(rt, frontends, stop)
+        dead = _wait(rt, frontends, stop)
+        if dead is not None:
+            core.cancel_frontend(dead)  # the others' running requests drain
         core.stop_frontend()
         rt.stop()
         core.flush()  # the events of the last step (the scheduler thread has ended)

@@ -90,21 +90,34 @@ def test_several_http_processes_share_the_port_and_one_engine():
                 texts.append(r.json()["choices"][0]["token_ids"])
         assert answered == set(listening)
         assert all(t == texts[0] and len(t) == 5 for t in texts), texts  # greedy: the same tokens through either
-        metrics = httpx.get(server.url + "/metrics", timeout=30).text
-        assert 'eet_pipe_requests_total{status="200"} 24' in metrics, metrics
+        deadline = time.monotonic() + 10  # each process reports its responses to the engine on its own socket
+        while 'eet_pipe_requests_total{status="200"} 24' not in (metrics := httpx.get(server.url + "/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
         kids = [p.pid for p in engine.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
         psutil.Process(listening[1]).kill()
         assert server.proc.wait(30) == 1, server.log()
         assert _gone(kids)
 
 
-def test_api_servers_is_checked_before_anything_starts():
+def test_api_servers_is_checked_before_anything_starts(capsys):
+    import socket
+
+    from eet_pipe.serve import main
     from eet_pipe.serving.serve_options import ServeOptions
 
     with pytest.raises(ValueError, match="api_servers=0 is invalid: must be an integer 1..64"):
         ServeOptions(api_servers=0)
     with pytest.raises(ValueError, match="cannot share an arbitrary free port"):
         ServeOptions(api_servers=2, port=0)
+    with pytest.raises(ValueError, match="max_connections=2 is invalid: must be >= api_servers"):
+        ServeOptions(api_servers=3, max_connections=2)
+    with socket.socket() as other:  # another server on the port: SO_REUSEPORT must not join it
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert main(["--port", str(port), "model=tiny", "api_servers=2"]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
 
 
 def test_max_connections_is_shared_out_over_the_http_processes():

@@ -73,3 +73,30 @@ def test_a_request_ends_at_once_when_the_pipeline_goes_idle(tmp_path, monkeypatc
         inbox.close()
         outbox.close()
         ctx.term()
+
+
+def test_the_requests_of_a_dead_http_process_are_cancelled_and_only_those(tmp_path):
+    """With two HTTP processes, the engine keys requests by (process, id): ids repeat across processes, and
+    when one process dies its requests are cancelled while the other's go on."""
+    from types import SimpleNamespace
+
+    from eet_pipe.serving.engine_core import EngineCore
+
+    sched = scheduler_mod.Scheduler(FakePipeline(slots=4, groups=1), max_queue=8, max_prefill_tokens=64,
+                                    metrics=Metrics())
+    rt = SimpleNamespace(status="ready", message="", scheduler=sched, metrics=Metrics())
+    core = EngineCore(rt, IpcPaths(str(tmp_path)), frontends=2)
+    core.start()
+    params = [SamplingParams(max_new_tokens=10_000, ignore_eos=True)]
+    try:
+        for index in (0, 1):
+            for rid in (1, 2):  # the same ids in both processes
+                assert core._submit(index, rid, [[4, 5]], params, 1, None) == (200, "")
+        assert sorted(core.requests) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        kept = [core.requests[(0, 1)], core.requests[(0, 2)]]
+        dropped = [core.requests[(1, 1)], core.requests[(1, 2)]]
+        core.cancel_frontend(1)
+        assert sorted(core.requests) == [(0, 1), (0, 2)]
+        assert all(r.closed for r in dropped) and not any(r.closed for r in kept)  # no event reaches them
+    finally:
+        core.close()
