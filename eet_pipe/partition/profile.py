@@ -373,7 +373,12 @@ def profile_units(spec: ModelSpec, device: str | torch.device, dtype: torch.dtyp
     path = cache_path(key, cache_dir)
     if path.exists() and not refresh:
         log.info("profile %s: read from %s", key, path)
-        return Profile.from_json(path, expected_key=key)
+        prof = Profile.from_json(path, expected_key=key)
+        # what a tied head shares with the embedding follows from the config (profiles cached before it was
+        # recorded have none)
+        elem = torch.empty((), dtype=dtype).element_size()
+        prof.units = [dataclasses.replace(u, shared_bytes=tied_elements(spec.cfg, u.name) * elem) for u in prof.units]
+        return prof
     start = time.perf_counter()
     prof = _measure(spec, dev, dtype, workload, key, warmup, repeats)
     prof.to_json(path)

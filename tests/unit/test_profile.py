@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -102,6 +103,19 @@ def test_second_call_reads_the_cache(spec, cache, monkeypatch) -> None:
         profile_units(spec, "cpu", "fp32", SMALL, refresh=True)
     with pytest.raises(AssertionError, match="was measured"):  # another workload is another key
         profile_units(spec, "cpu", "fp32", Workload("prefill", 1, 16))
+
+
+def test_a_profile_cached_before_shared_bytes_gets_them_from_the_config(spec, cache, monkeypatch) -> None:
+    first = profile_units(spec, "cpu", "fp32", SMALL, warmup=0, repeats=1)
+    head = next(u for u in first.units if u.name == "head")
+    assert spec.cfg.tie_embeddings and head.shared_bytes == spec.cfg.vocab_size * spec.cfg.hidden_size * FP32
+    path = cache_path(first.key)
+    data = json.loads(path.read_text())
+    for unit in data["units"]:
+        del unit["shared_bytes"]  # as an older version wrote it
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(profile_mod, "_measure_unit", _no_measuring)
+    assert profile_units(spec, "cpu", "fp32", SMALL).units == first.units
 
 
 def test_json_round_trip_and_format(spec, cache, tmp_path) -> None:
