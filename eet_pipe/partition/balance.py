@@ -248,7 +248,7 @@ def _infeasible_error(prob: PipelineCosts, order: list[int] | None) -> Infeasibl
     dev = prob.devices[order[pos]]
     short = needs[pos].total - dev.mem_bytes
     t = prob.table
-    shared = t.shared_prefix[-1] if k == 1 and t.units[0].name == "embed" else 0  # one chunk holds a tied head once
+    shared = t.shared(0, n) if k == 1 else 0  # a single chunk holds a tied head once
     needed = int(t.held_list[-1]) - shared + p * t.budget.workspace_bytes
     offered = sum(d.mem_bytes for d in prob.devices)
     overall = (f"the whole pipeline needs at least {needed:,} bytes ({gib(needed)}: parameters and KV cache of "

@@ -264,9 +264,8 @@ class CostTable:
         self.act_max, self.temp_max = _range_maxima(self.act, temps)
         held_sum = self.held_prefix[None, :] - self.held_prefix[:, None]
         # a chunk that starts with the embedding holds a tied head's weight once
-        self.shared_prefix = [0, *itertools.accumulate(u.shared_bytes for u in units)]
-        if units and units[0].name == "embed":
-            held_sum[0, :] -= np.array(self.shared_prefix, dtype=np.float64)
+        self._shared_prefix = [0, *itertools.accumulate(u.shared_bytes for u in units)]
+        held_sum[0, :] -= np.array([self.shared(0, e) for e in range(n + 1)], dtype=np.float64)
         # memory a device needs when it holds only chunk [s, e)
         self.single_mem = (held_sum + budget.act_buffers * self.act_max + self.temp_max
                            + budget.graph_pools * (self.act_max + self.temp_max) + budget.workspace_bytes)
@@ -281,14 +280,18 @@ class CostTable:
         self.act_max_list = self.act_max.tolist()
         self.temp_max_list = self.temp_max.tolist()
 
+    def shared(self, s: int, e: int) -> int:
+        """Bytes chunk [s, e) holds once although two of its units count them (a head tied to the
+        embedding, both in the chunk)."""
+        return self._shared_prefix[e] if s == 0 and self.units and self.units[0].name == "embed" else 0
+
     def need(self, chunks: list[tuple[int, int]]) -> MemoryNeed:
         """Memory breakdown of a device holding `chunks` (list of [s, e) ranges)."""
         us = [u for s, e in chunks for u in self.units[s:e]]
         act = max((self.act_max_list[s][e] for s, e in chunks), default=0.0)
         temp = max((u.temp_bytes for u in us), default=0)
-        shared = sum(self.shared_prefix[e] for s, e in chunks if s == 0 and self.units[0].name == "embed")
         return MemoryNeed(
-            params=sum(u.param_bytes for u in us) - shared,
+            params=sum(u.param_bytes for u in us) - sum(self.shared(s, e) for s, e in chunks),
             kv=sum(u.kv_bytes_per_token for u in us) * self.budget.kv_tokens,
             act=int(self.budget.act_buffers * act),
             temp=temp,
