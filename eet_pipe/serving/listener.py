@@ -39,11 +39,14 @@ def make_server(opts: ServeOptions, app: Any) -> uvicorn.Server:
     return _Server(config)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def shared_port_socket(opts: ServeOptions) -> socket.socket:
     """A listening socket on `opts.host`:`opts.port` that the other HTTP processes bind too
     (SO_REUSEPORT: the kernel spreads new connections over them)."""
-    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(opts.host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((opts.host, opts.port))
@@ -56,8 +59,7 @@ def check_port_free(opts: ServeOptions) -> None:
     """Raise ValueError if something already listens on `opts.host`:`opts.port`. SO_REUSEPORT would let the
     HTTP processes join another listener of this user on that port and silently take part of its
     connections; a bind without it fails instead."""
-    family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(opts.host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((opts.host, opts.port))
