@@ -133,11 +133,11 @@ def shares(total: int, parts: int) -> list[int]:
 
 
 def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: list[str], opts: dict,
-              pool: Any = None) -> dict:
-    """`count` requests with at most `concurrency` in flight, sent by the client processes of `pool` (a
-    ProcessPoolExecutor; None = this process), each with its share of the concurrency and the requests.
-    Throughput counts from the first client's start to the last one's end."""
-    procs = 1 if pool is None else min(pool._max_workers, concurrency, count)
+              pool: Any = None, clients: int = 1) -> dict:
+    """`count` requests with at most `concurrency` in flight, sent by up to `clients` processes of `pool` (a
+    ProcessPoolExecutor of that many; None = this process), each with its share of the concurrency and the
+    requests. Throughput counts from the first client's start to the last one's end."""
+    procs = 1 if pool is None else min(clients, concurrency, count)
     gates, counts = shares(concurrency, procs), shares(count, procs)  # every process has requests
     starts = [sum(counts[:i]) for i in range(procs)]
     start_at = time.perf_counter() + (0.5 if pool is not None else 0.0)  # every process ready before it
@@ -182,7 +182,7 @@ def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]
     try:
         if pool is not None:
             _start_clients(pool, procs)
-        return _levels(url, headers, opts, server, prompts, pool)
+        return _levels(url, headers, opts, server, prompts, pool, procs)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -211,11 +211,12 @@ def client_processes(value: Any) -> int:
     return int(value)
 
 
-def _levels(url: str, headers: dict, opts: dict, server: Any, prompts: list[str], pool: Any) -> list[dict]:
+def _levels(url: str, headers: dict, opts: dict, server: Any, prompts: list[str], pool: Any,
+            clients: int) -> list[dict]:
     levels = []
     for c in (int(x) for x in opts["concurrency"]):
         before = server.cpu_times() if server is not None else None
-        level = run_level(url, headers, c, max(opts["requests"], opts["waves"] * c), prompts, opts, pool)
+        level = run_level(url, headers, c, max(opts["requests"], opts["waves"] * c), prompts, opts, pool, clients)
         cpu_note = ""
         if server is not None:
             after = server.cpu_times()
