@@ -31,12 +31,26 @@ CASES = {  # script -> fields every result row (or the results dict) must have
 EXTRA_ARGS = {"serve_frontend.py": ["clients=2"]}  # the load generator in several processes
 
 
+def _quick(script: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", f"out={out}",
+                           *EXTRA_ARGS.get(script, [])], capture_output=True, text=True, timeout=230, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def schedules_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `schedules.py --quick` run (every schedule, both peers), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("schedules") / "result"
+    return out, _quick("schedules.py", out)
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_quick_run_writes_json_and_plot(script, tmp_path):
-    out = tmp_path / "result"
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", "--quick", f"out={out}",
-                           *EXTRA_ARGS.get(script, [])], capture_output=True, text=True, timeout=230, cwd=ROOT)
+def test_quick_run_writes_json_and_plot(script, tmp_path, request):
+    if script == "schedules.py":
+        out, proc = request.getfixturevalue("schedules_run")
+    else:
+        out = tmp_path / "result"
+        proc = _quick(script, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(Path(f"{out}.json").read_text())
     assert {"env", "config", "results"} <= set(data)
@@ -117,14 +131,15 @@ def test_schedules_decode_workload_and_peers(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_schedules_prefill_records_the_single_device_peers(tmp_path):
-    rows = _quick_schedules(tmp_path / "result", "microbatches=2", "schedules=gpipe")
+def test_schedules_prefill_records_the_single_device_peers(schedules_run):
+    out, run = schedules_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(Path(f"{out}.json").read_text())["results"]
     # a finished run re-analysed from its JSON and traces
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.schedules",
-                           f"resimulate={tmp_path / 'result.json'}"], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.schedules", f"resimulate={out}.json"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = json.loads((tmp_path / "result_resimulated.json").read_text())["results"]
+    again = json.loads(Path(f"{out}_resimulated.json").read_text())["results"]
     ours = [r for r in again if r["system"] == "eet_pipe"]
     assert ours and all(r["simulated_over_timed"] > 0 and r["hop_latency_s"] >= 0 for r in ours)
     assert "gpipe" in proc.stdout
