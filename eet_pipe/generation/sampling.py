@@ -17,7 +17,7 @@ candidate falls back to its argmax. Temperatures below `GREEDY_EPS` are greedy.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -118,16 +118,22 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[to
 class SamplingTable:
     """Sampling parameters and token counters of numbered rows (sequences or server slots), on a device.
 
-    `set` fills rows from `SamplingParams` (one small copy to the device); `sample` draws the next
+    `set` fills rows from `SamplingParams` (one small copy to the device, through `upload` when given: a
+    callable that moves a list of CPU tensors there); `sample` draws the next
     token of the rows given and advances their counters, on the device. The host keeps which rows
     sample and which filter, so a greedy-only step runs one argmax."""
 
-    def __init__(self, rows: int, device: torch.device | str) -> None:
+    def __init__(self, rows: int, device: torch.device | str,
+                 upload: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
         self.device = torch.device(device)
+        self.upload = upload or self._copy
         self.rows = 0
         self.random: set[int] = set()
         self.filtering: set[int] = set()
         self._grow(rows)
+
+    def _copy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(self.device, non_blocking=True) for t in tensors]
 
     def _grow(self, rows: int) -> None:
         if rows <= self.rows:
@@ -157,11 +163,12 @@ class SamplingTable:
         for r, g, p in zip(rows, greedy, params, strict=True):
             (self.random.discard if g else self.random.add)(r)
             (self.filtering.add if not g and (p.top_k or p.top_p < 1) else self.filtering.discard)(r)
-        idx = torch.tensor(list(rows), dtype=torch.long).to(self.device, non_blocking=True)
-        floats = torch.tensor([[1.0 if g else p.temperature, p.top_p] for g, p in zip(greedy, params, strict=True)],
-                              dtype=torch.float32).to(self.device, non_blocking=True)
-        ints = torch.tensor([[p.top_k, k, int(g)] for g, k, p in zip(greedy, keys, params, strict=True)],
-                            dtype=torch.long).to(self.device, non_blocking=True)
+        idx, floats, ints = self.upload([
+            torch.tensor(list(rows), dtype=torch.long),
+            torch.tensor([[1.0 if g else p.temperature, p.top_p] for g, p in zip(greedy, params, strict=True)],
+                         dtype=torch.float32),
+            torch.tensor([[p.top_k, k, int(g)] for g, k, p in zip(greedy, keys, params, strict=True)],
+                         dtype=torch.long)])
         self.temperature[idx], self.top_p[idx] = floats[:, 0], floats[:, 1]
         self.top_k[idx], self.keys[idx], self.greedy[idx] = ints[:, 0], ints[:, 1], ints[:, 2].bool()
         self.counters[idx] = 0

@@ -79,15 +79,20 @@ class CanonicalModel(nn.Module):
             self._rope = rotary_table(self.cfg, device)
         return self._rope
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache: KVCache | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
         """Run the held units.
 
         Args:
             x: token ids [B, T] when this slice holds ``embed``, else hidden states [B, T, H].
             meta: positions / validity / cache addressing of the new tokens.
             cache: this slice's KV cache, or None for a cache-free forward.
+            last: [B] int64 column of each row whose output is wanted, on x's device. A slice with an LM
+                head then runs its final norm and head on those columns only (a prompt's next token needs
+                its last position's logits alone); other slices ignore it.
         Returns:
-            logits [B, T, V] if this slice ends with an LM head, else hidden states [B, T, H].
+            logits [B, T, V] ([B, 1, V] with `last`) if this slice ends with an LM head, else hidden states
+            [B, T, H].
         """
         if self.cfg.position_ids == "index":
             meta = index_positions(meta)
@@ -102,6 +107,8 @@ class CanonicalModel(nn.Module):
             rope = self.rope(x.device)
             for layer in self.layers.values():
                 x = layer(x, meta, masks[layer.attn.window], cache, rope)
+        if last is not None and self.head is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.head is not None:

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: one captured graph per batch-size bucket.
+"""CUDA graphs for decode steps: one captured graph per batch-size bucket (and, in the server, per prompt bucket).
 
 A decode step (one new token per sequence) launches a few hundred small kernels; replaying a
 captured CUDA graph removes their launch cost. Shapes must not change between replays, so:
@@ -82,7 +82,7 @@ class GraphCache:
     thread, on the device's current stream.
     """
 
-    def __init__(self, device: torch.device, max_graphs: int = 64, max_bytes: int = 2 << 30,
+    def __init__(self, device: torch.device, max_graphs: int = 128, max_bytes: int = 2 << 30,
                  max_output_bytes: int = 128 << 20) -> None:
         if device.type != "cuda":
             raise ValueError(f"GraphCache needs a CUDA device, got {device}")

@@ -58,9 +58,9 @@ class SlotSampler:
     """Per-slot sampling state on the last stage; slots outlive steps."""
 
     def __init__(self, decode: Callable[[list[int]], str] | None, device: torch.device | str = "cpu",
-                 slots: int = 0) -> None:
+                 slots: int = 0, upload: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
         self.decode = decode
-        self.table = SamplingTable(slots, device)
+        self.table = SamplingTable(slots, device, upload)
         self.slots: dict[int, _Seq] = {}
         self.errors: dict[int, str] = {}
 
@@ -97,14 +97,14 @@ class SlotSampler:
         """Draw the next token of every row of logits [B, V] (rows = `slots`; `slots_d` the same on the
         device). Returns the tokens [B] on the device and their pending host copy."""
         if slots_d is None:
-            slots_d = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
+            slots_d = self.table.upload([torch.tensor(slots, dtype=torch.long)])[0]
         tokens = self.table.sample(logits, slots_d, slots)
         rows = [(s, self.slots.get(s)) for s in slots]
         pending = PendingTokens(rows, HostCopy(tokens))
         pending.lp_rows = [i for i, (_, q) in enumerate(rows) if q is not None and q.logprobs is not None]
         if pending.lp_rows:
             k = max(1, max(rows[i][1].logprobs for i in pending.lp_rows))
-            idx = torch.tensor(pending.lp_rows, dtype=torch.long).to(logits.device, non_blocking=True)
+            idx = self.table.upload([torch.tensor(pending.lp_rows, dtype=torch.long)])[0]
             pending.logprobs = [HostCopy(t) for t in top_logprobs(logits[idx], tokens[idx], k)]
         pending.errors, self.errors = self.errors, {}
         return tokens, pending

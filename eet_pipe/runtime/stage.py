@@ -71,19 +71,23 @@ class Stage:
         return self._caches
 
     def run_chunk(self, chunk: int, x: torch.Tensor, meta: StepMeta, graphs: GraphCache | None,
-                  cache: KVCache | None = None, copy: bool = True) -> torch.Tensor:
+                  cache: KVCache | None = None, copy: bool = True, last: torch.Tensor | None = None,
+                  graph_prefill: bool = False) -> torch.Tensor:
         """One chunk's forward, replayed from a CUDA graph when `graphs` is given.
 
-        With a cache, only decode steps (one token per sequence) are graphed; they attend over the
-        whole cache (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph
-        serves every step. The result is the caller's own tensor (graph outputs are copied out), unless
-        `copy` is False: then a graphed forward returns the graph's static output, valid only until the
-        next forward of this chunk (for a caller that keeps a slice or nothing of it, such as the logits
-        of a command that returns the last position's only).
+        With a cache, decode steps (one token per sequence) are graphed; they attend over the whole cache
+        (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph serves every step.
+        Prompt steps with a cache are graphed only with `graph_prefill` (the caller pads them to a few
+        shapes); their graph is keyed by ``meta.kv_len`` too. `last` ([B] columns, see
+        `CanonicalModel.forward`) keeps only those positions' logits. The result is the caller's own
+        tensor (graph outputs are copied out), unless `copy` is False: then a graphed forward returns the
+        graph's static output, valid only until the next forward of this chunk (for a caller that keeps a
+        slice or nothing of it, such as the logits of a command that returns the last position's only).
         """
         model = self.chunks[chunk]
-        if graphs is None or (cache is not None and x.shape[1] != 1):
-            return model(x, meta, cache)
+        prompt = cache is not None and x.shape[1] != 1
+        if graphs is None or (prompt and not graph_prefill):
+            return model(x, meta, cache, last)
         if cache is None:
             types = () if meta.token_types is None else (meta.token_types,)
 
@@ -94,13 +98,15 @@ class Stage:
             key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types), meta.dense)
             out = graphs.run(key, fn, (x, meta.positions, meta.valid, *types))
             return out.clone() if copy else out
+        kv_len = meta.kv_len if prompt else cache.max_len
 
-        def step(x, positions, valid, slots, write_index):
+        def step(x, positions, valid, slots, write_index, *cols):
             return model(x, StepMeta(positions=positions, valid=valid, slots=slots, write_index=write_index,
-                                     kv_len=cache.max_len), cache)
+                                     kv_len=kv_len), cache, cols[0] if cols else None)
 
-        key = ("decode", chunk, tuple(x.shape), x.dtype, id(cache))
-        return graphs.run(key, step, (x, meta.positions, meta.valid, meta.slots, meta.write_index)).clone()
+        key = ("prefill" if prompt else "decode", chunk, tuple(x.shape), x.dtype, id(cache), kv_len, last is not None)
+        cols = () if last is None else (last,)
+        return graphs.run(key, step, (x, meta.positions, meta.valid, meta.slots, meta.write_index, *cols)).clone()
 
     def execute(self, cmd: ForwardCommand | GenerateCommand) -> object:
         """Run one command; the last stage returns its result."""

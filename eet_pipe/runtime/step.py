@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +27,13 @@ from eet_pipe.models.meta import StepMeta
 from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from eet_pipe.runtime.comm import P2P
 from eet_pipe.runtime.slot_sampler import PendingTokens, SlotSampler, new_payload
+from eet_pipe.runtime.trace import BusyClock
+from eet_pipe.runtime.upload import Uploader
 from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
-           "pad_part", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV"]
+           "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
+           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -42,7 +44,17 @@ MAX_PENDING_SENDS = 8
 """Asynchronous sends kept in flight before the oldest is waited for."""
 
 PAD_ENV = "EET_PIPE_PAD_DECODE"
-"""'1' pads decode parts to batch buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
+"""'1' pads step parts to their buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
+
+PREFILL_WIDTHS = tuple(sorted({16, 48} | {b for k in range(5, 18) for b in (1 << k, 3 << (k - 1))}))
+"""Width buckets of prefill parts: 16, 32, 48, 64, 96, 128, 192, 256, ... (at most 1.5 x apart)."""
+
+PREFILL_GRAPH_TOKENS = 4096
+"""Prefill parts whose padded size (rows x width) is at most this replay CUDA graphs; larger ones run
+eagerly, unpadded (their kernels are long enough that launching them costs little)."""
+
+UPLOAD_BYTES = 1 << 20
+"""Largest packed inputs of one step copied through the page-locked upload buffers (`Uploader`)."""
 
 
 @dataclass
@@ -107,26 +119,45 @@ class StepCommand:
 SERVE_COMMANDS = (ServeInit, StepCommand)
 
 
-def pad_part(part: StepPart, rows: int, spare_slot: int) -> StepPart:
+def pad_part(part: StepPart, rows: int, spare_slot: int, width: int | None = None) -> StepPart:
     """`part` with rows appended up to `rows`: one token each, on `spare_slot` (a cache row no sequence
-    uses), column 0. Their outputs are dropped; they give decode steps a fixed batch per bucket."""
-    extra = rows - part.slots.numel()
-    if extra <= 0:
+    uses), column 0; with `width`, a prompt part's rows are right padded to that many tokens (pads are
+    invalid tokens on the row's own later columns). Padding outputs are dropped; they give steps a fixed
+    shape per bucket."""
+    extra = max(rows - part.slots.numel(), 0)
+    tokens = part.tokens
+    if tokens is not None and width is not None and width > tokens.shape[1]:
+        tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
+    if extra == 0 and tokens is part.tokens:
         return part
-    tokens = None if part.tokens is None else torch.cat([part.tokens, torch.zeros(extra, part.width, dtype=torch.long)])
-    return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]), tokens=tokens,
-                    lengths=torch.cat([part.lengths, torch.ones(extra, dtype=torch.long)]),
-                    start=torch.cat([part.start, torch.zeros(extra, dtype=torch.long)]))
+    if extra:
+        if tokens is not None:
+            tokens = torch.cat([tokens, torch.zeros(extra, tokens.shape[1], dtype=torch.long)])
+        return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]),
+                        tokens=tokens, lengths=torch.cat([part.lengths, torch.ones(extra, dtype=torch.long)]),
+                        start=torch.cat([part.start, torch.zeros(extra, dtype=torch.long)]))
+    return StepPart(slots=part.slots, tokens=tokens, lengths=part.lengths, start=part.start)
 
 
-def part_meta(part: StepPart) -> StepMeta:
-    """Positions, validity and cache addressing of a part, built identically on every stage."""
-    batch, width = part.rows, part.width
-    cols = torch.arange(width, dtype=torch.long).expand(batch, width)
+def prefill_width(width: int, max_len: int) -> int:
+    """The padded width of a prompt part `width` tokens wide: its `PREFILL_WIDTHS` bucket, at most `max_len`
+    (the cache's columns)."""
+    return max(width, min(bucket_for(width, PREFILL_WIDTHS) or width, max_len))
+
+
+def part_meta(part: StepPart, kv_len: int | None = None, width: int | None = None) -> StepMeta:
+    """Positions, validity and cache addressing of a part, built identically on every stage, on the device
+    of the part's tensors. `kv_len` (max(start) + width) is computed from them when not given; pass it for
+    a part on a GPU, so that nothing waits for the device. `width` defaults to the part's (give it for a
+    prompt part whose tokens this stage does not have)."""
+    batch, width = part.rows, width or part.width
+    cols = torch.arange(width, dtype=torch.long, device=part.slots.device).expand(batch, width)
     valid = cols < part.lengths.view(-1, 1)  # [B, T]
     write = part.start.view(-1, 1) + cols  # [B, T]; pads of a prompt row land on its own unused columns
+    if kv_len is None:
+        kv_len = int(write.max()) + 1
     return StepMeta(positions=write.masked_fill(~valid, 0), valid=valid, slots=part.slots,
-                    write_index=write, kv_len=int(write.max()) + 1)
+                    write_index=write, kv_len=kv_len)
 
 
 
@@ -142,44 +173,6 @@ class _Feedback:
     """[R] int64 their slots (on the device)."""
 
 
-class _BusyClock:
-    """Time a stage spends computing: CUDA events around each chunk's forward (so waits for messages
-    are not counted), host time on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.spans: deque[tuple[Any, Any]] = deque()
-        self.busy, self.reported = 0.0, time.monotonic()
-
-    def begin(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
-    def end(self, began: Any) -> None:
-        if not self.cuda:
-            self.busy += time.perf_counter() - began
-            return
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(torch.cuda.current_stream(self.device))
-        self.spans.append((began, ev))
-
-    def report(self) -> dict | None:
-        """Busy seconds since the last report, at most every STATS_INTERVAL_S (else None)."""
-        while self.spans and self.spans[0][1].query():
-            a, b = self.spans.popleft()
-            self.busy += a.elapsed_time(b) / 1e3
-        now = time.monotonic()
-        if now - self.reported < STATS_INTERVAL_S:
-            return None
-        report = {"busy": self.busy, "elapsed": now - self.reported}
-        self.busy, self.reported = 0.0, now
-        return report
-
-
 class ServeState:
     """Persistent serving state of one stage: KV caches, pending sends, the token feedback buffer
     (stage 0) and the sampler with the steps whose tokens the host has not read yet (last stage)."""
@@ -190,8 +183,8 @@ class ServeState:
         self.device = stage.ctx.device
         self.order = sorted(stage.chunks)
         self.last_chunk = stage.num_chunks - 1
-        # decode parts are padded to batch buckets (rows on a spare cache row) so each bucket replays one
-        # CUDA graph per chunk; prefill parts run eagerly
+        # parts are padded to buckets (rows on a spare cache row; prompts to a bucket width) so that each
+        # bucket replays one CUDA graph per chunk; prompt parts above PREFILL_GRAPH_TOKENS run eagerly
         self.graphs = stage.graphs(init.cuda_graphs)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
         self.spare_slot = init.max_slots
@@ -203,11 +196,13 @@ class ServeState:
         # stage 0: the last token sampled for each slot, written by the feedback of the slot's previous step
         self.fed = torch.zeros(rows, dtype=torch.long, device=self.device) if self.is_first else None
         self.feedback: dict[int, _Feedback] = {}
+        # page-locked buffers allocated now, before any step's message moves (see `Uploader`)
+        self.uploader = Uploader(self.device, UPLOAD_BYTES, depth=8)
         self.sampler = SlotSampler(stage.tokenizer.decode if stage.tokenizer is not None else None, self.device,
-                                   rows) if self.is_last else None
+                                   rows, self.uploader.upload) if self.is_last else None
         self.pending: deque[tuple[int, int, PendingTokens]] = deque()
         self.sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
-        self.clock = _BusyClock(self.device)
+        self.clock = BusyClock(self.device, STATS_INTERVAL_S)
         log.info("stage %d: serving state with %d slots x %d positions (%.1f MB of KV cache)", self.rank,
                  init.max_slots, init.max_len, sum(c.nbytes() for c in self.caches.values()) / 1e6)
 
@@ -218,12 +213,30 @@ class ServeState:
             if part.slots.numel() and int((part.start + part.lengths).max()) > self.max_len:
                 raise ValueError(f"step {cmd.step}: a sequence needs more than the {self.max_len} cache positions")
 
-    def _free(self, slots: list[int]) -> None:
+    def _free(self, slots: list[int], on_device: torch.Tensor) -> None:
         if slots:
             for cache in self.caches.values():
-                cache.free(slots)
+                cache.free(on_device)
         if self.sampler is not None:
             self.sampler.drop(slots)
+
+    def _upload(self, cmd: StepCommand, parts: list[StepPart]) -> tuple[list[StepPart], list, torch.Tensor]:
+        """The parts on the device in one copy (prompt tokens on stage 0 only), each part's last-token
+        columns (prompt parts on the last stage, else None) and the slots to clear."""
+        none = torch.empty(0, dtype=torch.long)
+        host = []
+        for p in parts:
+            host += [p.slots, p.lengths, p.start, p.tokens if self.is_first and p.tokens is not None else none,
+                     p.lengths - 1 if self.is_last and p.width > 1 else none]
+        host.append(torch.tensor([*cmd.free, *cmd.new], dtype=torch.long))
+        moved = self.uploader.upload(host)
+        out, last = [], []
+        for i, p in enumerate(parts):
+            slots, lengths, start, tokens, cols = moved[5 * i: 5 * i + 5]
+            out.append(StepPart(slots=slots, tokens=tokens if p.tokens is not None and self.is_first else None,
+                                lengths=lengths, start=start))
+            last.append(cols if self.is_last and p.width > 1 else None)
+        return out, last, moved[-1]
 
     def _comm(self, parts: list[StepPart]) -> tuple[P2P, dict[tuple[int, int], Action]]:
         """This step's receives, in execution order, through the shared point-to-point layer
@@ -258,10 +271,10 @@ class ServeState:
             self.fed[fb.slots] = fb.tokens
 
     def _input(self, part: StepPart, meta: StepMeta) -> torch.Tensor:
-        """Stage 0's input of a part: its prompt tokens, or the fed-back tokens of its slots."""
+        """Stage 0's input of a part (on the device): its prompt tokens, or the fed-back tokens of its slots."""
         if part.tokens is None:
             return self.fed[meta.slots].view(-1, 1)
-        return part.tokens.to(self.device, non_blocking=True)
+        return part.tokens
 
     def _feed_back(self, group: int, tokens: torch.Tensor, slots: torch.Tensor) -> None:
         """Send a step's sampled tokens to stage 0 (the last stage) / post their receive (stage 0)."""
@@ -281,31 +294,33 @@ class ServeState:
         """Run this stage's chunks for every part of `cmd`; the last stage samples (its tokens go back to
         stage 0 on the device and to the host one step later, see `results`)."""
         self._check(cmd)
-        self._free([*cmd.free, *cmd.new])
+        sizes = [p.rows for p in cmd.parts]
+        parts, graphed = zip(*(self._padded(p) for p in cmd.parts), strict=True)
+        moved, lasts, free = self._upload(cmd, parts)
+        self._free([*cmd.free, *cmd.new], free)
         if self.sampler is not None:
             self.sampler.start(cmd.new)
         if self.is_first:
             self._take_feedback(cmd.group)
-        sizes = [p.rows for p in cmd.parts]
-        parts = [self._padded(p) for p in cmd.parts]
-        metas = [part_meta(p).to(self.device) for p in parts]
+        # built on the device from the host's sizes: only stage 0 has a prompt part's tokens
+        metas = [part_meta(d, int(p.start.max()) + p.width, p.width) for d, p in zip(moved, parts, strict=True)]
         comm, recvs = self._comm(parts)
         local: dict[tuple[int, int], torch.Tensor] = {}
         logits: list[torch.Tensor] = []
         for c in self.order:
-            for i, part in enumerate(parts):
+            for i in range(len(parts)):
                 if c == 0:
-                    x = self._input(part, metas[i])
+                    x = self._input(moved[i], metas[i])
                 elif (c, i) in recvs:
                     x = comm.recv(recvs.pop((c, i)))[0]
                 else:
                     x = local.pop((c, i))
-                # decode parts only: prefill shapes vary with every admitted batch
-                graphs = self.graphs if part.width == 1 else None
                 began = self.clock.begin()
-                y = self.stage.run_chunk(c, x, metas[i], graphs, self.caches.get(c))
+                # a prompt part's last chunk computes the logits of each row's last token only
+                y = self.stage.run_chunk(c, x, metas[i], self.graphs if graphed[i] else None, self.caches.get(c),
+                                         last=lasts[i] if c == self.last_chunk else None, graph_prefill=True)
                 if c == self.last_chunk:
-                    logits.append(self._last_position(y, part, sizes[i]))
+                    logits.append(y[: sizes[i], 0])  # rows past sizes[i] are bucket padding
                 self.clock.end(began)
                 self.stage.tick()
                 if c == self.last_chunk:
@@ -327,20 +342,19 @@ class ServeState:
         elif self.is_first:
             self._feed_back(cmd.group, torch.empty(0), real)
 
-    @staticmethod
-    def _last_position(y: torch.Tensor, part: StepPart, n: int) -> torch.Tensor:
-        """Logits [n, V] of each real row's last new token (rows past n are bucket padding)."""
-        if part.width == 1:
-            return y[:n, 0]
-        cols = (part.lengths[:n] - 1).to(y.device, non_blocking=True)
-        return y[torch.arange(n, device=y.device), cols]
-
-    def _padded(self, part: StepPart) -> StepPart:
-        """A decode part (one token per row) padded to its batch bucket when padding is on."""
-        if not self.pad or part.width != 1:
-            return part
+    def _padded(self, part: StepPart) -> tuple[StepPart, bool]:
+        """The part padded to its bucket when padding is on, and whether it replays CUDA graphs: a decode
+        part (one token per row) gets its batch bucket; a prompt part its batch bucket and
+        `prefill_width`, unless that holds more than PREFILL_GRAPH_TOKENS (then it runs as it is, eagerly)."""
+        if not self.pad:
+            return part, False
         rows = bucket_for(part.rows, DEFAULT_BUCKETS)
-        return part if rows is None else pad_part(part, rows, self.spare_slot)
+        if part.width == 1:
+            return (part if rows is None else pad_part(part, rows, self.spare_slot)), True
+        width = prefill_width(part.width, self.max_len)
+        if rows is None or rows * width > PREFILL_GRAPH_TOKENS:
+            return part, False
+        return pad_part(part, rows, self.spare_slot, width), True
 
     def results(self, block: bool) -> list[dict]:
         """Payloads of the steps whose tokens reached the host, oldest first; with `block`, of every

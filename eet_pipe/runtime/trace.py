@@ -8,13 +8,54 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["Tracer", "write_chrome_trace", "read_chrome_trace", "plot_timeline", "bubble_fraction", "events_span"]
+__all__ = ["BusyClock", "Tracer", "write_chrome_trace", "read_chrome_trace", "plot_timeline", "bubble_fraction",
+           "events_span"]
+
+
+class BusyClock:
+    """Time a stage spends computing: CUDA events around each chunk's forward (so waits for messages
+    are not counted), host time on CPU."""
+
+    def __init__(self, device: torch.device, interval_s: float) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.cuda = device.type == "cuda"
+        self.spans: deque[tuple[Any, Any]] = deque()
+        self.busy, self.reported = 0.0, time.monotonic()
+
+    def begin(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def end(self, began: Any) -> None:
+        if not self.cuda:
+            self.busy += time.perf_counter() - began
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        self.spans.append((began, ev))
+
+    def report(self) -> dict | None:
+        """Busy seconds since the last report, at most every `interval_s` (else None)."""
+        while self.spans and self.spans[0][1].query():
+            a, b = self.spans.popleft()
+            self.busy += a.elapsed_time(b) / 1e3
+        now = time.monotonic()
+        if now - self.reported < self.interval_s:
+            return None
+        report = {"busy": self.busy, "elapsed": now - self.reported}
+        self.busy, self.reported = 0.0, now
+        return report
 
 
 class Tracer:

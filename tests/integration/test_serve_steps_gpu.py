@@ -1,0 +1,110 @@
+"""Server steps on one GPU, in process (run on a GPU machine with `pytest -m cuda`): prompt parts padded to
+their buckets and replayed from CUDA graphs give the tokens of the same steps run eagerly, and a step
+never waits for GPU work queued before it (its inputs travel through page-locked buffers)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from eet_pipe.generation.sequences import SamplingParams
+from eet_pipe.loading.presets import resolve_model
+from eet_pipe.runtime.context import StageContext
+from eet_pipe.runtime.stage import Stage
+from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepCommand, StepPart
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MAX_SLOTS, MAX_LEN = 16, 96
+
+
+def _stage() -> Stage:
+    spec = resolve_model("gpt2", weights="random")
+    ctx = StageContext(rank=0, world=1, device=torch.device("cuda:0"), backend="nccl")
+    return Stage(ctx, spec, [spec.cfg.unit_names()], torch.float16)
+
+
+class _Script:
+    """A deterministic serving workload: each step admits a few prompts (lengths cycling through a list,
+    some past 16 tokens), decodes every running slot, and frees a slot once it has run `life` steps."""
+
+    def __init__(self, vocab: int, life: int = 5, seed: int = 0) -> None:
+        self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
+        self.life, self.step = life, 0
+        self.running: dict[int, list[int]] = {}  # slot -> [next column, steps run]
+        self.free_slots = list(range(MAX_SLOTS))
+
+    def next(self) -> StepCommand:
+        self.step += 1
+        done = [s for s, (_, age) in self.running.items() if age >= self.life]
+        for s in done:
+            del self.running[s]
+        self.free_slots = sorted(self.free_slots + done)
+        parts = []
+        if self.running:
+            slots = sorted(self.running)
+            parts.append(StepPart(slots=torch.tensor(slots), tokens=None, lengths=torch.ones(len(slots), dtype=torch.long),
+                                  start=torch.tensor([self.running[s][0] for s in slots])))
+        admit = min((3, 3, 2, 5)[self.step % 4], len(self.free_slots))
+        new = {}
+        if admit:
+            lengths = [(3, 9, 14, 5, 30, 2, 11)[(self.step + i) % 7] for i in range(admit)]
+            slots = [self.free_slots.pop(0) for _ in range(admit)]
+            tokens = torch.zeros(admit, max(lengths), dtype=torch.long)
+            for row, n in enumerate(lengths):
+                tokens[row, :n] = torch.randint(0, self.vocab, (n,), generator=self.gen)
+            parts.append(StepPart(slots=torch.tensor(slots), tokens=tokens, lengths=torch.tensor(lengths),
+                                  start=torch.zeros(admit, dtype=torch.long)))
+            for s, n in zip(slots, lengths, strict=True):
+                self.running[s] = [n - 1, -1]  # the prompt's step counts as its first
+                params = SamplingParams(max_new_tokens=64, ignore_eos=True) if s % 2 == 0 else \
+                    SamplingParams(max_new_tokens=64, ignore_eos=True, temperature=0.9, top_k=40, seed=s)
+                new[s] = SeqInit(params, logprobs=2 if s % 3 == 0 else None)
+        for s in self.running:
+            self.running[s][0] += 1
+            self.running[s][1] += 1
+        return StepCommand(group=0, parts=parts, new=new, free=done, step=self.step)
+
+
+def _run(state: ServeState, steps: int) -> list[dict]:
+    script, out = _Script(state.stage.spec.cfg.vocab_size), []
+    for _ in range(steps):
+        state.step(script.next())
+        out += state.results(block=False)
+    return out + state.results(block=True)
+
+
+@torch.inference_mode()
+def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(monkeypatch):
+    stage = _stage()
+    graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24)
+    keys = [k for k in stage._graphs._graphs if k[0] == "prefill"]
+    assert stage._graphs.replays > 0 and keys, "no prompt part was replayed from a graph"
+    assert {k[2][0] for k in keys} <= {1, 2, 4, 8, 16} and {k[2][1] for k in keys} <= {16, 32, 48}
+    monkeypatch.setenv(PAD_ENV, "1")  # the same padded shapes, eagerly
+    eager = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=False)), 24)
+    assert [p["tokens"] for p in graphed] == [p["tokens"] for p in eager]
+    assert [p["logprobs"] for p in graphed] == [p["logprobs"] for p in eager]
+    assert sum(len(p["tokens"]) for p in graphed) > 100 and not any(p["errors"] for p in graphed)
+
+
+@torch.inference_mode()
+def test_a_step_does_not_wait_for_gpu_work_queued_before_it():
+    stage = _stage()
+    state = ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True))
+    script = _Script(stage.spec.cfg.vocab_size)
+    for _ in range(12):  # graphs captured, page-locked buffers in use
+        state.step(script.next())
+    state.results(block=True)
+    torch.cuda.synchronize()
+    cmd = script.next()
+    assert cmd.new and cmd.free and len(cmd.parts) == 2
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time queued on the current stream
+    began = time.perf_counter()
+    state.step(cmd)
+    host_s = time.perf_counter() - began
+    assert host_s < 0.2, f"the step waited {host_s:.2f} s for queued GPU work"
+    torch.cuda.synchronize()
+    assert state.results(block=True)[0]["tokens"]
