@@ -147,3 +147,40 @@ def test_pad_part_adds_spare_slot_rows():
     assert padded.slots.tolist() == [3, 1, 16, 16] and padded.tokens.tolist() == [[7], [9], [0], [0]]
     assert padded.start.tolist() == [10, 4, 0, 0] and padded.lengths.tolist() == [1, 1, 1, 1]
     assert part_meta(padded).kv_len == 11 and pad_part(part, 2, 16) is part
+
+
+def test_prompt_part_padded_to_row_and_width_buckets():
+    from eet_pipe.runtime.step import PREFILL_WIDTHS, StepPart, pad_part, part_meta, prefill_width
+
+    assert PREFILL_WIDTHS[:8] == (16, 32, 48, 64, 96, 128, 192, 256)
+    assert all(b / a <= 1.5 for a, b in zip(PREFILL_WIDTHS[1:], PREFILL_WIDTHS[2:], strict=False))
+    assert [prefill_width(w, 1024) for w in (1, 16, 17, 33, 65, 129)] == [16, 16, 32, 48, 96, 192]
+    assert prefill_width(70, 80) == 80 and prefill_width(80, 80) == 80  # never past the cache's columns
+    part = StepPart(slots=torch.tensor([5, 2, 7]), tokens=torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]]),
+                    lengths=torch.tensor([3, 2, 1]), start=torch.zeros(3, dtype=torch.long))
+    padded = pad_part(part, 4, spare_slot=16, width=16)
+    assert padded.tokens.shape == (4, 16) and padded.tokens[:3, :3].tolist() == part.tokens.tolist()
+    assert int(padded.tokens[:, 3:].abs().sum()) == 0 and padded.slots.tolist() == [5, 2, 7, 16]
+    meta = part_meta(padded)
+    assert meta.kv_len == 16 and meta.valid.sum(1).tolist() == [3, 2, 1, 1]
+    assert meta.write_index[1].tolist() == list(range(16))  # pads on the row's own later columns
+    assert meta.positions[1].tolist() == [0, 1] + [0] * 14
+    assert pad_part(part, 3, 16, width=3) is part
+
+
+def test_a_prompt_slice_with_last_columns_gives_their_logits_only():
+    from eet_pipe.models.config import ArchConfig
+    from eet_pipe.models.meta import prefill_meta
+    from eet_pipe.weights.loader import init_random
+
+    cfg = ArchConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, max_positions=64)
+    model = init_random(cfg, seed=0, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = mask[2, 2:] = False  # right padded rows of 5 and 2 tokens
+    full = model(ids, prefill_meta(mask, torch.arange(3)), model.new_cache(3, 8))
+    last = torch.tensor([6, 4, 1])
+    picked = model(ids, prefill_meta(mask, torch.arange(3)), model.new_cache(3, 8), last)
+    assert picked.shape == (3, 1, 64)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), last], rtol=1e-5, atol=1e-6)
