@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: one captured graph per batch-size bucket (and, in the server, per prompt bucket).
+"""CUDA graphs for decode steps: one captured graph per batch-size bucket.
 
 A decode step (one new token per sequence) launches a few hundred small kernels; replaying a
 captured CUDA graph removes their launch cost. Shapes must not change between replays, so:
@@ -13,6 +13,10 @@ captured CUDA graph removes their launch cost. Shapes must not change between re
 Graphs are captured lazily (first use of a bucket) after a warm-up on a side stream, all into one
 private memory pool; the logits are cloned out of the static output after each replay, so sharing
 the pool between buckets is safe. On CPU (or a batch above the largest bucket) the step runs eagerly.
+
+`GraphCache` is the general form the pipeline stages use (`Stage.run_chunk`): a graph per call signature.
+Server steps also graph prompt parts, padded to row and width buckets (`eet_pipe/runtime/step.py`); those
+attend over the part's own columns (``kv_len`` = the padded width, part of the signature).
 """
 
 from __future__ import annotations

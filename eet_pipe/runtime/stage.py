@@ -88,15 +88,17 @@ class Stage:
         prompt = cache is not None and x.shape[1] != 1
         if graphs is None or (prompt and not graph_prefill):
             return model(x, meta, cache, last)
-        if cache is None:
-            types = () if meta.token_types is None else (meta.token_types,)
+        if cache is None:  # a cache-free forward, or a chunk without layers (no cache) in a server step
+            extra = tuple(t for t in (meta.token_types, last) if t is not None)
+            has_types, has_last = meta.token_types is not None, last is not None
 
-            def fn(x, positions, valid, *token_types):
-                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense,
-                                         token_types=token_types[0] if token_types else None))
+            def fn(x, positions, valid, *extra):
+                types = extra[0] if has_types else None
+                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense, token_types=types),
+                             None, extra[-1] if has_last else None)
 
-            key = ("forward", chunk, tuple(x.shape), x.dtype, bool(types), meta.dense)
-            out = graphs.run(key, fn, (x, meta.positions, meta.valid, *types))
+            key = ("forward", chunk, tuple(x.shape), x.dtype, has_types, meta.dense, has_last)
+            out = graphs.run(key, fn, (x, meta.positions, meta.valid, *extra))
             return out.clone() if copy else out
         kv_len = meta.kv_len if prompt else cache.max_len
 

@@ -47,11 +47,15 @@ PAD_ENV = "EET_PIPE_PAD_DECODE"
 """'1' pads step parts to their buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
 
 PREFILL_WIDTHS = tuple(sorted({16, 48} | {b for k in range(5, 18) for b in (1 << k, 3 << (k - 1))}))
-"""Width buckets of prefill parts: 16, 32, 48, 64, 96, 128, 192, 256, ... (at most 1.5 x apart)."""
+"""Width buckets of prefill parts: 16, 32, 48, 64, 96, 128, 192, 256, ... (1.5 x or 4/3 x apart from 32 on)."""
 
 PREFILL_GRAPH_TOKENS = 4096
 """Prefill parts whose padded size (rows x width) is at most this replay CUDA graphs; larger ones run
 eagerly, unpadded (their kernels are long enough that launching them costs little)."""
+
+PREFILL_GRAPH_ELEMENTS = 1 << 23
+"""... and whose hidden states (padded tokens x hidden size) are at most this many elements, so that the
+graphs' static inputs and outputs stay small on wide models (8192 wide: 1024 tokens)."""
 
 UPLOAD_BYTES = 1 << 20
 """Largest packed inputs of one step copied through the page-locked upload buffers (`Uploader`)."""
@@ -64,7 +68,7 @@ class ServeInit:
     max_slots: int
     max_len: int
     cuda_graphs: bool = True
-    """Replay decode steps from CUDA graphs (GPU stages)."""
+    """Replay step parts from CUDA graphs (GPU stages): decode parts, and prompt parts up to PREFILL_GRAPH_TOKENS."""
 
 
 @dataclass
@@ -186,6 +190,9 @@ class ServeState:
         # parts are padded to buckets (rows on a spare cache row; prompts to a bucket width) so that each
         # bucket replays one CUDA graph per chunk; prompt parts above PREFILL_GRAPH_TOKENS run eagerly
         self.graphs = stage.graphs(init.cuda_graphs)
+        if self.graphs is not None:
+            self.graphs.clear()  # graphs of an earlier serving state address its (freed) caches
+        self.prefill_tokens = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // stage.hidden)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
         self.spare_slot = init.max_slots
         rows = init.max_slots + 1  # + the spare row
@@ -345,15 +352,16 @@ class ServeState:
     def _padded(self, part: StepPart) -> tuple[StepPart, bool]:
         """The part padded to its bucket when padding is on, and whether it replays CUDA graphs: a decode
         part (one token per row) gets its batch bucket; a prompt part its batch bucket and
-        `prefill_width`, unless that holds more than PREFILL_GRAPH_TOKENS (then it runs as it is, eagerly)."""
+        `prefill_width`, unless that holds more than PREFILL_GRAPH_TOKENS tokens (fewer on wide models, see
+        PREFILL_GRAPH_ELEMENTS; then it runs as it is, eagerly)."""
         if not self.pad:
             return part, False
         rows = bucket_for(part.rows, DEFAULT_BUCKETS)
         if part.width == 1:
             return (part if rows is None else pad_part(part, rows, self.spare_slot)), True
         width = prefill_width(part.width, self.max_len)
-        if rows is None or rows * width > PREFILL_GRAPH_TOKENS:
-            return part, False
+        if rows is None or rows * width > self.prefill_tokens or bool(part.start.any()):
+            return part, False  # (prompts start at column 0; a part that does not runs as it is)
         return pad_part(part, rows, self.spare_slot, width), True
 
     def results(self, block: bool) -> list[dict]:

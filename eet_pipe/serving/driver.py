@@ -47,7 +47,7 @@ class PipelineSetup:
     max_slots: int
     groups: int
     cuda_graphs: bool = True
-    """Replay GPU stages' decode steps from CUDA graphs."""
+    """Replay GPU stages' step parts from CUDA graphs (decode parts; prompt parts up to a size)."""
 
     @property
     def cfg(self) -> ArchConfig:

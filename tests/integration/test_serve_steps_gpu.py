@@ -20,10 +20,13 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 MAX_SLOTS, MAX_LEN = 16, 96
 
 
-def _stage() -> Stage:
+def _stage(head_apart: bool = False) -> Stage:
+    """GPT-2 on cuda:0 as one stage: one chunk, or two with the head alone in the second (a chunk without
+    layers, hence without a KV cache)."""
     spec = resolve_model("gpt2", weights="random")
     ctx = StageContext(rank=0, world=1, device=torch.device("cuda:0"), backend="nccl")
-    return Stage(ctx, spec, [spec.cfg.unit_names()], torch.float16)
+    units = spec.cfg.unit_names()
+    return Stage(ctx, spec, [units[:-1], units[-1:]] if head_apart else [units], torch.float16)
 
 
 class _Script:
@@ -77,8 +80,9 @@ def _run(state: ServeState, steps: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(monkeypatch):
-    stage = _stage()
+@pytest.mark.parametrize("head_apart", [False, True], ids=["one-chunk", "head-chunk"])
+def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(head_apart, monkeypatch):
+    stage = _stage(head_apart)
     graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24)
     keys = [k for k in stage._graphs._graphs if k[0] == "prefill"]
     assert stage._graphs.replays > 0 and keys, "no prompt part was replayed from a graph"
