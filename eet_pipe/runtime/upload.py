@@ -37,24 +37,26 @@ class Uploader:
 
     ``upload([a, b, ...])`` returns the tensors on `device` (same shapes and dtypes), copied in stream
     order on the current stream. Tensors larger than a buffer are copied directly (from pageable memory,
-    which waits for the stream). On CPU the tensors are returned as they are.
+    which waits for the stream). On CPU the tensors are returned as they are, unless `packed` is set: then
+    they take the packed path through ordinary buffers and come back as copies.
     """
 
-    def __init__(self, device: torch.device | str, capacity: int, depth: int = 16) -> None:
+    def __init__(self, device: torch.device | str, capacity: int, depth: int = 16, packed: bool | None = None) -> None:
         if capacity <= 0 or depth <= 0:
             raise ValueError(f"Uploader needs capacity > 0 and depth > 0, got {capacity} and {depth}")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.packed = self.cuda if packed is None else packed
         self.capacity, self.depth = capacity, depth
-        self.buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(depth)] \
-            if self.cuda else []
+        self.buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(depth)] \
+            if self.packed else []
         self.events: list[torch.cuda.Event | None] = [None] * depth
         self.next = 0
         self.direct = 0
         """Uploads too large for a buffer, copied from pageable memory."""
 
     def upload(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if not self.cuda:
+        if not self.packed:
             return [t.to(self.device) for t in tensors]
         offsets, total = _packed(tensors)
         if total > self.capacity:
@@ -72,9 +74,12 @@ class Uploader:
             n = t.numel() * t.element_size()
             if n:
                 host[off:off + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
-        moved = host[:total].to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.events[i] = event
+        if self.cuda:
+            moved = host[:total].to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.events[i] = event
+        else:
+            moved = host[:total].clone()
         return [moved[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                 for t, off in zip(tensors, offsets, strict=True)]

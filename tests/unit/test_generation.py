@@ -184,3 +184,26 @@ def test_a_prompt_slice_with_last_columns_gives_their_logits_only():
     picked = model(ids, prefill_meta(mask, torch.arange(3)), model.new_cache(3, 8), last)
     assert picked.shape == (3, 1, 64)
     torch.testing.assert_close(picked[:, 0], full[torch.arange(3), last], rtol=1e-5, atol=1e-6)
+
+
+def test_uploader_packs_tensors_of_every_dtype_and_reuses_its_buffers():
+    from eet_pipe.runtime.upload import Uploader
+
+    up = Uploader("cpu", capacity=256, depth=2, packed=True)
+    gen = torch.Generator().manual_seed(0)
+    for n in range(7):  # more uploads than buffers: each buffer is reused
+        host = [torch.randint(-5, 5, (3 + n,), generator=gen), torch.rand(2, 3, generator=gen),
+                torch.rand(5, generator=gen) > 0.5, torch.empty(0, dtype=torch.long), torch.tensor(n, dtype=torch.int64),
+                torch.rand(3, generator=gen).to(torch.bfloat16), torch.arange(4, dtype=torch.int32).view(2, 2)]
+        moved = up.upload(host)
+        for a, b in zip(host, moved, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            assert b.numel() == 0 or b.data_ptr() != a.data_ptr()
+    before = [t.clone() for t in moved]
+    up.upload([torch.zeros(8, dtype=torch.long)] * 3)  # later uploads do not change what an earlier one returned
+    assert all(torch.equal(a, b) for a, b in zip(before, moved, strict=True))
+    big = up.upload([torch.ones(64, dtype=torch.long)])  # 512 bytes > 256: copied directly
+    assert up.direct == 1 and torch.equal(big[0], torch.ones(64, dtype=torch.long))
+    plain = Uploader("cpu", capacity=256)
+    t = torch.arange(3)
+    assert plain.upload([t])[0] is t and not plain.buffers

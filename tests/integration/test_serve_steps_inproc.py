@@ -1,6 +1,7 @@
-"""Server steps on one GPU, in process (run on a GPU machine with `pytest -m cuda`): prompt parts padded to
-their buckets and replayed from CUDA graphs give the tokens of the same steps run eagerly, and a step
-never waits for GPU work queued before it (its inputs travel through page-locked buffers)."""
+"""Server steps in process, on one stage. On CPU: inputs packed through the upload buffers (the GPU's path)
+give the tokens of inputs passed as they are. On one GPU (`pytest -m cuda`): prompt parts padded to their
+buckets and replayed from CUDA graphs give the tokens of the same steps run eagerly, and a step never waits
+for GPU work queued before it (its inputs travel through page-locked buffers)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ from eet_pipe.loading.presets import resolve_model
 from eet_pipe.runtime.context import StageContext
 from eet_pipe.runtime.stage import Stage
 from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepCommand, StepPart
-
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+from eet_pipe.runtime.upload import Uploader
 
 MAX_SLOTS, MAX_LEN = 16, 96
 
 
-def _stage(head_apart: bool = False) -> Stage:
-    """GPT-2 on cuda:0 as one stage: one chunk, or two with the head alone in the second (a chunk without
-    layers, hence without a KV cache)."""
-    spec = resolve_model("gpt2", weights="random")
-    ctx = StageContext(rank=0, world=1, device=torch.device("cuda:0"), backend="nccl")
+def _stage(head_apart: bool = False, device: str = "cuda:0") -> Stage:
+    """GPT-2 (the tiny model on CPU) as one stage: one chunk, or two with the head alone in the second (a chunk
+    without layers, hence without a KV cache)."""
+    spec = resolve_model("gpt2" if device != "cpu" else "tiny", weights="random")
+    ctx = StageContext(rank=0, world=1, device=torch.device(device), backend="nccl" if device != "cpu" else "gloo")
     units = spec.cfg.unit_names()
-    return Stage(ctx, spec, [units[:-1], units[-1:]] if head_apart else [units], torch.float16)
+    dtype = torch.float16 if device != "cpu" else torch.float32
+    return Stage(ctx, spec, [units[:-1], units[-1:]] if head_apart else [units], dtype)
 
 
 class _Script:
@@ -80,7 +81,23 @@ def _run(state: ServeState, steps: int) -> list[dict]:
 
 
 @torch.inference_mode()
+def test_inputs_packed_through_upload_buffers_give_the_same_tokens_cpu(monkeypatch):
+    monkeypatch.setenv(PAD_ENV, "1")
+    stage = _stage(device="cpu")
+    plain = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN)), 24)
+    state = ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN))
+    state.uploader = Uploader("cpu", 4096, depth=3, packed=True)  # every step wraps the buffers around
+    state.sampler.table.upload = state.uploader.upload
+    packed = _run(state, 24)
+    assert [p["tokens"] for p in packed] == [p["tokens"] for p in plain] and state.uploader.direct == 0
+    assert [p["logprobs"] for p in packed] == [p["logprobs"] for p in plain]
+    assert sum(len(p["tokens"]) for p in plain) > 100 and not any(p["errors"] for p in plain)
+
+
 @pytest.mark.parametrize("head_apart", [False, True], ids=["one-chunk", "head-chunk"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.inference_mode()
 def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(head_apart, monkeypatch):
     stage = _stage(head_apart)
     graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24)
@@ -94,6 +111,8 @@ def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(head
     assert sum(len(p["tokens"]) for p in graphed) > 100 and not any(p["errors"] for p in graphed)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.inference_mode()
 def test_a_step_does_not_wait_for_gpu_work_queued_before_it():
     stage = _stage()
