@@ -33,7 +33,7 @@ from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
            "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
-           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS"]
+           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -48,6 +48,9 @@ PAD_ENV = "EET_PIPE_PAD_DECODE"
 
 PREFILL_WIDTHS = tuple(sorted({16, 48} | {b for k in range(5, 18) for b in (1 << k, 3 << (k - 1))}))
 """Width buckets of prefill parts: 16, 32, 48, 64, 96, 128, 192, 256, ... (1.5 x or 4/3 x apart from 32 on)."""
+LARGE_ROWS_STEP = 128
+"""Past the largest of DEFAULT_BUCKETS a part's rows are padded to a multiple of this, so that a server with
+many slots captures a graph per 128 rows, not one per batch size."""
 
 PREFILL_GRAPH_TOKENS = 4096
 """Prefill parts whose padded size (rows x width) is at most this replay CUDA graphs; larger ones run
@@ -121,6 +124,12 @@ class StepCommand:
 
 
 SERVE_COMMANDS = (ServeInit, StepCommand)
+
+
+def step_rows(rows: int) -> int:
+    """The padded row count of a step part of `rows` rows: its DEFAULT_BUCKETS bucket, else the next multiple
+    of LARGE_ROWS_STEP."""
+    return bucket_for(rows, DEFAULT_BUCKETS) or -(-rows // LARGE_ROWS_STEP) * LARGE_ROWS_STEP
 
 
 def pad_part(part: StepPart, rows: int, spare_slot: int, width: int | None = None) -> StepPart:
@@ -356,11 +365,11 @@ class ServeState:
         PREFILL_GRAPH_ELEMENTS; then it runs as it is, eagerly)."""
         if not self.pad:
             return part, False
-        rows = bucket_for(part.rows, DEFAULT_BUCKETS)
+        rows = step_rows(part.rows)
         if part.width == 1:
-            return (part if rows is None else pad_part(part, rows, self.spare_slot)), True
+            return pad_part(part, rows, self.spare_slot), True
         width = prefill_width(part.width, self.max_len)
-        if rows is None or rows * width > self.prefill_tokens or bool(part.start.any()):
+        if rows * width > self.prefill_tokens or bool(part.start.any()):
             return part, False  # (prompts start at column 0; a part that does not runs as it is)
         return pad_part(part, rows, self.spare_slot, width), True
 

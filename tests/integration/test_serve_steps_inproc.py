@@ -14,7 +14,7 @@ from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.loading.presets import resolve_model
 from eet_pipe.runtime.context import StageContext
 from eet_pipe.runtime.stage import Stage
-from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepCommand, StepPart
+from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepCommand, StepPart, step_rows
 from eet_pipe.runtime.upload import Uploader
 
 MAX_SLOTS, MAX_LEN = 16, 96
@@ -92,6 +92,43 @@ def test_inputs_packed_through_upload_buffers_give_the_same_tokens_cpu(monkeypat
     assert [p["tokens"] for p in packed] == [p["tokens"] for p in plain] and state.uploader.direct == 0
     assert [p["logprobs"] for p in packed] == [p["logprobs"] for p in plain]
     assert sum(len(p["tokens"]) for p in plain) > 100 and not any(p["errors"] for p in plain)
+
+
+@torch.inference_mode()
+def test_decode_parts_past_the_largest_bucket_padded_to_128_rows_give_the_same_tokens_cpu(monkeypatch):
+    """300 sequences decode as one part: padded (to 384 rows, a graph per 128 rows on GPU) and not padded,
+    the same tokens and log-probabilities."""
+    assert [step_rows(r) for r in (1, 3, 200, 256, 257, 300, 384, 385)] == [1, 4, 256, 256, 384, 384, 384, 512]
+    stage, rows, gen = _stage(device="cpu"), 300, torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, stage.spec.cfg.vocab_size, (rows, 4), generator=gen)
+    slots = torch.arange(rows)
+    new = {s: SeqInit(SamplingParams(max_new_tokens=8, ignore_eos=True), logprobs=1 if s % 7 == 0 else None)
+           for s in range(rows)}
+
+    seen = []  # the rows of every forward the stage runs
+    forward = stage.run_chunk
+    monkeypatch.setattr(stage, "run_chunk", lambda c, x, *a, **k: seen.append(x.shape[0]) or forward(c, x, *a, **k))
+
+    def run(pad: str) -> list[dict]:
+        monkeypatch.setenv(PAD_ENV, pad)
+        seen.clear()
+        state = ServeState(stage, ServeInit(rows, MAX_LEN))
+        state.step(StepCommand(group=0, parts=[StepPart(slots=slots, tokens=prompts, lengths=torch.full((rows,), 4),
+                                                        start=torch.zeros(rows, dtype=torch.long))],
+                               new=new, free=[], step=1))
+        for step in range(2, 5):
+            part = StepPart(slots=slots, tokens=None, lengths=torch.ones(rows, dtype=torch.long),
+                            start=torch.full((rows,), step + 2))  # after the 4 prompt columns
+            state.step(StepCommand(group=0, parts=[part], new={}, free=[], step=step))
+        return state.results(block=True)
+
+    padded = run("1")
+    assert seen == [rows, 384, 384, 384]  # the prompt part (300 x 16 tokens) is past the graphed size
+    plain = run("0")
+    assert seen == [rows] * 4
+    assert [p["tokens"] for p in padded] == [p["tokens"] for p in plain]
+    assert [p["logprobs"] for p in padded] == [p["logprobs"] for p in plain]
+    assert sum(len(p["tokens"]) for p in plain) == 4 * rows and not any(p["errors"] for p in plain)
 
 
 @pytest.mark.parametrize("head_apart", [False, True], ids=["one-chunk", "head-chunk"])
