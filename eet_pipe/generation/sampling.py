@@ -171,7 +171,7 @@ class SamplingTable:
                          dtype=torch.long)])
         self.temperature[idx], self.top_p[idx] = floats[:, 0], floats[:, 1]
         self.top_k[idx], self.keys[idx], self.greedy[idx] = ints[:, 0], ints[:, 1], ints[:, 2].bool()
-        self.counters[idx] = 0
+        self.counters.index_fill_(0, idx, 0)  # (`counters[idx] = 0` would copy a host scalar: a stream wait)
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, host_rows: Sequence[int]) -> torch.Tensor:
         """Next tokens [B] (on the device) of rows `rows` ([B] int64 on the device; `host_rows` the same

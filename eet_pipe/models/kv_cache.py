@@ -58,4 +58,6 @@ class KVCache:
 
     def free(self, slots: torch.Tensor | list[int]) -> None:
         """Forget the sequences in `slots` so the rows can be reused."""
-        self.valid[torch.as_tensor(slots, dtype=torch.long, device=self.valid.device)] = False
+        # index_fill_ takes the value as a scalar argument: `valid[idx] = False` copies a host tensor to the
+        # device, which waits for the stream
+        self.valid.index_fill_(0, torch.as_tensor(slots, dtype=torch.long, device=self.valid.device), False)
