@@ -72,11 +72,15 @@ class _Script:
         return StepCommand(group=0, parts=parts, new=new, free=done, step=self.step)
 
 
-def _run(state: ServeState, steps: int) -> list[dict]:
+def _run(state: ServeState, steps: int, block: bool = False) -> list[dict]:
+    """Payloads of `steps` steps of the script. The script frees a slot after a fixed number of steps,
+    not after its token arrived, and a token resolved after its slot was freed is dropped (as a cancelled
+    sequence's): only `block`, resolving every step before the next, makes runs of different speeds
+    comparable on a GPU."""
     script, out = _Script(state.stage.spec.cfg.vocab_size), []
     for _ in range(steps):
         state.step(script.next())
-        out += state.results(block=False)
+        out += state.results(block=block)
     return out + state.results(block=True)
 
 
@@ -137,12 +141,12 @@ def test_decode_parts_past_the_largest_bucket_padded_to_128_rows_give_the_same_t
 @torch.inference_mode()
 def test_prompt_parts_replayed_from_graphs_equal_the_same_parts_run_eagerly(head_apart, monkeypatch):
     stage = _stage(head_apart)
-    graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24)
+    graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24, block=True)
     keys = [k for k in stage._graphs._graphs if k[0] == "prefill"]
     assert stage._graphs.replays > 0 and keys, "no prompt part was replayed from a graph"
     assert {k[2][0] for k in keys} <= {1, 2, 4, 8, 16} and {k[2][1] for k in keys} <= {16, 32, 48}
     monkeypatch.setenv(PAD_ENV, "1")  # the same padded shapes, eagerly
-    eager = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=False)), 24)
+    eager = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=False)), 24, block=True)
     assert [p["tokens"] for p in graphed] == [p["tokens"] for p in eager]
     assert [p["logprobs"] for p in graphed] == [p["logprobs"] for p in eager]
     assert sum(len(p["tokens"]) for p in graphed) > 100 and not any(p["errors"] for p in graphed)
