@@ -5,6 +5,7 @@ for GPU work queued before it (its inputs travel through page-locked buffers).""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -18,6 +19,16 @@ from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepC
 from eet_pipe.runtime.upload import Uploader
 
 MAX_SLOTS, MAX_LEN = 16, 96
+
+
+@pytest.fixture(autouse=True)
+def _release_graphs():
+    """Captured graphs, their memory pools and page-locked buffers go before the next test (of any file)."""
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _stage(head_apart: bool = False, device: str = "cuda:0") -> Stage:
