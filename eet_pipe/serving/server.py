@@ -27,7 +27,7 @@ from pathlib import Path
 from eet_pipe.serving.driver import PipelineSetup, StepDriver
 from eet_pipe.serving.engine_core import EngineCore
 from eet_pipe.serving.errors import public_message
-from eet_pipe.serving.frontend import frontend_main
+from eet_pipe.serving.frontend import freeze_heap, frontend_main
 from eet_pipe.serving.ipc import IpcPaths
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import Scheduler
@@ -76,6 +76,7 @@ class Runtime:
             self.scheduler = Scheduler(self.wrap(self.driver), self.opts.max_queue, self.opts.max_prefill_tokens,
                                        self.metrics)
             self.scheduler.on_failure = self.fail
+            freeze_heap()
             self.scheduler.thread.start()
             self.status, self.message = "ready", ""
         self.on_change()
