@@ -68,6 +68,7 @@ class Runtime:
             log.exception("startup failed")
             self.fail(f"startup failed: {type(err).__name__}: {err}")
             return
+        freeze_heap()  # the pipeline is set up; not under the lock (a full collection takes 50-100 ms)
         with self._lock:
             if self.status != "loading":  # stopped while loading
                 self.driver.close()
@@ -76,7 +77,6 @@ class Runtime:
             self.scheduler = Scheduler(self.wrap(self.driver), self.opts.max_queue, self.opts.max_prefill_tokens,
                                        self.metrics)
             self.scheduler.on_failure = self.fail
-            freeze_heap()
             self.scheduler.thread.start()
             self.status, self.message = "ready", ""
         self.on_change()
