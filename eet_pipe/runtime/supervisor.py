@@ -81,6 +81,11 @@ def _main_thread_frames(dump: str, limit: int = 6) -> str:
     return "\n".join(frames[:limit])
 
 
+def _holds_main(path: str) -> bool:
+    with open(path) as f:
+        return "worker_main" in f.read()
+
+
 def _reap(procs: list) -> None:
     for p in procs:
         if p.is_alive():
@@ -204,8 +209,18 @@ class Supervisor:
                     asked.append(rank)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and not all(os.path.getsize(self.args[r].stack_file) for r in asked):
+        # a dump is written thread by thread: wait until each holds the stage's own thread (worker_main) or has
+        # stopped growing, not just until it is non-empty (the first thread written may be a queue feeder's)
+        deadline, sizes = time.monotonic() + wait, {r: -1 for r in asked}
+        while time.monotonic() < deadline:
+            done = True
+            for r in asked:
+                size = os.path.getsize(self.args[r].stack_file)
+                if size == 0 or (size != sizes[r] and not _holds_main(self.args[r].stack_file)):
+                    done = False
+                sizes[r] = size
+            if done:
+                break
             time.sleep(0.05)
         parts = []
         for rank in asked:
