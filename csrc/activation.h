@@ -20,10 +20,10 @@ inline Act parse_activation(const std::string& kind, const char* op, bool allow_
               "gelu, gelu_new, relu");
 }
 
-inline Act parse_gated(const std::string& kind) {
+inline Act parse_gated(const std::string& kind, const char* op = "gated_activation") {
   if (kind == "silu_gated") return Act::kSilu;
   if (kind == "gelu_gated") return Act::kGeluTanh;
-  TORCH_CHECK(false, "gated_activation: unknown gated activation '", kind, "'; allowed: silu_gated, gelu_gated");
+  TORCH_CHECK(false, op, ": unknown gated activation '", kind, "'; allowed: silu_gated, gelu_gated");
 }
 
 template <Act A>

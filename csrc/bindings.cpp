@@ -24,6 +24,8 @@ TORCH_LIBRARY(eet_pipe, m) {
       "decode_attention_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor write_index, "
       "Tensor lengths, Tensor valid, int num_heads, float scale) -> Tensor");
   m.def("gemv(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, Tensor? residual, str activation) -> Tensor");
+  m.def("gemv_gated(Tensor x, Tensor gate, Tensor up, Tensor? gate_scale, Tensor? up_scale, Tensor? gate_bias, "
+        "Tensor? up_bias, str kind) -> Tensor");
   m.def("dequantize_int8(Tensor qweight, Tensor scale) -> Tensor");
   m.def("gemm_lt(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, Tensor? algo, "
         "int workspace) -> Tensor");
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(eet_pipe, CUDA, m) {
   m.impl("decode_attention", &eet::decode_attention);
   m.impl("decode_attention_qkv", &eet::decode_attention_qkv);
   m.impl("gemv", &eet::gemv);
+  m.impl("gemv_gated", &eet::gemv_gated);
   m.impl("dequantize_int8", &eet::dequantize_int8);
   m.impl("gemm_lt", &eet::gemm_lt);
   m.impl("gemm_lt_algos", &eet::gemm_lt_algos);

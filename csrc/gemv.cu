@@ -12,6 +12,12 @@
 // be two more kernels per layer. The first kLoads chunks are requested before the kernel waits for the one
 // that writes x (programmatic dependent launch, common.h), so a short kernel before it (a norm, the
 // attention) and its own start-up overlap the weight stream.
+//
+// gemv_gated is the first half of a gated MLP (SwiGLU / GeGLU) in one kernel:
+//   y[m, n] = act(scale[n] * (x[m] . gate[n]) + bias[n]) * (scale2[n] * (x[m] . up[n]) + bias2[n])
+// Each output channel's warps are doubled: the first half reads the gate row, the second the up row, and the
+// block's shared-memory sum combines them, so the two projections and the activation are one kernel with one
+// rounding instead of three kernels (two GEMVs and the element-wise product) and two intermediate tensors.
 #include "activation.h"
 #include "common.h"
 #include "ops.h"
@@ -32,7 +38,10 @@ struct GemvArgs {
   const void* bias;  // [N] or null
   const void* residual;  // [M, N] or null
   int rows, n_out, k_in, k_chunks;  // k_chunks: 16-byte weight chunks per row (0 when unaligned)
-  int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row
+  int split;  // warps per output channel (1, 2, 4 or 8), each reading one slice of the row; gated: per weight
+  const void* w2;  // gated: the up weight [N, K] (w is the gate), with its scale2 and bias2 (or null)
+  const void* scale2;
+  const void* bias2;
 };
 
 // Warps per output channel: enough that each warp's slice is one round of kLoads loads per lane (all of it
@@ -79,18 +88,24 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[MT], const int4& packed, 
 
 // SPLIT: the row's warps each read a slice (a.split of them, plan_split); otherwise one warp per row, with no
 // slice bookkeeping or shared-memory sum (which cost registers: 79 against 64 per thread at one row, one
-// block per SM less).
-template <typename T, typename W, int MT, Act A, bool SPLIT>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
+// block per SM less). GATED (always SPLIT): 2 * a.split warps per output channel, a.split per weight.
+// The gated one-row kernel over fp16/bf16 weights is held to 80 registers (3 blocks per SM, as the plain sliced one:
+// at 90 only 2 fit, and fewer loads are in flight); the others would spill.
+template <typename T, typename W, int MT, Act A, bool SPLIT, bool GATED>
+__global__ void __launch_bounds__(kThreads, GATED && MT == 1 && sizeof(W) > 1 ? 3 : 1) gemv_kernel(const GemvArgs a) {
+  static_assert(SPLIT || !GATED, "the gated kernel sums its two halves through shared memory");
   constexpr int WV = 16 / sizeof(W);
   pdl_launch_dependents();
   const int split = SPLIT ? a.split : 1;
+  const int per_out = GATED ? 2 * split : split;  // warps per output channel
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n = blockIdx.x * (kWarps / split) + warp / split;
+  const int n = blockIdx.x * (kWarps / per_out) + warp / per_out;
+  const int half = GATED ? (warp % per_out) / split : 0;  // gated: 0 reads the gate row, 1 the up row
   const int part = warp % split;  // which slice of the row this warp reads
   const bool active = n < a.n_out;  // the warps of one row are active or not together
   const T* __restrict__ x = static_cast<const T*>(a.x);
-  const W* __restrict__ wrow = static_cast<const W*>(a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
+  const W* __restrict__ wrow =
+      static_cast<const W*>(half ? a.w2 : a.w) + static_cast<int64_t>(active ? n : 0) * a.k_in;
   const int4* __restrict__ wchunks = reinterpret_cast<const int4*>(wrow);
   const int per_part = SPLIT ? (a.k_chunks + split - 1) / split : a.k_chunks;
   const int c_end = SPLIT ? min(a.k_chunks, (part + 1) * per_part) : a.k_chunks;
@@ -138,9 +153,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
 
   const float s = active && a.scale != nullptr ? to_float(static_cast<const T*>(a.scale)[n]) : 1.f;
   const float b = active && a.bias != nullptr ? to_float(static_cast<const T*>(a.bias)[n]) : 0.f;
-  auto store = [&](int m, float total) {  // row m of output channel n, through the epilogue
+  auto store = [&](int m, float total, float total2) {  // row m of output channel n, through the epilogue
     const int64_t i = static_cast<int64_t>(m) * a.n_out + n;
     float v = apply<A>(total * s + b);
+    if constexpr (GATED) {
+      const float s2 = a.scale2 != nullptr ? to_float(static_cast<const T*>(a.scale2)[n]) : 1.f;
+      const float b2 = a.bias2 != nullptr ? to_float(static_cast<const T*>(a.bias2)[n]) : 0.f;
+      v *= total2 * s2 + b2;
+    }
     if (a.residual != nullptr) v += to_float(static_cast<const T*>(a.residual)[i]);
     static_cast<T*>(a.y)[i] = from_float<T>(v);
   };
@@ -148,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const float total = warp_sum(acc[m]);
-      if (active && lane == m && m < a.rows) store(m, total);
+      if (active && lane == m && m < a.rows) store(m, total, 0.f);
     }
   } else {  // sum each row over its warps: in the warp, then over the row's warps through shared memory
     __shared__ float partial[kWarps][MT];
@@ -158,10 +178,13 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
       if (lane == m) partial[warp][m] = total;
     }
     __syncthreads();  // every thread of the block gets here (no early exits above)
-    if (active && part == 0 && lane < a.rows) {
-      float total = 0.f;
+    if (active && warp % per_out == 0 && lane < a.rows) {
+      float total = 0.f, total2 = 0.f;
       for (int w = warp; w < warp + split; ++w) total += partial[w][lane];
-      store(lane, total);
+      if constexpr (GATED) {
+        for (int w = warp + split; w < warp + per_out; ++w) total2 += partial[w][lane];
+      }
+      store(lane, total, total2);
     }
   }
 }
@@ -171,9 +194,9 @@ template <typename T, typename W, int MT, bool SPLIT>
 void launch_rows(const GemvArgs& a, Act act, bool overlap) {
   const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / a.split)));
   switch (act) {
-#define EET_GEMV_CASE(ACT)                                                                 \
-  case ACT:                                                                                \
-    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT>, blocks, dim3(kThreads), 0, a); \
+#define EET_GEMV_CASE(ACT)                                                                        \
+  case ACT:                                                                                       \
+    launch_kernel(overlap, gemv_kernel<T, W, MT, ACT, SPLIT, false>, blocks, dim3(kThreads), 0, a); \
     break;
     EET_GEMV_CASE(Act::kNone)
     EET_GEMV_CASE(Act::kGelu)
@@ -203,32 +226,60 @@ void launch(const GemvArgs& a, Act act, bool overlap) {
   }
 }
 
+// gemv_gated: rows of x it takes (the int8 decode limit, INT8_GEMV_MAX_ROWS in eet_pipe.ops), instantiated for 1, 2 and 4.
+constexpr int kMaxGatedRows = 4;
+
+template <typename T, typename W>
+void launch_gated(const GemvArgs& a, Act act, bool overlap) {
+  const dim3 blocks(static_cast<unsigned>(ceil_div(a.n_out, kWarps / (2 * a.split))));
+  auto go = [&](auto kernel) { launch_kernel(overlap, kernel, blocks, dim3(kThreads), 0, a); };
+#define EET_GATED_ROWS(MT)                                         \
+  if (act == Act::kSilu) {                                         \
+    go(gemv_kernel<T, W, MT, Act::kSilu, true, true>);             \
+  } else {                                                         \
+    go(gemv_kernel<T, W, MT, Act::kGeluTanh, true, true>);         \
+  }
+  if (a.rows <= 1) {
+    EET_GATED_ROWS(1)
+  } else if (a.rows <= 2) {
+    EET_GATED_ROWS(2)
+  } else {
+    EET_GATED_ROWS(4)
+  }
+#undef EET_GATED_ROWS
+}
+
+// `weight` names the weight in messages ("weight" for gemv, "gate" / "up" for gemv_gated); its scale and bias are
+// "scale" and "bias", or "<weight>_scale" and "<weight>_bias".
 void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
-  const char* op = "gemv";
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                     const char* op = "gemv", const std::string& wname = "weight", int max_rows = kMaxRows) {
+  const std::string prefix = wname == "weight" ? "" : wname + "_";
+  const std::string sname = prefix + "scale", bname = prefix + "bias";
+  const char* w = wname.c_str();
   check_cuda(x, op, "x");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x.sizes()));
-  TORCH_CHECK(x.size(0) <= kMaxRows, op, ": the GEMV kernel handles at most ", num(kMaxRows), " rows, got M=",
-              num(x.size(0)), "; eet_pipe.ops.int8_linear uses a matmul for larger M");
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
+  TORCH_CHECK(x.size(0) <= max_rows, op, ": the GEMV kernel handles at most ", num(max_rows), " rows, got M=",
+              num(x.size(0)), "; eet_pipe.ops uses a matmul for larger M");
+  TORCH_CHECK(weight.device() == x.device(), op, ": ", w, " is on ", weight.device(), " but x is on ", x.device());
   if (weight.scalar_type() == at::kChar) {
-    TORCH_CHECK(scale.has_value(), op, ": an int8 weight needs its per-channel scale");
+    TORCH_CHECK(scale.has_value(), op, ": an int8 ", w, " needs its per-channel ", sname);
   } else {
-    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
-                " but x has dtype ", x.scalar_type(), "; it must match x or be int8 (with a scale)");
-    TORCH_CHECK(!scale.has_value(), op, ": a scale is only taken with an int8 weight, got a ", weight.scalar_type(),
-                " weight");
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": ", w, " has dtype ", weight.scalar_type(),
+                " but x has dtype ", x.scalar_type(), "; it must match x or be int8 (with a ", sname, ")");
+    TORCH_CHECK(!scale.has_value(), op, ": ", sname, " is only taken with an int8 ", w, ", got a ",
+                weight.scalar_type(), " ", w);
   }
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must have shape [N, K=",
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": ", w, " must have shape [N, K=",
               num(x.size(1)), "], got ", shape(weight.sizes()));
-  TORCH_CHECK(weight.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, op, ": weight ", shape(weight.sizes()),
+  TORCH_CHECK(weight.size(0) <= INT32_MAX && x.size(1) <= INT32_MAX, op, ": ", w, " ", shape(weight.sizes()),
               " is too large");
   const int64_t n_out = weight.size(0);
-  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
+  for (const auto& [t, name] : {std::pair{&scale, &sname}, std::pair{&bias, &bname}}) {
     if (t->has_value()) {
-      check_like(**t, x, op, name, "x");
-      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n_out, op, ": ", name, " must have shape [N=", num(n_out),
+      check_like(**t, x, op, name->c_str(), "x");
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == n_out, op, ": ", *name, " must have shape [N=", num(n_out),
                   "], got ", shape((*t)->sizes()));
     }
   }
@@ -240,6 +291,51 @@ void check_gemv_args(const at::Tensor& x, const at::Tensor& weight, const std::o
   }
 }
 
+// The contiguous operands of one GEMV (kept alive until the launch) and the kernel's arguments over them.
+struct Operands {
+  at::Tensor x, w, scale, bias, residual, w2, scale2, bias2;
+  GemvArgs args{};
+  bool overlap = true;  // every weight is the caller's own tensor, not a copy just made (see gemv below)
+  bool int8 = false;
+};
+
+const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+at::Tensor contiguous(const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
+
+Operands operands(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                  const at::Tensor& y) {
+  Operands o;
+  o.x = x.contiguous();
+  o.w = weight.contiguous();
+  o.scale = contiguous(scale);
+  o.bias = contiguous(bias);
+  o.residual = contiguous(residual);
+  const int k_in = static_cast<int>(x.size(1));
+  const int64_t per_chunk = 16 / static_cast<int64_t>(weight.element_size());
+  const bool vec = k_in % per_chunk == 0 && is_aligned(o.x.data_ptr(), 16) && is_aligned(o.w.data_ptr(), 16);
+  GemvArgs& a = o.args;
+  a.y = y.data_ptr();
+  a.x = o.x.data_ptr();
+  a.w = o.w.data_ptr();
+  a.scale = ptr(o.scale);
+  a.bias = ptr(o.bias);
+  a.residual = ptr(o.residual);
+  a.rows = static_cast<int>(x.size(0));
+  a.n_out = static_cast<int>(weight.size(0));
+  a.k_in = k_in;
+  a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
+  // Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
+  // critical path); several rows keep one warp per row.
+  a.split = a.rows == 1 ? plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk))) : 1;
+  // The kernel reads its first weights before its PDL wait, which is safe for weights written long before
+  // (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
+  o.overlap = o.w.data_ptr() == weight.data_ptr();
+  o.int8 = weight.scalar_type() == at::kChar;
+  return o;
+}
+
 }  // namespace
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -247,41 +343,50 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::string& activation) {
   check_gemv_args(x, weight, scale, bias, residual);
   const Act act = parse_activation(activation, "gemv", /*allow_none=*/true);
-  const int rows = static_cast<int>(x.size(0));
-  const int n_out = static_cast<int>(weight.size(0));
-  const int k_in = static_cast<int>(x.size(1));
-  at::Tensor y = at::empty({rows, n_out}, x.options());
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   if (y.numel() == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
-  const int64_t per_chunk = 16 / static_cast<int64_t>(weight.element_size());
-  const bool vec = k_in % per_chunk == 0 && is_aligned(xc.data_ptr(), 16) && is_aligned(wc.data_ptr(), 16);
-  GemvArgs a{};
-  a.y = y.data_ptr();
-  a.x = xc.data_ptr();
-  a.w = wc.data_ptr();
-  a.scale = sc.defined() ? sc.data_ptr() : nullptr;
-  a.bias = bc.defined() ? bc.data_ptr() : nullptr;
-  a.residual = rc.defined() ? rc.data_ptr() : nullptr;
-  a.rows = rows;
-  a.n_out = n_out;
-  a.k_in = k_in;
-  a.k_chunks = vec ? static_cast<int>(k_in / per_chunk) : 0;
-  // Sliced rows only at one row (the decode of one sequence, where a long row's rounds of loads are the step's
-  // critical path); several rows keep one warp per row.
-  a.split = rows == 1 ? plan_split(vec ? a.k_chunks : static_cast<int>(ceil_div(k_in, per_chunk))) : 1;
-  // The kernel reads its first weights before its PDL wait, which is safe for weights written long before
-  // (parameters), not for a copy that .contiguous() has just made: then it runs after the copy has finished.
-  const bool overlap = wc.data_ptr() == weight.data_ptr();
-  const bool int8 = weight.scalar_type() == at::kChar;
+  const Operands o = operands(x, weight, scale, bias, residual, y);
   EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv", [&] {
-    if (int8) {
-      launch<scalar_t, int8_t>(a, act, overlap);
+    if (o.int8) {
+      launch<scalar_t, int8_t>(o.args, act, o.overlap);
     } else {
-      launch<scalar_t, scalar_t>(a, act, overlap);
+      launch<scalar_t, scalar_t>(o.args, act, o.overlap);
+    }
+  });
+  return y;
+}
+
+at::Tensor gemv_gated(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                      const std::optional<at::Tensor>& gate_scale, const std::optional<at::Tensor>& up_scale,
+                      const std::optional<at::Tensor>& gate_bias, const std::optional<at::Tensor>& up_bias,
+                      const std::string& kind) {
+  const char* op = "gemv_gated";
+  check_gemv_args(x, gate, gate_scale, gate_bias, std::nullopt, op, "gate", kMaxGatedRows);
+  check_gemv_args(x, up, up_scale, up_bias, std::nullopt, op, "up", kMaxGatedRows);
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), op, ": gate ",
+              shape(gate.sizes()), " ", gate.scalar_type(), " and up ", shape(up.sizes()), " ", up.scalar_type(),
+              " must have the same shape and dtype");
+  const Act act = parse_gated(kind, op);
+  at::Tensor y = at::empty({x.size(0), gate.size(0)}, x.options());
+  if (y.numel() == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  Operands o = operands(x, gate, gate_scale, gate_bias, std::nullopt, y);
+  o.w2 = up.contiguous();
+  o.scale2 = contiguous(up_scale);
+  o.bias2 = contiguous(up_bias);
+  GemvArgs& a = o.args;
+  a.w2 = o.w2.data_ptr();
+  a.scale2 = ptr(o.scale2);
+  a.bias2 = ptr(o.bias2);
+  if (!is_aligned(a.w2, 16)) a.k_chunks = 0;  // both rows are read in the same chunks
+  a.split = std::min(a.split, kWarps / 2);  // the gate's and the up's warps of a channel share one block
+  o.overlap = o.overlap && o.w2.data_ptr() == up.data_ptr();
+  EET_DISPATCH_FLOAT(x.scalar_type(), "eet_pipe gemv_gated", [&] {
+    if (o.int8) {
+      launch_gated<scalar_t, int8_t>(a, act, o.overlap);
+    } else {
+      launch_gated<scalar_t, scalar_t>(a, act, o.overlap);
     }
   });
   return y;

@@ -52,6 +52,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                 const std::string& activation);
 
+// gemv.cu -- the first half of a gated MLP: act(x @ (gate * gate_scale[:, None]).T + gate_bias) *
+// (x @ (up * up_scale[:, None]).T + up_bias), [M, N], for x [M <= 4, K]; gate and up [N, K] of one dtype (x's,
+// or int8 with both scales); kind "silu_gated" or "gelu_gated". The weights are read early, as in gemv.
+at::Tensor gemv_gated(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                      const std::optional<at::Tensor>& gate_scale, const std::optional<at::Tensor>& up_scale,
+                      const std::optional<at::Tensor>& gate_bias, const std::optional<at::Tensor>& up_bias,
+                      const std::string& kind);
+
 // dequant.cu -- qweight [N, K] int8, scale [N] float: returns qweight * scale[:, None] in the scale's dtype.
 at::Tensor dequantize_int8(const at::Tensor& qweight, const at::Tensor& scale);
 

@@ -116,6 +116,18 @@ def project(linear: nn.Module, x: torch.Tensor, activation: str | None = None,
     return linear.forward(x, activation, residual)
 
 
+def gated_project(gate: nn.Module, up: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``act(gate(x)) * up(x)`` through `ops.gated_linear` (one GEMV kernel for a decode step) when the two are
+    `Linear` modules, or both int8 (`Int8Linear`: ``qweight`` and ``scale``), and carry no hooks; otherwise
+    each module is called (so that hooks see its plain projection) and `ops.gated_activation` follows."""
+    if not any(m._forward_hooks or m._forward_pre_hooks for m in (gate, up)):
+        if isinstance(gate, Linear) and isinstance(up, Linear):
+            return ops.gated_linear(x, gate.weight, up.weight, kind, gate.bias, up.bias)
+        if all(hasattr(m, "qweight") and hasattr(m, "scale") for m in (gate, up)):
+            return ops.gated_linear(x, gate.qweight, up.qweight, kind, gate.bias, up.bias, gate.scale, up.scale)
+    return ops.gated_activation(gate(x), up(x), kind)
+
+
 class Attention(nn.Module):
     """Fused q/k/v projection, optional per-head q/k norm, optional rotary, softmax attention (over the layer's
     sliding window, if any), output projection."""
@@ -212,7 +224,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """down(act(up(x))) [+ residual]; x: [B, T, H] (normed)."""
         if self.gate is not None:
-            h = ops.gated_activation(self.gate(x), self.up(x), self.activation)
+            h = gated_project(self.gate, self.up, x, self.activation)
         else:
             h = project(self.up, x, self.activation)
         return project(self.down, h, residual=residual)

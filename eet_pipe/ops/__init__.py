@@ -32,6 +32,7 @@ __all__ = [
     "dequantize_int8",
     "epilogue",
     "gated_activation",
+    "gated_linear",
     "int8_linear",
     "linear",
     "layer_norm",
@@ -340,3 +341,35 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 and (bias is None or bias.dtype == x.dtype)):
             return linear(x, dequantize_int8(qweight, scale, x.dtype), bias, activation_kind, residual)
     return epilogue(reference.int8_linear(x, qweight, scale, bias), activation_kind, residual)
+
+
+def gated_linear(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, gate_bias: torch.Tensor | None = None,
+                 up_bias: torch.Tensor | None = None, gate_scale: torch.Tensor | None = None,
+                 up_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The first half of a gated MLP: ``gated_activation(x @ gate.T + gate_bias, x @ up.T + up_bias, kind)``.
+
+    Args:
+        x: [..., K]; gate, up: [N, K], both in x's dtype or both int8 (`quantize_int8`) with `gate_scale` and
+        `up_scale` [N]; biases [N] or None; kind: silu_gated (SwiGLU) or gelu_gated (GeGLU).
+    Returns:
+        [..., N]. On CUDA, decode-sized inputs (as `linear` and `int8_linear` pick the GEMV kernel: up to
+        GEMV_MAX_ROWS rows dense, INT8_GEMV_MAX_ROWS int8) run one kernel that streams both weights and applies
+        the activation before its single rounding, instead of two GEMVs and the element-wise product. Anything
+        else runs the two projections (`linear` / `int8_linear`) and `gated_activation`.
+    """
+    _check_kind(kind, GATED_ACTIVATIONS, "gated activation")
+    if (gate_scale is None) != (up_scale is None):
+        raise ValueError("gated_linear: gate_scale and up_scale are given together (int8 weights) or not at all")
+    int8 = gate_scale is not None
+    rows = _rows(x)
+    if (GEMV_ENABLED and _kernel(x) and 0 < rows <= (INT8_GEMV_MAX_ROWS if int8 else GEMV_MAX_ROWS)
+            and x.dtype in (torch.float16, torch.bfloat16) and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.dtype == (torch.int8 if int8 else x.dtype) and gate.is_contiguous() and up.is_contiguous()
+            and not _needs_grad(x, gate, up, gate_bias, up_bias, gate_scale, up_scale)):
+        y = torch.ops.eet_pipe.gemv_gated(x.reshape(rows, x.shape[-1]), gate, up, gate_scale, up_scale, gate_bias,
+                                          up_bias, kind)
+        return y.view(*x.shape[:-1], gate.shape[0])
+    if int8:
+        return gated_activation(int8_linear(x, gate, gate_scale, gate_bias), int8_linear(x, up, up_scale, up_bias),
+                                kind)
+    return gated_activation(linear(x, gate, gate_bias), linear(x, up, up_bias), kind)

@@ -37,7 +37,7 @@ def env_on(name: str) -> bool:
 
 
 _SCHEMA_ARGS = {"rms_norm": 3, "gemv": 6, "set_pdl": 1, "gemm_lt": 7, "dequantize_int8": 2, "cublaslt_version": 0,
-                "decode_attention_qkv": 9}
+                "decode_attention_qkv": 9, "gemv_gated": 8}
 """Ops whose argument counts tell a build of the current csrc/ from an older one (a `pip install -e` checkout
 keeps its old `_C` after a pull: calling a changed op would then fail on every decode step)."""
 

@@ -72,6 +72,12 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bia
     return x.new_empty((x.shape[0], weight.shape[0]))  # [M, N]
 
 
+def _gemv_gated(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor | None,
+                up_scale: torch.Tensor | None, gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None,
+                kind: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], gate.shape[0]))  # [M, N]
+
+
 def _dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return qweight.new_empty(qweight.shape, dtype=scale.dtype)
 
@@ -93,6 +99,7 @@ _FAKES = {
     "decode_attention": _decode_attention,
     "decode_attention_qkv": _decode_attention_qkv,
     "gemv": _gemv,
+    "gemv_gated": _gemv_gated,
     "gemm_lt": _gemm_lt,
     "dequantize_int8": _dequantize_int8,
 }

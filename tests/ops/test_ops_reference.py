@@ -311,3 +311,22 @@ def test_linear_layer_is_a_drop_in_for_nn_linear() -> None:
     x = _randn(2, 3, 24, seed=4)
     assert torch.equal(ours(x), ref(x))
     assert torch.equal(ops.linear(x, ref.weight, None), torch.nn.functional.linear(x, ref.weight))
+
+
+def test_gated_linear_off_the_kernels_is_the_two_projections_and_the_gated_activation() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x, gate, up = (torch.randn(*s, generator=gen) for s in ((2, 3, 16), (24, 16), (24, 16)))
+    gate_bias, up_bias = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    (qg, sg), (qu, su) = ops.quantize_int8(gate), ops.quantize_int8(up)
+    for kind in reference.GATED_ACTIVATIONS:
+        want = reference.gated_activation(torch.nn.functional.linear(x, gate, gate_bias),
+                                          torch.nn.functional.linear(x, up, up_bias), kind)
+        assert torch.equal(ops.gated_linear(x, gate, up, kind, gate_bias, up_bias), want)
+        want8 = reference.gated_activation(ops.int8_linear(x, qg, sg), ops.int8_linear(x, qu, su), kind)
+        assert torch.equal(ops.gated_linear(x, qg, qu, kind, gate_scale=sg, up_scale=su), want8)
+        assert not torch.equal(want8, reference.gated_activation(ops.int8_linear(x, qg, sg), ops.int8_linear(x, qu, su),
+                                                                 "gelu_gated" if kind == "silu_gated" else "silu_gated"))
+    with pytest.raises(ValueError, match="unknown gated activation 'swish'; allowed: silu_gated, gelu_gated"):
+        ops.gated_linear(x, gate, up, "swish")
+    with pytest.raises(ValueError, match="gate_scale and up_scale are given together"):
+        ops.gated_linear(x, qg, qu, "silu_gated", up_scale=su)

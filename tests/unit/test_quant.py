@@ -165,6 +165,9 @@ def test_a_stale_extension_build_is_told_apart_from_a_current_one():
     assert _ext._stale(torch.ops.eet_pipe_current_check) == "op decode_attention_qkv is missing"
     lib2.define("decode_attention_qkv(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
                 "Tensor write_index, Tensor lengths, Tensor valid, int num_heads, float scale) -> Tensor")
+    assert _ext._stale(torch.ops.eet_pipe_current_check) == "op gemv_gated is missing"
+    lib2.define("gemv_gated(Tensor x, Tensor gate, Tensor up, Tensor? gate_scale, Tensor? up_scale, "
+                "Tensor? gate_bias, Tensor? up_bias, str kind) -> Tensor")  # a build before the fused gated MLP
     assert _ext._stale(torch.ops.eet_pipe_current_check) is None
 
 
