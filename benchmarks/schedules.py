@@ -7,7 +7,7 @@ torch.distributed.pipelining (GPipe and interleaved) and fairscale `Pipe` (when 
         batch=32 seq=512 microbatches=1,2,4,8,16,32
     python -m benchmarks.schedules workload=decode batch=64 prompt=32 new=64 microbatches=1,2,4,8
     python -m benchmarks.schedules --quick          # CPU smoke run (tiny model, 2 gloo stages)
-    python -m benchmarks.schedules resimulate=docs/perf/2026-11-26-eve/h200x4/schedules.json   # re-analyse a run
+    python -m benchmarks.schedules resimulate=docs/perf/2026-11-26-late/h100x4/schedules/schedules.json   # re-analyse a run
 
 Two warm-up calls by default: with CUDA graphs a new shape runs eager on its first call and is captured on
 its second, so a single warm-up would leave a capture inside the timed calls.
