@@ -139,11 +139,12 @@ def test_gemv_gated_bad_arguments_raise_clear_errors() -> None:
         ops.gated_linear(o["x"], q["gate"], q["up"], "silu_gated", gate_scale=q["gate_scale"])
 
 
-def test_gated_mlp_runs_one_kernel_per_projection_at_one_row(mistral_dir) -> None:  # noqa: F811
+def test_gated_mlp_runs_one_kernel_per_projection_at_one_row(mistral_dir, monkeypatch) -> None:  # noqa: F811
     """A SwiGLU MLP at one row: the fused gate/up GEMV and the down GEMV, nothing else; with a hook on a
     projection (the compare tool's captures) the projections run on their own, with the same values."""
     import eet_pipe
 
+    monkeypatch.setattr(ops, "GEMV_ENABLED", True)  # whatever EET_PIPE_GEMV says
     lm = eet_pipe.from_pretrained(str(mistral_dir), dtype="fp16", device="cuda:0")
     mlp = dict(lm.model.named_modules())["layers.0.mlp"]
     x = rand(1, 1, mlp.up.in_features, dtype=F16, seed="mlp")
