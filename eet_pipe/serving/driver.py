@@ -107,12 +107,19 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
                          max_prefill_tokens=opts.max_prefill_tokens)
 
 
+WARMUP_GRAPHS = 96
+"""Most graphs the warm-up leaves on a stage (shapes x the stage's chunks): below the 128 a stage's graph cache
+keeps, which drops the least recently used beyond that, so traffic's own shapes still have room."""
+
+
 def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]]]:
     """The step shapes a server with `setup` replays from CUDA graphs, as real (unpadded) sizes: one row count
     per `step_rows` bucket of a group's slots (decode parts), and (rows, prompt width) per pair of that and a
     `prefill_width` bucket whose padded size a stage graphs and the scheduler can build (at most
     `max_prefill_tokens` prompt tokens, or a single prompt; room for two decode tokens after the prompt).
-    Each is the smallest size of its bucket, so that every bucket the scheduler can reach is there."""
+    Each is the smallest size of its bucket, so that every bucket the scheduler can reach is there. With more
+    than `WARMUP_GRAPHS` graphs per stage, the prompt shapes of fewest padded tokens are kept (a large part's
+    kernels are long enough that running it eagerly costs little)."""
     per_group = -(-setup.max_slots // setup.groups)
     graphed = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // setup.cfg.hidden_size)
     rows: dict[int, int] = {}  # padded rows -> the fewest rows padded to it
@@ -121,9 +128,12 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
     widths: dict[int, int] = {}  # padded width -> the narrowest prompt padded to it
     for w in range(2, setup.max_len - 1):  # a one-token prompt is a decode-shaped part
         widths.setdefault(prefill_width(w, setup.max_len), w)
-    prompts = [(r, w) for padded, r in sorted(rows.items()) for target, w in sorted(widths.items())
-               if padded * target <= graphed and (r == 1 or r * w <= setup.max_prefill_tokens)]
-    return sorted(rows.values()), prompts
+    shapes = [(padded * target, r, w) for padded, r in sorted(rows.items()) for target, w in sorted(widths.items())
+              if padded * target <= graphed and (r == 1 or r * w <= setup.max_prefill_tokens)]
+    chunks = max(len(stage.chunks) for stage in setup.plan.stages)
+    room = max(WARMUP_GRAPHS // chunks - len(rows), 0)
+    kept = sorted(sorted(shapes)[:room], key=lambda s: (s[1], s[2]))
+    return sorted(rows.values()), [(r, w) for _, r, w in kept]
 
 
 class StepDriver:

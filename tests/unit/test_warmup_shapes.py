@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 
 from eet_pipe.runtime.step import PREFILL_GRAPH_ELEMENTS, PREFILL_GRAPH_TOKENS, prefill_width, step_rows
-from eet_pipe.serving.driver import warmup_shapes
+from eet_pipe.serving.driver import WARMUP_GRAPHS, warmup_shapes
 
 
-def _setup(hidden: int, slots: int, groups: int, max_len: int, budget: int = 4096) -> SimpleNamespace:
+def _setup(hidden: int, slots: int, groups: int, max_len: int, budget: int = 4096, chunks: int = 1) -> SimpleNamespace:
+    stages = [SimpleNamespace(chunks=[("a", "b")] * chunks)] * 2
     return SimpleNamespace(cfg=SimpleNamespace(hidden_size=hidden), max_slots=slots, groups=groups, max_len=max_len,
-                           max_prefill_tokens=budget)
+                           max_prefill_tokens=budget, plan=SimpleNamespace(stages=stages))
 
 
 @pytest.mark.parametrize("args", [(1600, 256, 2, 192), (1600, 200, 2, 40), (64, 8, 2, 128), (4096, 96, 4, 700),
@@ -39,3 +40,12 @@ def test_gpt2_xl_serving_defaults() -> None:
     assert rows == [1, 2, 3, 5, 9, 17, 33, 65]  # the fewest rows of each bucket up to 128 per group
     assert (1, 129) in prompts and (65, 2) in prompts and (65, 17) in prompts and (33, 97) not in prompts
     assert len(prompts) == 47
+
+
+def test_shapes_beyond_the_graph_budget_keep_the_smallest_parts() -> None:
+    setup = _setup(1600, 256, 2, 1024, chunks=2)  # two chunks per stage: every shape is two graphs
+    rows, prompts = warmup_shapes(setup)
+    full_rows, full = warmup_shapes(_setup(1600, 256, 2, 1024))
+    assert rows == full_rows and 2 * (len(rows) + len(prompts)) <= WARMUP_GRAPHS < 2 * (len(rows) + len(full))
+    size = {(r, w): step_rows(r) * prefill_width(w, 1024) for r, w in full}
+    assert set(prompts) <= set(full) and max(size[p] for p in prompts) <= min(size[p] for p in set(full) - set(prompts))
