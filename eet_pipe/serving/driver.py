@@ -25,11 +25,20 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition.plan import Plan
 from eet_pipe.runtime.placement import make_plan, pipeline_devices
-from eet_pipe.runtime.step import SeqInit, ServeInit, StepCommand, StepPart
+from eet_pipe.runtime.step import (
+    PREFILL_GRAPH_ELEMENTS,
+    PREFILL_GRAPH_TOKENS,
+    SeqInit,
+    ServeInit,
+    StepCommand,
+    StepPart,
+    prefill_width,
+    step_rows,
+)
 from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError, free_port
 from eet_pipe.runtime.worker import WorkerArgs
 
-__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "resolve_setup", "stage_devices"]
+__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "resolve_setup", "stage_devices", "warmup_shapes"]
 
 log = logging.getLogger("eet_pipe.serve")
 
@@ -48,6 +57,10 @@ class PipelineSetup:
     groups: int
     cuda_graphs: bool = True
     """Replay GPU stages' step parts from CUDA graphs (decode parts; prompt parts up to a size)."""
+    warmup: bool = False
+    """Capture every step shape's CUDA graphs before serving (`warmup_shapes`); set where graphs are replayed."""
+    max_prefill_tokens: int = 4096
+    """The scheduler's prompt-token budget per step (bounds the prompt parts it builds)."""
 
     @property
     def cfg(self) -> ArchConfig:
@@ -89,7 +102,38 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
     resolved = make_plan(opts.plan if plan is None else plan, spec, devices, dtype, opts.schedule, virtual, groups)
     return PipelineSetup(spec=spec, plan=resolved, dtype=dtype, tokenizer=tokenizer,
                          max_len=opts.max_seq or spec.cfg.max_positions, max_slots=opts.max_slots,
-                         groups=max(1, min(groups, opts.max_slots)), cuda_graphs=opts.cuda_graphs)
+                         groups=max(1, min(groups, opts.max_slots)), cuda_graphs=opts.cuda_graphs,
+                         warmup=opts.warmup and opts.cuda_graphs and any(d.startswith("cuda") for d in devices),
+                         max_prefill_tokens=opts.max_prefill_tokens)
+
+
+WARMUP_GRAPHS = 96
+"""Most graphs the warm-up leaves on a stage (shapes x the stage's chunks): below the 128 a stage's graph cache
+keeps, which drops the least recently used beyond that, so traffic's own shapes still have room."""
+
+
+def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]]]:
+    """The step shapes a server with `setup` replays from CUDA graphs, as real (unpadded) sizes: one row count
+    per `step_rows` bucket of a group's slots (decode parts), and (rows, prompt width) per pair of that and a
+    `prefill_width` bucket whose padded size a stage graphs and the scheduler can build (at most
+    `max_prefill_tokens` prompt tokens, or a single prompt; room for two decode tokens after the prompt).
+    Each is the smallest size of its bucket, so that every bucket the scheduler can reach is there. With more
+    than `WARMUP_GRAPHS` graphs per stage, the prompt shapes of fewest padded tokens are kept (a large part's
+    kernels are long enough that running it eagerly costs little)."""
+    per_group = -(-setup.max_slots // setup.groups)
+    graphed = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // setup.cfg.hidden_size)
+    rows: dict[int, int] = {}  # padded rows -> the fewest rows padded to it
+    for r in range(1, per_group + 1):
+        rows.setdefault(step_rows(r), r)
+    widths: dict[int, int] = {}  # padded width -> the narrowest prompt padded to it
+    for w in range(2, setup.max_len - 1):  # a one-token prompt is a decode-shaped part
+        widths.setdefault(prefill_width(w, setup.max_len), w)
+    shapes = [(padded * target, r, w) for padded, r in sorted(rows.items()) for target, w in sorted(widths.items())
+              if padded * target <= graphed and (r == 1 or r * w <= setup.max_prefill_tokens)]
+    chunks = max(len(stage.chunks) for stage in setup.plan.stages)
+    room = max(WARMUP_GRAPHS // chunks - len(rows), 0)
+    kept = sorted(sorted(shapes)[:room], key=lambda s: (s[1], s[2]))
+    return sorted(rows.values()), [(r, w) for _, r, w in kept]
 
 
 class StepDriver:
@@ -143,6 +187,47 @@ class StepDriver:
         self.collect()
         log.info("serving state ready: %d slots x %d positions, %d groups; warm-up step %.2f s",
                  s.max_slots, s.max_len, s.groups, time.perf_counter() - began)
+        if s.warmup:
+            self.warm_up_graphs()
+
+    def warm_up_graphs(self) -> int:
+        """Run every shape of `warmup_shapes` twice, so that each stage captures its CUDA graph now rather
+        than under load (a stage runs a new shape eagerly once and captures it the second time, stalling
+        every step behind it). Steps use group 0's slots, which admission clears before reuse; returns the
+        number of steps run."""
+        s, began = self.setup, time.perf_counter()
+        rows, prompts = warmup_shapes(s)
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        step, ran = -3, 0
+
+        def run(cmd: StepCommand) -> list[int]:
+            nonlocal step, ran
+            self.send(cmd)
+            payload = self.collect()
+            step, ran = step - 1, ran + 1
+            return [payload["tokens"][slot] for slot in cmd.parts[0].slots.tolist()]
+
+        for r in rows:
+            slots = torch.arange(r) * s.groups
+            ones = torch.ones(r, dtype=torch.long)
+            first = None
+            for width in [w for n, w in prompts if n == r]:
+                tokens = torch.arange(1, width + 1, dtype=torch.long).remainder(s.cfg.vocab_size).repeat(r, 1)
+                part = StepPart(slots, tokens, ones * width, torch.zeros(r, dtype=torch.long))
+                for _ in range(2):
+                    first = run(StepCommand(group=0, step=step, new={i: SeqInit(params) for i in slots.tolist()},
+                                            parts=[part]))
+                last = width
+            if first is None:  # no prompt shape at these rows: a one-token prompt starts the sequences
+                first = run(StepCommand(group=0, step=step, new={i: SeqInit(params) for i in slots.tolist()},
+                                        parts=[StepPart(slots, ones.view(-1, 1), ones, ones * 0)]))
+                last = 1
+            for n in range(2):
+                first = run(StepCommand(group=0, step=step, parts=[StepPart(slots, torch.tensor(first).view(-1, 1),
+                                                                             ones, ones * (last + n))]))
+        log.info("CUDA graphs warmed up: %d decode and %d prompt shapes, %d steps in %.1f s", len(rows),
+                 len(prompts), ran, time.perf_counter() - began)
+        return ran
 
 
 class ServingEngine(StepDriver):

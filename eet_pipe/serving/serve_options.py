@@ -35,6 +35,11 @@ class ServeOptions(EngineOptions):
     """Sequences waiting for a slot before new requests get 429."""
     max_prefill_tokens: int = 4096
     """Padded prompt tokens admitted into one step (at least one prompt always is)."""
+    warmup: bool = True
+    """Before reporting ready, run every step shape the server can replay from CUDA graphs twice (once eagerly,
+    once to capture it): a decode part per batch bucket, a prompt part per batch and width bucket up to the
+    graphed size. Startup takes longer (seconds per stage on GPT-2 XL); no request pays a capture later. Only
+    where the stages are on GPUs with `cuda_graphs` on."""
     max_n: int = 16
     """Largest `n` (choices per prompt) a request may ask for."""
     max_body_bytes: int = 1048576

@@ -1,7 +1,7 @@
 """Server steps over spawned CPU workers, without HTTP: tokens fed back from the last stage to stage 0,
 two steps in flight per group, and answers equal to `PipelineEngine.generate` (greedy and seeded) for
 one stage, three stages, and two stages of two interleaved chunks each (where the feedback shares the
-last-to-first link with hidden states)."""
+last-to-first link with hidden states); and the same after the graph warm-up's steps have used the slots."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.options.parse import build_config
 from eet_pipe.runtime.engine import PipelineEngine
 from eet_pipe.runtime.step import PAD_ENV
-from eet_pipe.serving.driver import ServingEngine, resolve_setup
+from eet_pipe.serving.driver import ServingEngine, resolve_setup, warmup_shapes
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import Scheduler
 from eet_pipe.serving.sequences import GenRequest
@@ -26,8 +26,9 @@ CASES = [dict(max_new_tokens=8 + i, ignore_eos=True) if i % 2 == 0 else
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stages,virtual", [(1, 1), (3, 1), (2, 2)], ids=["P1", "P3", "P2-virtual2"])
-def test_server_steps_equal_the_engine(stages, virtual, monkeypatch):
+@pytest.mark.parametrize("stages,virtual,warmup", [(1, 1, False), (3, 1, False), (2, 2, False), (3, 1, True)],
+                         ids=["P1", "P3", "P2-virtual2", "P3-warmup"])
+def test_server_steps_equal_the_engine(stages, virtual, warmup, monkeypatch):
     monkeypatch.setenv(PAD_ENV, "1")  # decode parts padded to batch buckets, as on GPU
     schedule = {"schedule": "interleaved", "virtual": virtual} if virtual > 1 else {}
     opts = build_config(ServeOptions, {"model": "tiny", "weights": "random", "stages": stages, "plan": "even",
@@ -35,6 +36,9 @@ def test_server_steps_equal_the_engine(stages, virtual, monkeypatch):
     setup = resolve_setup(opts, ["cpu"] * stages)
     driver = ServingEngine(setup, timeout=120, threads=1)
     driver.start()
+    if warmup:  # every graphed step shape run twice first (on GPU stages this captures their graphs)
+        rows, prompts = warmup_shapes(setup)
+        assert driver.warm_up_graphs() == 2 * len(prompts) + 2 * len(rows) + len(set(rows) - {r for r, _ in prompts})
     sched = Scheduler(driver, max_queue=16, max_prefill_tokens=4096, metrics=Metrics())
     sched.thread.start()
     tok = setup.tokenizer
