@@ -141,6 +141,7 @@ class LanguageModel:
                 return graphs(x, meta)
             return self.model(x.to(self.device), meta.to(self.device), graphs.cache)[:, -1]
 
+        step.greedy = graphs.greedy  # greedy decoding: one replay per step (`generation.sequences._greedy_steps`)
         return step
 
 

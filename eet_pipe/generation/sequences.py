@@ -293,6 +293,10 @@ def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceS
     copy to the host (to record them and test EOS / stop strings / lengths) is read one step later,
     while the device already runs the next step. A batch that finished therefore costs one extra
     step, whose tokens `SequenceState` ignores; the tokens are those of the step-by-step loop.
+
+    A `step` with a `greedy` attribute (`DecodeGraphs.greedy`: ``greedy(ids, meta)`` -> an `advance()` giving
+    each next step's tokens, or None) runs the decode steps through it: on a GPU, one graph replay per step
+    that picks the tokens and feeds them on by itself.
     """
     device, batch = logits.device, logits.shape[0]
     slots_d, lengths_d = slots.to(device), lengths.to(device)
@@ -305,16 +309,21 @@ def _greedy_steps(step: StepFn, logits: torch.Tensor, states: Sequence[SequenceS
             state.append(tok)
         return all(s.finished for s in states)
 
+    def meta(n: int) -> StepMeta:
+        write = torch.full((batch,), width + n, dtype=torch.long, device=device)
+        return decode_meta(slots_d, write, lengths_d + n, valid, kv_len=width + n + 1)
+
+    nxt = logits.argmax(dim=-1)  # [B] on the device
+    start = getattr(step, "greedy", None)
+    advance = start(nxt.view(batch, 1), meta(0)) if start is not None and steps > 1 else None
     for n in range(steps):
-        nxt = logits.argmax(dim=-1)  # [B] on the device
-        host = HostCopy(nxt)
+        host = HostCopy(nxt)  # copied before the next step overwrites a graph's token buffer (stream order)
         if pending and record(pending.pop()):
             return
         if n == steps - 1:
             record(host)
             return
         pending.append(host)
-        write = torch.full((batch,), width + n, dtype=torch.long, device=device)
-        logits = step(nxt.view(batch, 1), decode_meta(slots_d, write, lengths_d + n, valid, kv_len=width + n + 1))
+        nxt = advance() if advance is not None else step(nxt.view(batch, 1), meta(n)).argmax(dim=-1)
     for tokens in pending:
         record(tokens)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +32,8 @@ from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
 from eet_pipe.models.model import CanonicalModel
 
-__all__ = ["DEFAULT_BUCKETS", "StaticDecodeInputs", "static_decode_step", "DecodeGraphs", "GraphDecoder",
-           "bucket_for", "GraphCache", "cache_length", "graphed"]
+__all__ = ["DEFAULT_BUCKETS", "StaticDecodeInputs", "static_decode_step", "static_greedy_step", "DecodeGraphs",
+           "GraphDecoder", "bucket_for", "GraphCache", "cache_length", "graphed"]
 
 log = logging.getLogger(__name__)
 
@@ -234,18 +234,29 @@ def static_decode_step(model: CanonicalModel, cache: KVCache, inputs: StaticDeco
     return model(inputs.ids, inputs.meta(cache.max_len), cache)[:, -1]
 
 
+def static_greedy_step(model: CanonicalModel, cache: KVCache, inputs: StaticDecodeInputs) -> torch.Tensor:
+    """`static_decode_step`, then the greedy tokens [bucket] written into the ids buffer and every row's position
+    and cache column advanced by one: the next call is the next step, with nothing to copy in between."""
+    tokens = static_decode_step(model, cache, inputs).argmax(dim=-1)
+    inputs.ids.copy_(tokens.view(-1, 1))
+    inputs.positions.add_(1)
+    inputs.write_index.add_(1)
+    return tokens
+
+
 @dataclass
 class _Captured:
     inputs: StaticDecodeInputs
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [bucket, V], static output of the graph
+    logits: torch.Tensor  # static output of the graph: logits [bucket, V], or greedy tokens [bucket]
 
 
 class DecodeGraphs:
     """Decode steps of `model` on `cache` through one CUDA graph per batch bucket (eager on CPU).
 
     The cache's last slot is the spare slot for padding rows: allocate it with one slot more than
-    the largest batch. Call it as a step function: ``logits = graphs(ids [B, 1], meta)`` -> [B, V].
+    the largest batch. Call it as a step function: ``logits = graphs(ids [B, 1], meta)`` -> [B, V]; or,
+    for greedy decoding, ``advance = graphs.greedy(ids, meta)``, then ``tokens = advance()`` per step.
     """
 
     def __init__(self, model: CanonicalModel, cache: KVCache, max_batch_buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -260,6 +271,7 @@ class DecodeGraphs:
         self.buckets = tuple(sorted({int(b) for b in max_batch_buckets}))
         self.warmup_steps = warmup_steps
         self.graphs: dict[int, _Captured] = {}
+        self.greedy_graphs: dict[int, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
 
     @property
@@ -268,8 +280,9 @@ class DecodeGraphs:
         return self.device.type == "cuda"
 
     @torch.inference_mode()
-    def capture(self, bucket: int) -> _Captured:
-        """Warm up on a side stream, then capture the step of batch `bucket` (rows on the spare slot)."""
+    def capture(self, bucket: int, step=static_decode_step) -> _Captured:
+        """Warm up on a side stream, then capture `step` (`static_decode_step`, or `static_greedy_step` for
+        `greedy`) of batch `bucket` (rows on the spare slot; the inputs are loaded after, at each use)."""
         if not self.enabled:
             raise RuntimeError(f"DecodeGraphs.capture needs a CUDA cache, this one is on {self.device}")
         inputs = StaticDecodeInputs(bucket, self.spare_slot, self.device)
@@ -279,13 +292,13 @@ class DecodeGraphs:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_steps):
-                    static_decode_step(self.model, self.cache, inputs)
+                    step(self.model, self.cache, inputs)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                logits = static_decode_step(self.model, self.cache, inputs)
-        captured = _Captured(inputs, graph, logits)
-        self.graphs[bucket] = captured
+                out = step(self.model, self.cache, inputs)
+        captured = _Captured(inputs, graph, out)
+        (self.greedy_graphs if step is static_greedy_step else self.graphs)[bucket] = captured
         log.debug("captured decode graph for batch bucket %d", bucket)
         return captured
 
@@ -299,6 +312,25 @@ class DecodeGraphs:
         n = captured.inputs.load(ids, meta)
         captured.graph.replay()
         return captured.logits[:n].clone()
+
+    @torch.inference_mode()
+    def greedy(self, ids: torch.Tensor, meta: StepMeta) -> Callable[[], torch.Tensor] | None:
+        """Greedy decoding from a first decode step's inputs (as for a call): returns `advance`, whose every call
+        runs one step and returns its greedy tokens [B] (a view of the graph's output, valid until the next
+        call), or None where steps do not replay graphs. A step is one replay: the graph itself feeds its
+        tokens to the next step and advances the positions and cache columns (`static_greedy_step`), so no
+        copy or small kernel runs between steps. The tokens equal argmax over the logits of the calls."""
+        bucket = bucket_for(ids.shape[0], self.buckets)
+        if not self.enabled or bucket is None or ids.shape[1] != 1:
+            return None
+        captured = self.greedy_graphs.get(bucket) or self.capture(bucket, static_greedy_step)
+        n = captured.inputs.load(ids, meta)
+
+        def advance() -> torch.Tensor:
+            captured.graph.replay()
+            return captured.logits[:n]
+
+        return advance
 
 
 class GraphDecoder:

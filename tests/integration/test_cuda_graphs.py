@@ -9,11 +9,18 @@ import pytest
 import torch
 
 from eet_pipe.generation.lm import LanguageModel
-from eet_pipe.generation.sequences import pad_prompts
+from eet_pipe.generation.sequences import SamplingParams, generate_loop, pad_prompts
 from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.meta import decode_meta, prefill_meta
 from eet_pipe.models.quant import quantize_model
-from eet_pipe.ops.cuda_graphs import DecodeGraphs, GraphDecoder, StaticDecodeInputs, bucket_for, static_decode_step
+from eet_pipe.ops.cuda_graphs import (
+    DecodeGraphs,
+    GraphDecoder,
+    StaticDecodeInputs,
+    bucket_for,
+    static_decode_step,
+    static_greedy_step,
+)
 from eet_pipe.weights.loader import init_random
 
 # GPT-2 shape with head dim 64 (the decode-attention kernel's case), weights large enough for varied tokens
@@ -63,6 +70,57 @@ def test_static_step_with_padding_equals_eager_step_cpu(batch):
     assert (inputs.slots[batch:] == cache.num_slots - 1).all()
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_greedy_step_feeds_its_tokens_on_cpu(batch):
+    """Two greedy steps over the static buffers pick the tokens of two eager steps fed argmax by hand."""
+    model = _model()
+    cache, nxt, meta = _prefilled(model, _prompts(batch))
+    twin, _, _ = _prefilled(model, _prompts(batch))
+    with torch.inference_mode():
+        want = []
+        for n in range(2):
+            step_meta = dataclasses.replace(meta, write_index=meta.write_index + n, positions=meta.positions + n,
+                                            kv_len=meta.kv_len + n)
+            nxt = model(nxt, step_meta, twin)[:, -1].argmax(-1).view(batch, 1)
+            want.append(nxt.view(-1).tolist())
+        inputs = StaticDecodeInputs(4, cache.num_slots - 1, torch.device("cpu"))
+        inputs.load(_prefilled(model, _prompts(batch))[1], meta)
+        got = [static_greedy_step(model, cache, inputs)[:batch].tolist() for _ in range(2)]
+    assert got == want
+    assert inputs.write_index[:batch].view(-1).tolist() == (meta.write_index.view(-1) + 2).tolist()
+    assert (inputs.ids[:batch].view(-1) == torch.tensor(got[-1])).all()
+
+
+def test_greedy_generation_through_an_advance_function_equals_the_step_loop_cpu():
+    """`generate_loop` with a step that offers `greedy` (as `DecodeGraphs` does on a GPU) calls its `advance`
+    once per decode step and gives the step-by-step loop's tokens."""
+    model = _model()
+    prompts = _prompts(3)
+    want = LanguageModel(model).generate(prompts, max_new_tokens=12, ignore_eos=True, cuda_graphs=False)
+    ids, _ = pad_prompts(prompts)
+    cache = model.new_cache(len(prompts) + 1, ids.shape[1] + 12)
+    calls = []
+
+    def step(x, meta):
+        return model(x, meta, cache)[:, -1]
+
+    def greedy(first, meta):
+        inputs = StaticDecodeInputs(4, cache.num_slots - 1, torch.device("cpu"))
+        rows = inputs.load(first, meta)
+
+        def advance():
+            calls.append(rows)
+            return static_greedy_step(model, cache, inputs)[:rows]
+
+        return advance
+
+    step.greedy = greedy
+    with torch.inference_mode():
+        got = generate_loop(step, prompts, [SamplingParams(max_new_tokens=12, ignore_eos=True)] * 3, [CFG.eos_token_id])
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert calls == [3] * 11
+
+
 def test_decode_graphs_fall_back_to_eager_on_cpu():
     model = _model()
     cache, nxt, meta = _prefilled(model, _prompts(3))
@@ -71,6 +129,7 @@ def test_decode_graphs_fall_back_to_eager_on_cpu():
     with torch.inference_mode():
         got = graphs(nxt, meta)
     assert got.shape == (3, CFG.vocab_size) and not graphs.graphs
+    assert graphs.greedy(nxt, meta) is None  # no graphs to replay: generation runs its step loop
 
 
 def test_generate_with_cuda_graphs_flag_on_cpu_equals_eager():
@@ -120,7 +179,11 @@ def test_graph_decode_equals_eager_decode_gpu(batch):
     want = lm.generate(prompts, max_new_tokens=24, ignore_eos=True, cuda_graphs=False)
     got = lm.generate(prompts, max_new_tokens=24, ignore_eos=True, cuda_graphs=True)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
-    assert bucket_for(batch, lm._graphs.buckets) in lm._graphs.graphs.graphs  # a graph was replayed
+    assert bucket_for(batch, lm._graphs.buckets) in lm._graphs.graphs.greedy_graphs  # greedy: one replay per step
+    sampled = lm.generate(prompts, max_new_tokens=8, ignore_eos=True, temperature=0.7, seed=3, cuda_graphs=True)
+    again = lm.generate(prompts, max_new_tokens=8, ignore_eos=True, temperature=0.7, seed=3, cuda_graphs=False)
+    assert [r.token_ids for r in sampled] == [r.token_ids for r in again]
+    assert bucket_for(batch, lm._graphs.buckets) in lm._graphs.graphs.graphs  # sampling: the logits graph
 
 
 @pytest.mark.cuda
