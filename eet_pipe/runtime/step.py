@@ -33,7 +33,7 @@ from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
            "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
-           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows"]
+           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows", "prefill_graph_tokens"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -152,6 +152,11 @@ def pad_part(part: StepPart, rows: int, spare_slot: int, width: int | None = Non
     return StepPart(slots=part.slots, tokens=tokens, lengths=part.lengths, start=part.start)
 
 
+def prefill_graph_tokens(hidden: int) -> int:
+    """Most padded tokens (rows x width) of a prompt part that replays a CUDA graph on a model `hidden` wide."""
+    return min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // hidden)
+
+
 def prefill_width(width: int, max_len: int) -> int:
     """The padded width of a prompt part `width` tokens wide: its `PREFILL_WIDTHS` bucket, at most `max_len`
     (the cache's columns)."""
@@ -201,7 +206,7 @@ class ServeState:
         self.graphs = stage.graphs(init.cuda_graphs)
         if self.graphs is not None:
             self.graphs.clear()  # graphs of an earlier serving state address its (freed) caches
-        self.prefill_tokens = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // stage.hidden)
+        self.prefill_tokens = prefill_graph_tokens(stage.hidden)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
         self.spare_slot = init.max_slots
         rows = init.max_slots + 1  # + the spare row

@@ -26,12 +26,11 @@ from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition.plan import Plan
 from eet_pipe.runtime.placement import make_plan, pipeline_devices
 from eet_pipe.runtime.step import (
-    PREFILL_GRAPH_ELEMENTS,
-    PREFILL_GRAPH_TOKENS,
     SeqInit,
     ServeInit,
     StepCommand,
     StepPart,
+    prefill_graph_tokens,
     prefill_width,
     step_rows,
 )
@@ -121,7 +120,7 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
     than `WARMUP_GRAPHS` graphs per stage, the prompt shapes of fewest padded tokens are kept (a large part's
     kernels are long enough that running it eagerly costs little)."""
     per_group = -(-setup.max_slots // setup.groups)
-    graphed = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // setup.cfg.hidden_size)
+    graphed = prefill_graph_tokens(setup.cfg.hidden_size)
     rows: dict[int, int] = {}  # padded rows -> the fewest rows padded to it
     for r in range(1, per_group + 1):
         rows.setdefault(step_rows(r), r)
