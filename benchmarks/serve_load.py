@@ -23,6 +23,10 @@ two never share the devices. Each level prints server / engine tokens/s and the 
 the engine's time per step. `reference=auto` (default) runs it when the script starts the server
 itself; with `url=` pass `reference=on` and the server's model and engine options (`model`, `stages`,
 `server_args`) to measure it there too, or `reference=off`.
+
+`trace=on` starts the server with a step trace (`<out>_trace.json`) and adds to each level where the
+stages' time went (`benchmarks/serve_trace.py`): busy fraction, forwards by kind (decode / prompt, CUDA
+graph or eager, graph captures), padding, idle gaps, and what the scheduler issued.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from eet_pipe.serving.process import ServerProcess
 
 DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
             "prompt_len": 64, "temperature": 0.0, "api_key": "", "model": "tiny", "stages": 2, "clients": "auto",
-            "server_args": "", "reference": "auto", "out": "bench_results/serve_load"}
+            "server_args": "", "reference": "auto", "trace": "off", "out": "bench_results/serve_load"}
 QUICK = {"concurrency": ["1", "4", "16"], "requests": 16, "waves": 1, "max_tokens": 16, "prompt_len": 16}
 
 
@@ -166,6 +170,7 @@ def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: li
             "ttft_s": percentiles([r["ttft"] for r in ok]),
             "tpot_s": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
             "latency_s": percentiles([r["latency"] for r in ok]),
+            "began_s": min(p["began"] for p in parts), "ended_s": max(p["ended"] for p in parts),
             "client_processes": procs, "client_cpu_s": sum(p["cpu_s"] for p in parts), "client_busiest": busiest,
             "errors": sorted({r["error"] for r in rows if "error" in r})[:5]}
 
@@ -311,6 +316,17 @@ def compare(levels: list[dict], reference: dict[int, dict]) -> None:
               file=sys.stderr)
 
 
+def trace_levels(levels: list[dict], trace: Path) -> None:
+    """Add each level's figures from the server's step trace (`benchmarks.serve_trace`), and print them."""
+    from benchmarks.serve_trace import describe, summarize
+    from eet_pipe.serving.step_trace import read_step_trace
+
+    events = read_step_trace(trace)
+    for level in levels:
+        level["trace"] = summarize(events, level["began_s"], level["ended_s"])
+        print(f"concurrency {level['concurrency']:>4}, trace: {describe(level['trace'])}", file=sys.stderr)
+
+
 def plot(levels: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -347,9 +363,18 @@ def main() -> None:
     reference = {}
     if opts["reference"] == "on" or (opts["reference"] == "auto" and not opts["url"]):
         reference = engine_reference(opts)  # before the server starts: the two never share the devices
+    trace = None
+    if opts["trace"] not in ("off", "on"):
+        raise SystemExit(f"trace={opts['trace']!r} is invalid: must be on or off")
+    if opts["trace"] == "on" and opts["url"]:
+        raise SystemExit("trace=on needs the server this script starts (no url=): start yours with trace=<path> "
+                         "and read it with python -m benchmarks.serve_trace")
     if not opts["url"]:
+        if opts["trace"] == "on":
+            trace = Path(opts["out"] + "_trace.json")
         args = ["--stages", str(opts["stages"]), f"model={opts['model']}", "plan=even", "log_level=warning",
-                f"max_slots={max(int(c) for c in opts['concurrency'])}", *opts["server_args"].split()]
+                f"max_slots={max(int(c) for c in opts['concurrency'])}", *opts["server_args"].split(),
+                *([f"trace={trace}"] if trace else [])]
         server = ServerProcess(args).start()
         server.wait_ready(300)
         opts["url"] = server.url
@@ -364,6 +389,8 @@ def main() -> None:
             log_copy = Path(opts["out"] + "_server.log")
             log_copy.write_text(server.log_path.read_text(errors="replace"))
             print(f"server log: {log_copy}", file=sys.stderr)
+    if trace is not None and levels:
+        trace_levels(levels, trace)
     out = Path(opts["out"])
     config = {k: v for k, v in opts.items() if k != "api_key"}
     write_json(out.with_suffix(".json"), {"env": environment(), "config": config, "results": levels,

@@ -54,9 +54,18 @@ def make_driver(opts: ServeOptions) -> StepDriver:
     if under_torchrun():
         from eet_pipe.serving.torchrun_driver import TorchrunDriver
 
-        return TorchrunDriver(opts)
-    setup = resolve_setup(opts, stage_devices(opts.devices, opts.stages, opts.allow_duplicate_devices))
-    return ServingEngine(setup, timeout=opts.timeout, startup_timeout=opts.startup_timeout, threads=opts.threads)
+        driver: StepDriver = TorchrunDriver(opts)
+    else:
+        setup = resolve_setup(opts, stage_devices(opts.devices, opts.stages, opts.allow_duplicate_devices))
+        driver = ServingEngine(setup, timeout=opts.timeout, startup_timeout=opts.startup_timeout, threads=opts.threads)
+    if opts.trace:
+        from eet_pipe.serving.step_trace import StepTrace
+
+        try:
+            driver.trace = StepTrace(opts.trace)
+        except OSError as err:
+            raise ValueError(f"trace={opts.trace!r} cannot be written: {err.strerror or err}") from None
+    return driver
 
 
 def main(argv: Sequence[str] | None = None) -> int:

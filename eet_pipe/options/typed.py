@@ -46,7 +46,8 @@ class EngineOptions(ModelOptions):
     max_seq: int = 0
     """KV-cache length per sequence (0 = the model's max positions)."""
     trace: str | None = None
-    """Write a Chrome/Perfetto trace JSON (and a PNG timeline beside it) to this path."""
+    """Write a Chrome/Perfetto trace JSON to this path: of each call (and a PNG timeline beside it); from
+    the server, of every step on every stage and the scheduler's decisions while it runs."""
     timeout: float = 60.0
     """Seconds to wait for a worker before declaring it dead."""
     allow_duplicate_devices: bool = False

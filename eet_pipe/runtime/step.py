@@ -33,7 +33,7 @@ from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
            "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
-           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows", "prefill_graph_tokens"]
+           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows", "prefill_graph_tokens", "span_label"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
@@ -72,6 +72,8 @@ class ServeInit:
     max_len: int
     cuda_graphs: bool = True
     """Replay step parts from CUDA graphs (GPU stages): decode parts, and prompt parts up to PREFILL_GRAPH_TOKENS."""
+    trace: bool = False
+    """Time every chunk forward of every step and send the labelled spans with the stats reports."""
 
 
 @dataclass
@@ -163,6 +165,15 @@ def prefill_width(width: int, max_len: int) -> int:
     return max(width, min(bucket_for(width, PREFILL_WIDTHS) or width, max_len))
 
 
+def span_label(cmd: StepCommand, part: StepPart, padded: StepPart, chunk: int, graphed: bool,
+               captured: int) -> dict:
+    """What a traced chunk forward ran: step, group, chunk, the part's rows and width before and after
+    padding, whether it replayed (or captured) a CUDA graph."""
+    return {"step": cmd.step, "group": cmd.group, "chunk": chunk, "kind": "decode" if part.width == 1 else "prompt",
+            "rows": part.rows, "padded_rows": padded.rows, "width": part.width, "padded_width": padded.width,
+            "tokens": int(part.lengths.sum()), "graphed": graphed, "captured": captured}
+
+
 def part_meta(part: StepPart, kv_len: int | None = None, width: int | None = None) -> StepMeta:
     """Positions, validity and cache addressing of a part, built identically on every stage, on the device
     of the part's tensors. `kv_len` (max(start) + width) is computed from them when not given; pass it for
@@ -223,7 +234,7 @@ class ServeState:
                                    rows, self.uploader.upload) if self.is_last else None
         self.pending: deque[tuple[int, int, PendingTokens]] = deque()
         self.sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
-        self.clock = BusyClock(self.device, STATS_INTERVAL_S)
+        self.clock = BusyClock(self.device, STATS_INTERVAL_S, spans=init.trace)
         log.info("stage %d: serving state with %d slots x %d positions (%.1f MB of KV cache)", self.rank,
                  init.max_slots, init.max_len, sum(c.nbytes() for c in self.caches.values()) / 1e6)
 
@@ -337,12 +348,15 @@ class ServeState:
                 else:
                     x = local.pop((c, i))
                 began = self.clock.begin()
+                captures = self.graphs.captures if self.graphs is not None else 0
                 # a prompt part's last chunk computes the logits of each row's last token only
                 y = self.stage.run_chunk(c, x, metas[i], self.graphs if graphed[i] else None, self.caches.get(c),
                                          last=lasts[i] if c == self.last_chunk else None, graph_prefill=True)
                 if c == self.last_chunk:
                     logits.append(y[: sizes[i], 0])  # rows past sizes[i] are bucket padding
-                self.clock.end(began)
+                self.clock.end(began, self.clock.keep_spans and span_label(
+                    cmd, cmd.parts[i], parts[i], c, graphed[i],
+                    (self.graphs.captures if self.graphs is not None else 0) - captures))
                 self.stage.tick()
                 if c == self.last_chunk:
                     continue
@@ -409,17 +423,23 @@ def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCom
 
 
 def serve_idle(state: ServeState | None) -> list[tuple]:
-    """Messages of every step whose tokens the host has not read yet (waits for their copies)."""
-    if state is None or not state.pending:
+    """Messages of every step whose tokens the host has not read yet (waits for their copies); when the
+    stage traces, then its spans so far (waits for its device)."""
+    if state is None:
         return []
-    return [("result", state.rank, p, []) for p in state.results(block=True)]
+    messages: list[tuple] = [("result", state.rank, p, []) for p in state.results(block=True)] if state.pending else []
+    if state.clock.unreported():
+        if state.device.type == "cuda":
+            torch.cuda.current_stream(state.device).synchronize()
+        messages.append(("stats", state.rank, state.clock.report(force=True)))
+    return messages
 
 
 def next_command(get: Callable[..., Any], get_nowait: Callable[[], Any], state: ServeState | None,
                  emit: Callable[[tuple], None]) -> Any:
     """The next command of a worker's queue; while none is waiting, the results of steps already run
     are read (waiting for the device) and emitted first, so a result never waits for a later command."""
-    if state is not None and state.pending:
+    if state is not None and (state.pending or state.clock.unreported()):
         try:
             return get_nowait()
         except queue.Empty:

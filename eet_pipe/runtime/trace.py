@@ -22,13 +22,25 @@ __all__ = ["BusyClock", "Tracer", "write_chrome_trace", "read_chrome_trace", "pl
 
 class BusyClock:
     """Time a stage spends computing: CUDA events around each chunk's forward (so waits for messages
-    are not counted), host time on CPU."""
+    are not counted), host time on CPU. With `spans`, each timed forward that `end` labels is also kept
+    as (start, end, label) on the host's `time.perf_counter` clock (GPU times mapped onto it through an
+    event recorded when the clock was made) and handed out with the next report."""
 
-    def __init__(self, device: torch.device, interval_s: float) -> None:
+    def __init__(self, device: torch.device, interval_s: float, spans: bool = False) -> None:
         self.device, self.interval_s = device, interval_s
         self.cuda = device.type == "cuda"
-        self.spans: deque[tuple[Any, Any]] = deque()
+        self.pending: deque[tuple[Any, Any, dict | None]] = deque()
         self.busy, self.reported = 0.0, time.monotonic()
+        self.keep_spans = spans
+        self.spans: list[tuple[float, float, dict]] = []
+        """Labelled spans resolved since the last report (with `spans`)."""
+        self._base: Any = None
+        self._base_s = 0.0
+        if spans and self.cuda:
+            self._base = torch.cuda.Event(enable_timing=True)
+            self._base.record(torch.cuda.current_stream(device))
+            self._base.synchronize()
+            self._base_s = time.perf_counter()
 
     def begin(self) -> Any:
         if not self.cuda:
@@ -37,23 +49,38 @@ class BusyClock:
         ev.record(torch.cuda.current_stream(self.device))
         return ev
 
-    def end(self, began: Any) -> None:
+    def end(self, began: Any, label: dict | None = None) -> None:
+        """Close the span opened by `begin`; `label` (kept only with `spans`) describes it."""
+        label = label if self.keep_spans else None
         if not self.cuda:
-            self.busy += time.perf_counter() - began
+            now = time.perf_counter()
+            self.busy += now - began
+            if label is not None:
+                self.spans.append((began, now, label))
             return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(self.device))
-        self.spans.append((began, ev))
+        self.pending.append((began, ev, label))
 
-    def report(self) -> dict | None:
-        """Busy seconds since the last report, at most every `interval_s` (else None)."""
-        while self.spans and self.spans[0][1].query():
-            a, b = self.spans.popleft()
+    def unreported(self) -> bool:
+        """Whether labelled spans are waiting for a report."""
+        return self.keep_spans and bool(self.pending or self.spans)
+
+    def report(self, force: bool = False) -> dict | None:
+        """Busy seconds since the last report (and, with `spans`, the labelled spans), at most every
+        `interval_s` unless `force` (else None)."""
+        while self.pending and self.pending[0][1].query():
+            a, b, label = self.pending.popleft()
             self.busy += a.elapsed_time(b) / 1e3
+            if label is not None:
+                start = self._base_s + self._base.elapsed_time(a) / 1e3
+                self.spans.append((start, start + a.elapsed_time(b) / 1e3, label))
         now = time.monotonic()
-        if now - self.reported < self.interval_s:
+        if now - self.reported < self.interval_s and not force:
             return None
-        report = {"busy": self.busy, "elapsed": now - self.reported}
+        report: dict = {"busy": self.busy, "elapsed": now - self.reported}
+        if self.keep_spans:
+            report["spans"], self.spans = self.spans, []
         self.busy, self.reported = 0.0, now
         return report
 

@@ -36,6 +36,7 @@ from eet_pipe.runtime.step import (
 )
 from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError, free_port
 from eet_pipe.runtime.worker import WorkerArgs
+from eet_pipe.serving.step_trace import StepTrace
 
 __all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "resolve_setup", "stage_devices", "warmup_shapes"]
 
@@ -143,6 +144,8 @@ class StepDriver:
     def __init__(self) -> None:
         self.stage_busy: dict[int, float] = {}
         """Busy fraction of each stage over its last report interval (when the stage reports it)."""
+        self.trace: StepTrace | None = None
+        """Where the stages' step spans go (the server's `trace=`); set before `start`."""
 
     def spawn(self) -> None:
         """Start worker processes, if this driver has any (called on the main thread, before `start`)."""
@@ -169,11 +172,14 @@ class StepDriver:
 
     def _on_stats(self, rank: int, info: dict) -> None:
         self.stage_busy[rank] = info["busy"] / max(info["elapsed"], 1e-9)
+        if info.get("spans") and self.trace is not None:
+            self.trace.stage_spans(rank, info["spans"])
 
     def init_serving(self) -> None:
         """Allocate every stage's KV caches, then run one prefill + decode step as a warm-up."""
         s = self.setup
-        self.send(ServeInit(max_slots=s.max_slots, max_len=s.max_len, cuda_graphs=s.cuda_graphs))
+        self.send(ServeInit(max_slots=s.max_slots, max_len=s.max_len, cuda_graphs=s.cuda_graphs,
+                            trace=self.trace is not None))
         began = time.perf_counter()
         prompt = torch.arange(1, 5, dtype=torch.long) % s.cfg.vocab_size
         one = torch.zeros(1, dtype=torch.long)
@@ -294,4 +300,20 @@ class ServingEngine(StepDriver):
     def close(self) -> None:
         self._closed = True
         if self._sup is not None:
+            if self.trace is not None and not self._sup.closed:
+                self._drain_stats()
             self._sup.shutdown()
+
+    def _drain_stats(self, quiet_s: float = 0.2, limit_s: float = 2.0) -> None:
+        """Read the busy-time reports (with their trace spans) that idle stages sent after the last result,
+        until none came for `quiet_s` or `limit_s` passed; anything else read here is dropped (the
+        pipeline is closing)."""
+        deadline = time.monotonic() + limit_s
+        results = self._supervisor().results
+        while time.monotonic() < deadline:
+            try:
+                msg = results.get(timeout=quiet_s)
+            except Exception:  # noqa: BLE001 - empty, or closed under us: nothing more to read
+                return
+            if msg[0] == "stats":
+                self._on_stats(msg[1], msg[2])

@@ -79,6 +79,8 @@ class Scheduler:
         self.stopping, self.deadline = False, float("inf")
         self.on_failure = lambda message: None
         self.steps = 0
+        self.trace = getattr(driver, "trace", None)
+        """The step trace (`trace=`), which also records this thread's decisions; None when off."""
         self.thread = threading.Thread(target=self.run, name="eet_pipe-scheduler", daemon=True)
 
     # ---- called from the HTTP side (any thread) ----
@@ -150,6 +152,9 @@ class Scheduler:
         with self.lock:
             items = list(self.inbox)
             self.inbox.clear()
+        if self.trace is not None and items:
+            self.trace.instant("inbox", submits=sum(kind == "submit" for kind, _ in items),
+                               cancels=sum(kind == "cancel" for kind, _ in items))
         for kind, req in items:
             if kind == "cancel":
                 self._cancel(req)
@@ -218,6 +223,9 @@ class Scheduler:
         self.steps += 1
         self.inflight[g].append((self.steps, {s.slot: s for s in [*decode, *new]}))
         inits = {s.slot: SeqInit(s.params, self.eos_ids, s.request.logprobs) for s in new}
+        if self.trace is not None:
+            self.trace.instant("issue", step=self.steps, group=g, decode=len(decode), new=len(new),
+                               waiting=len(self.waiting))
         return StepCommand(group=g, parts=parts, new=inits, free=free, step=self.steps)
 
     def _on_result(self, payload: dict) -> None:
@@ -227,6 +235,9 @@ class Scheduler:
             raise RuntimeError(f"group {g}: result of step {payload['step']} arrived while step {step} was the "
                                "oldest in flight")
         self.metrics.steps.inc()
+        if self.trace is not None:
+            self.trace.instant("result", step=step, group=g, tokens=len(payload["tokens"]),
+                               finished=len(payload["finished"]))
         live = {slot: seq for slot, seq in members.items() if not seq.finished and not seq.request.cancelled}
         self.metrics.generation_tokens.inc(len(payload["tokens"]))
         for slot, token in payload["tokens"].items():

@@ -102,6 +102,3 @@ class ServeOptions(EngineOptions):
         if self.api_servers > 1 and self.port == 0:
             raise ValueError(f"api_servers={self.api_servers} with port=0: processes cannot share an arbitrary "
                              "free port; give a port number")
-        if self.trace is not None:
-            raise ValueError("trace= is not supported by the server (traces cover single engine calls); "
-                             "use PipelineEngine or `eet-pipe generate` for traces")

@@ -114,6 +114,8 @@ class Runtime:
         if scheduler is not None:
             scheduler.stop(self.opts.drain_timeout)
         self.driver.close()
+        if self.driver.trace is not None:
+            self.driver.trace.close()
         if self._loader is not None:
             self._loader.join(timeout=30.0)
         log.info("stopped")

@@ -1,0 +1,103 @@
+"""Where a server's time went, from its step trace (`python -m eet_pipe.serve ... trace=steps.json`).
+
+    python -m benchmarks.serve_trace steps.json            # the whole run (warm-up steps left out)
+
+Per stage: busy fraction of the window, time by kind of forward (decode / prompt, replayed from a CUDA
+graph or eager, and forwards that captured a graph), rows and padding, and the idle gaps between
+forwards; per window: steps, and what the scheduler issued. `benchmarks/serve_load.py trace=on` gives
+this per concurrency level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from typing import Any
+
+from eet_pipe.serving.step_trace import SCHEDULER_TID, read_step_trace
+
+GAP_S = 2e-4
+"""Idle time between two forwards of a stage that counts as a gap (shorter ones are launch latency)."""
+
+
+def _kind(label: dict) -> str:
+    if label.get("captured"):
+        return "capture"
+    return f"{label['kind']} {'graph' if label['graphed'] else 'eager'}"
+
+
+def summarize(events: list[dict], start: float | None = None, end: float | None = None) -> dict[str, Any]:
+    """The figures of the window [start, end] (perf_counter seconds; default: from the first to the last
+    forward of a served step, warm-up left out)."""
+    spans = [e for e in events if e.get("ph") == "X" and e["args"].get("step", 0) > 0]
+    if start is None:
+        start = min((e["ts"] for e in spans), default=0.0) / 1e6
+    if end is None:
+        end = max((e["ts"] + e["dur"] for e in spans), default=0.0) / 1e6
+    lo, hi = start * 1e6, end * 1e6
+    window = max(hi - lo, 1e-9)
+    stages: dict[str, Any] = {}
+    for tid in sorted({e["tid"] for e in spans}):
+        mine = sorted((e for e in spans if e["tid"] == tid and e["ts"] < hi and e["ts"] + e["dur"] > lo),
+                      key=lambda e: e["ts"])
+        kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        busy = 0.0
+        rows = padded_rows = prompt_tokens = prompt_padded = 0
+        decodes = 0
+        for e in mine:
+            dur = min(e["ts"] + e["dur"], hi) - max(e["ts"], lo)
+            busy += dur
+            k = kinds[_kind(e["args"])]
+            k[0] += 1
+            k[1] += dur / 1e3
+            a = e["args"]
+            if a["kind"] == "decode":
+                decodes += 1
+                rows += a["rows"]
+                padded_rows += a["padded_rows"]
+            else:
+                prompt_tokens += a["tokens"]
+                prompt_padded += a["padded_rows"] * a["padded_width"]
+        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(mine, mine[1:], strict=False)]
+        gaps = [g for g in gaps if g > GAP_S * 1e6]
+        stages[str(tid)] = {
+            "busy_fraction": busy / window, "forwards": len(mine),
+            "by_kind": {k: {"count": int(v[0]), "ms": v[1]} for k, v in sorted(kinds.items())},
+            "decode_rows_mean": rows / decodes if decodes else None,
+            "decode_padding": 1 - rows / padded_rows if padded_rows else None,
+            "prompt_tokens": prompt_tokens,
+            "prompt_padding": 1 - prompt_tokens / prompt_padded if prompt_padded else None,
+            "gaps": {"count": len(gaps), "ms": sum(gaps) / 1e3, "max_ms": max(gaps, default=0.0) / 1e3}}
+    issues = [e["args"] for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID
+              and e["name"] == "issue" and lo <= e["ts"] <= hi]
+    return {"window_s": window / 1e6, "steps": len({e["args"]["step"] for e in spans if lo <= e["ts"] <= hi}),
+            "stages": stages,
+            "issued": {"steps": len(issues), "decode_rows_mean": sum(a["decode"] for a in issues) / len(issues)
+                       if issues else None, "admitted": sum(a["new"] for a in issues),
+                       "with_prompts": sum(1 for a in issues if a["new"])}}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """A few lines for the console."""
+    lines = [f"{summary['window_s'] * 1e3:.0f} ms, {summary['steps']} steps; issued {summary['issued']['steps']} "
+             f"({summary['issued']['with_prompts']} with prompts, {summary['issued']['admitted']} admitted)"]
+    for tid, s in summary["stages"].items():
+        kinds = ", ".join(f"{k} {v['count']} / {v['ms']:.1f} ms" for k, v in s["by_kind"].items())
+        pad = "" if s["decode_padding"] is None else f", decode rows {s['decode_rows_mean']:.1f} " \
+                                                     f"(padding {s['decode_padding']:.0%})"
+        lines.append(f"  stage {tid}: busy {s['busy_fraction']:.0%}; {kinds}{pad}; gaps {s['gaps']['count']} "
+                     f"= {s['gaps']['ms']:.1f} ms (max {s['gaps']['max_ms']:.1f})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        raise SystemExit(__doc__)
+    summary = summarize(read_step_trace(sys.argv[1]))
+    print(describe(summary))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`benchmarks/serve_trace.summarize`: busy time, kinds, padding and gaps of a window of a step trace."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.serve_trace import summarize
+from eet_pipe.serving.step_trace import SCHEDULER_TID
+
+
+def _span(tid: int, start_ms: float, dur_ms: float, **label) -> dict:
+    args = {"step": 1, "group": 0, "chunk": 0, "kind": "decode", "rows": 3, "padded_rows": 4, "width": 1,
+            "padded_width": 1, "tokens": 3, "graphed": True, "captured": 0, **label}
+    return {"name": "x", "ph": "X", "pid": 1, "tid": tid, "ts": start_ms * 1e3, "dur": dur_ms * 1e3, "args": args}
+
+
+def test_a_window_is_summarised_per_stage():
+    events = [
+        _span(0, 0.0, 2.0, step=-1),  # warm-up: left out
+        _span(0, 10.0, 2.0, step=1),
+        _span(0, 12.1, 2.0, step=2),  # 0.1 ms after: launch latency, no gap
+        _span(0, 20.0, 4.0, step=3, kind="prompt", rows=2, padded_rows=2, width=5, padded_width=8, tokens=9,
+              graphed=False),
+        _span(0, 30.0, 5.0, step=4, captured=1),
+        _span(1, 11.0, 1.0, step=1),
+        {"name": "issue", "ph": "i", "pid": 1, "tid": SCHEDULER_TID, "ts": 9e3,
+         "args": {"step": 1, "group": 0, "decode": 3, "new": 0, "waiting": 0}},
+        {"name": "issue", "ph": "i", "pid": 1, "tid": SCHEDULER_TID, "ts": 19e3,
+         "args": {"step": 3, "group": 0, "decode": 0, "new": 2, "waiting": 1}},
+    ]
+    s = summarize(events, 0.010, 0.040)  # 30 ms
+    assert s["window_s"] == pytest.approx(0.030)
+    assert s["steps"] == 4
+    stage0 = s["stages"]["0"]
+    assert stage0["busy_fraction"] == pytest.approx(13 / 30)
+    assert stage0["by_kind"] == {"capture": {"count": 1, "ms": pytest.approx(5.0)},
+                                 "decode graph": {"count": 2, "ms": pytest.approx(4.0)},
+                                 "prompt eager": {"count": 1, "ms": pytest.approx(4.0)}}
+    assert stage0["decode_rows_mean"] == 3 and stage0["decode_padding"] == pytest.approx(0.25)
+    assert stage0["prompt_tokens"] == 9 and stage0["prompt_padding"] == pytest.approx(1 - 9 / 16)
+    assert stage0["gaps"] == {"count": 2, "ms": pytest.approx(5.9 + 6.0), "max_ms": pytest.approx(6.0)}
+    assert s["stages"]["1"]["busy_fraction"] == pytest.approx(1 / 30)
+    assert s["issued"] == {"steps": 1, "decode_rows_mean": 0.0, "admitted": 2, "with_prompts": 1}  # 9 ms is outside
+
+
+def test_spans_are_clipped_to_the_window():
+    s = summarize([_span(0, 0.0, 10.0), _span(0, 10.0, 10.0)], 0.005, 0.015)
+    assert s["stages"]["0"]["busy_fraction"] == pytest.approx(1.0)
+    whole = summarize([_span(0, 0.0, 10.0), _span(0, 15.0, 5.0)])
+    assert whole["window_s"] == pytest.approx(0.020) and whole["stages"]["0"]["busy_fraction"] == pytest.approx(0.75)
