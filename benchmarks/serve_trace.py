@@ -4,7 +4,9 @@
 
 Per stage: busy fraction of the window, time by kind of forward (decode / prompt, replayed from a CUDA
 graph or eager, and forwards that captured a graph), rows and padding, and the idle gaps between
-forwards; per window: steps, and what the scheduler issued. `benchmarks/serve_load.py trace=on` gives
+forwards; per window: steps, what the scheduler issued, how long admitted requests waited for their step
+(first in, first out), how long issued steps waited behind the ones queued before them, and how long a
+step's result took from its end on the last stage to the scheduler. `benchmarks/serve_load.py trace=on` gives
 this per concurrency level.
 """
 
@@ -69,19 +71,81 @@ def summarize(events: list[dict], start: float | None = None, end: float | None 
             "prompt_tokens": prompt_tokens,
             "prompt_padding": 1 - prompt_tokens / prompt_padded if prompt_padded else None,
             "gaps": {"count": len(gaps), "ms": sum(gaps) / 1e3, "max_ms": max(gaps, default=0.0) / 1e3}}
-    issues = [e["args"] for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID
-              and e["name"] == "issue" and lo <= e["ts"] <= hi]
+    issue_events = [e for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID
+                    and e["name"] == "issue" and lo <= e["ts"] <= hi]
+    issues = [e["args"] for e in issue_events]
     return {"window_s": window / 1e6, "steps": len({e["args"]["step"] for e in spans if lo <= e["ts"] <= hi}),
             "stages": stages,
             "issued": {"steps": len(issues), "decode_rows_mean": sum(a["decode"] for a in issues) / len(issues)
                        if issues else None, "admitted": sum(a["new"] for a in issues),
-                       "with_prompts": sum(1 for a in issues if a["new"])}}
+                       "with_prompts": sum(1 for a in issues if a["new"])},
+            "admission_wait_ms": _admission_waits(events, lo, hi),
+            "issue_to_start_ms": _issue_to_start(issue_events, spans),
+            "end_to_result_ms": _end_to_result(events, spans, lo, hi)}
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "max": None}
+    values = sorted(values)
+    return {"p50": values[len(values) // 2], "p90": values[min(len(values) - 1, int(len(values) * 0.9))],
+            "max": values[-1]}
+
+
+def _admission_waits(events: list[dict], lo: float, hi: float) -> dict[str, float | None]:
+    """Milliseconds from a request reaching the scheduler to the step that admits it, for the admissions in
+    [lo, hi] (µs), matching arrivals to admissions first in, first out (as the scheduler's queue is; a
+    request of n choices counts as its first)."""
+    arrivals: list[float] = []
+    waits: list[float] = []
+    taken = 0
+    scheduler = [e for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID]
+    arrival = "submit" if any(e["name"] == "submit" for e in scheduler) else "inbox"  # older traces: the drain
+    for e in sorted(scheduler, key=lambda e: e["ts"]):
+        if e["name"] == arrival:
+            arrivals += [e["ts"]] * e["args"].get("submits", 1)
+        elif e["name"] == "issue" and e["args"]["new"]:
+            admitted = arrivals[taken: taken + e["args"]["new"]]
+            taken += len(admitted)
+            if lo <= e["ts"] <= hi:
+                waits += [(e["ts"] - t) / 1e3 for t in admitted]
+    return _quantiles(waits)
+
+
+def _end_to_result(events: list[dict], spans: list[dict], lo: float, hi: float) -> dict[str, float | None]:
+    """Milliseconds from the end of a step's last forward on the last stage to the scheduler reading its
+    result (the tokens' copy to the host, the message, the wait for the scheduler thread)."""
+    last = max((e["tid"] for e in spans), default=0)
+    ends: dict[int, float] = {}
+    for e in spans:
+        if e["tid"] == last:
+            step = e["args"]["step"]
+            ends[step] = max(ends.get(step, 0.0), e["ts"] + e["dur"])
+    return _quantiles([(e["ts"] - ends[e["args"]["step"]]) / 1e3 for e in events
+                       if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID and e["name"] == "result"
+                       and lo <= e["ts"] <= hi and e["args"]["step"] in ends])
+
+
+def _issue_to_start(issues: list[dict], spans: list[dict]) -> dict[str, float | None]:
+    """Milliseconds from a step's issue to the start of its first forward on the first stage (its wait behind
+    the steps queued before it)."""
+    first: dict[int, float] = {}
+    for e in spans:
+        if e["tid"] == 0 and e["args"].get("chunk", 0) == 0:
+            step = e["args"]["step"]
+            first[step] = min(first.get(step, e["ts"]), e["ts"])
+    return _quantiles([(first[e["args"]["step"]] - e["ts"]) / 1e3 for e in issues if e["args"]["step"] in first])
 
 
 def describe(summary: dict[str, Any]) -> str:
     """A few lines for the console."""
+    wait, queued = summary["admission_wait_ms"], summary["issue_to_start_ms"]
     lines = [f"{summary['window_s'] * 1e3:.0f} ms, {summary['steps']} steps; issued {summary['issued']['steps']} "
-             f"({summary['issued']['with_prompts']} with prompts, {summary['issued']['admitted']} admitted)"]
+             f"({summary['issued']['with_prompts']} with prompts, {summary['issued']['admitted']} admitted)"
+             + ("" if wait["p50"] is None else f"; admission wait p50 {wait['p50']:.1f} / p90 {wait['p90']:.1f} ms")
+             + ("" if queued["p50"] is None else f"; issue to start p50 {queued['p50']:.1f} / p90 {queued['p90']:.1f} ms")
+             + ("" if summary["end_to_result_ms"]["p50"] is None else
+                f"; end to result p50 {summary['end_to_result_ms']['p50']:.1f} ms")]
     for tid, s in summary["stages"].items():
         kinds = ", ".join(f"{k} {v['count']} / {v['ms']:.1f} ms" for k, v in s["by_kind"].items())
         pad = "" if s["decode_padding"] is None else f", decode rows {s['decode_rows_mean']:.1f} " \

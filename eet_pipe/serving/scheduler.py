@@ -98,6 +98,8 @@ class Scheduler:
                                      f"slot (max_queue={self.max_queue}); retry later")
             self.queued += count
             self.inbox.append(("submit", request))
+            if self.trace is not None:
+                self.trace.instant("submit", sequences=count)
             self.metrics.queue_depth.set(self.queued)  # visible now, even while the scheduler waits on a step
         self.wake.set()
 

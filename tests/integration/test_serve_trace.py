@@ -52,6 +52,10 @@ def test_trace_records_every_step_of_every_stage(tmp_path):
     results = [e["args"] for e in events if e["ph"] == "i" and e["name"] == "result" and e["args"]["step"] in served]
     assert {a["step"] for a in results} == served
     assert any(e.get("tid") == SCHEDULER_TID and e["name"] == "inbox" and e["args"]["submits"] == 1 for e in events)
+    submits = [e for e in events if e.get("tid") == SCHEDULER_TID and e["name"] == "submit"]
+    assert [e["args"]["sequences"] for e in submits] == [1, 1]
+    first_issue = min(e["ts"] for e in events if e["ph"] == "i" and e["name"] == "issue" and e["args"]["step"] > 0)
+    assert submits[0]["ts"] <= first_issue
 
 
 def test_an_unclosed_trace_still_reads(tmp_path):

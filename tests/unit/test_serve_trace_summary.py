@@ -48,3 +48,24 @@ def test_spans_are_clipped_to_the_window():
     assert s["stages"]["0"]["busy_fraction"] == pytest.approx(1.0)
     whole = summarize([_span(0, 0.0, 10.0), _span(0, 15.0, 5.0)])
     assert whole["window_s"] == pytest.approx(0.020) and whole["stages"]["0"]["busy_fraction"] == pytest.approx(0.75)
+
+
+def _instant(name: str, ms: float, **args) -> dict:
+    return {"name": name, "ph": "i", "pid": 1, "tid": SCHEDULER_TID, "ts": ms * 1e3, "args": args}
+
+
+def test_waits_are_matched_first_in_first_out():
+    events = [
+        _instant("submit", 0.0, sequences=1), _instant("submit", 1.0, sequences=1), _instant("submit", 2.0, sequences=1),
+        _instant("issue", 5.0, step=1, group=0, decode=0, new=2, waiting=1),  # the first two: 5 and 4 ms
+        _instant("issue", 12.0, step=2, group=1, decode=0, new=1, waiting=0),  # the third: 10 ms
+        _span(0, 6.0, 3.0, step=1, kind="prompt", rows=2, padded_rows=2, width=4, padded_width=4, tokens=8),
+        _span(0, 13.0, 2.0, step=2, kind="prompt", rows=1, padded_rows=1, width=4, padded_width=4, tokens=4),
+        _instant("result", 9.5, step=1, group=0, tokens=2, finished=0),
+        _instant("result", 17.0, step=2, group=1, tokens=1, finished=0),
+    ]
+    s = summarize(events, 0.0, 0.020)
+    assert s["admission_wait_ms"] == {"p50": pytest.approx(5.0), "p90": pytest.approx(10.0), "max": pytest.approx(10.0)}
+    assert s["issue_to_start_ms"]["p50"] == pytest.approx(1.0) and s["issue_to_start_ms"]["max"] == pytest.approx(1.0)
+    assert s["end_to_result_ms"]["p50"] == pytest.approx(2.0) and s["end_to_result_ms"]["max"] == pytest.approx(2.0)
+    assert summarize(events, 0.010, 0.020)["admission_wait_ms"]["max"] == pytest.approx(10.0)  # only the second issue
