@@ -41,6 +41,10 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.offsets: dict[int, int] = {}
+        # a stream chunk without logprobs is this prefix, the choice's fields and a fixed tail: the same bytes
+        # as `sse` of the chunk's dict (compact separators, ASCII escapes), without building and encoding it
+        head = json.dumps(self._head(True), separators=(",", ":"))
+        self._chunk_prefix = f'data: {head[:-1]},"choices":[{{"index":'
 
     def _head(self, streaming: bool) -> dict:
         obj = self.object + (".chunk" if streaming and self.chat else "")
@@ -80,7 +84,9 @@ class ResponseBuilder:
         """The SSE chunk of a 'token' or 'finish' event (None when there is nothing to send)."""
         if ev.kind == "token" and not ev.text and not self.want_ids and not (self.want_logprobs and ev.logprobs):
             return None
-        lp = self.logprobs(ev.logprobs, ev.index) if ev.logprobs else None
+        if not ev.logprobs:
+            return self._plain_chunk(ev)
+        lp = self.logprobs(ev.logprobs, ev.index)
         if self.chat:
             delta = {"content": ev.text} if ev.text or ev.kind == "token" else {}
             choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
@@ -89,6 +95,17 @@ class ResponseBuilder:
         if self.want_ids:
             choice["token_ids"] = ev.token_ids
         return sse({**self._head(True), "choices": [choice]})
+
+    def _plain_chunk(self, ev: Event) -> str:
+        """`event_chunk` of an event without logprobs, from the precomputed prefix."""
+        text = json.dumps(ev.text)
+        if self.chat:
+            body = f'"delta":{{"content":{text}}}' if ev.text or ev.kind == "token" else '"delta":{}'
+        else:
+            body = f'"text":{text}'
+        reason = "null" if ev.finish_reason is None else json.dumps(ev.finish_reason)
+        ids = f',"token_ids":[{",".join(map(str, ev.token_ids))}]' if self.want_ids else ""
+        return f'{self._chunk_prefix}{ev.index},{body},"logprobs":null,"finish_reason":{reason}{ids}}}]}}\n\n'
 
     def usage_chunk(self, usage: dict) -> str:
         return sse({**self._head(True), "choices": [], "usage": usage})
