@@ -57,7 +57,8 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
   has kernels && timeout ${KERNELS_S:-120} python3 -m benchmarks.kernel_timings device=cuda:0 ${KERNELS_ARGS:-} out="$OUT_DIR/kernels" 2>&1 \
       | grep -v "it/s" | tail -60
   has serve && timeout ${SERVE_S:-300} python3 -m benchmarks.serve_load model=gpt2-xl stages=$NSTAGES \
-      concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
-      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -40
+      concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 trace=on \
+      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -60
+  has serve && gzip -f "$OUT_DIR/serve_load_trace.json"
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"
