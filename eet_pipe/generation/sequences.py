@@ -139,10 +139,13 @@ class IncrementalDecoder:
     """The text of a growing token list, decoding a short window per update instead of the whole list
     (which costs O(n) per token, O(n^2) per sequence).
 
-    The window starts at the first token not yet turned into final text (`prefix`); the text of its
-    already-read part (`tokens[prefix:read]`) is subtracted from the window's text. A window whose text
-    ends in an incomplete UTF-8 sequence waits for more tokens. `text` is the final text so far: the
-    full decode, less a trailing incomplete character.
+    The window is the context (`context`: the tokens that produced the last text, whose own decode is
+    `done`) plus the tokens not read yet; the window's text minus `done` is the new text. A window whose
+    text ends in an incomplete UTF-8 sequence waits for more tokens. Tokens that add no text at all
+    (special tokens a decoder skips, ids outside a byte vocabulary) are dropped from the window rather
+    than kept in it, so a long run of them does not make every later decode longer; they change no text
+    around them, so dropping them changes none. `text` is the final text so far: the full decode, less a
+    trailing incomplete character.
     """
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
@@ -150,27 +153,33 @@ class IncrementalDecoder:
         self.text = ""
         self.pending = ""
         """Complete characters decoded after `text` that wait for an incomplete one behind them."""
-        self.prefix = 0
+        self.context: list[int] = []
+        self.done = ""
         self.read = 0
+        """Tokens of the list taken into account so far."""
 
     def update(self, tokens: list[int]) -> str:
         """Take the tokens so far (the previous ones plus new ones); returns the text they added."""
-        window = self.decode(tokens[self.prefix:])
-        done = self.decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        new = tokens[self.read:]
+        window = self.decode(self.context + new)
+        done = self.done
         self.pending = ""
         if window.endswith("\ufffd"):  # an incomplete UTF-8 sequence may still become a character
             head = window.rstrip("\ufffd")
             self.pending = head[len(done):] if head.startswith(done) else ""
             return ""
         before = len(self.text)
-        if len(window) > len(done) and window.startswith(done):
+        if window == done:  # the new tokens add no text: leave them out of later windows
+            self.read = len(tokens)
+        elif window.startswith(done):
             self.text += window[len(done):]
-            self.prefix, self.read = self.read, len(tokens)
-        elif not window.startswith(done):  # the window's start decodes differently now: resynchronise
+            self.context, self.read = new, len(tokens)
+            self.done = self.decode(new)
+        else:  # the window's start decodes differently now: resynchronise
             full = self.decode(tokens)
             if full.startswith(self.text):
                 self.text = full
-            self.prefix = self.read = len(tokens)
+            self.context, self.done, self.read = [], "", len(tokens)
         return self.text[before:]
 
 

@@ -148,3 +148,40 @@ def test_stop_string_completed_by_a_token_that_ends_in_half_a_character() -> Non
     stream = TextStream(decode, [])
     shown = "".join(stream.update([0, 1, 2, 3][: n]) for n in range(1, 5))
     assert shown == "xab✓y" == decode([0, 1, 2, 3])
+
+
+def test_tokens_without_text_are_left_out_of_later_windows() -> None:
+    """Ids a byte vocabulary decodes to nothing (as random weights sample them) between real bytes: the deltas
+    still add up, and a long run of them does not lengthen every later decode."""
+    tok = ByteTokenizer()
+    rng = random.Random(1)
+    text = "héllo wörld ✓ 日本語 🙂 " * 10
+    ids: list[int] = []
+    for b in tok.encode(text):
+        ids += [rng.randrange(300, 50_000) for _ in range(rng.randrange(0, 12))] + [b]
+    ids += [301] * 200
+    decoded = []
+
+    def decode(window: list[int]) -> str:
+        decoded.append(len(window))
+        return tok.decode(window)
+
+    deltas, joined = _stream(decode, ids)
+    assert joined == text == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert max(decoded[:-1]) <= 48  # (runs inside an incomplete character wait with it); the last is `finish`
+    assert sum(decoded) < 12 * len(ids)  # every window from the last text on: 36 x
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_skipped_special_tokens_between_words_keep_the_spaces(kind: str) -> None:
+    tok = _bpe(kind)
+    unk = tok.token_to_id("<unk>")
+    rng = random.Random(2)
+    for text in TEXTS:
+        ids: list[int] = []
+        for i in tok.encode(text).ids:
+            ids += [unk] * rng.randrange(0, 4) + [i]
+        ids += [unk] * 30
+        decode = tok.decode  # skips special tokens
+        assert _stream(decode, ids)[1] == decode(ids), (kind, text)
