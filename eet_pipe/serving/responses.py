@@ -86,7 +86,10 @@ class ResponseBuilder:
             return None
         if not ev.logprobs:
             return self._plain_chunk(ev)
-        lp = self.logprobs(ev.logprobs, ev.index)
+        return self._dict_chunk(ev, self.logprobs(ev.logprobs, ev.index))
+
+    def _dict_chunk(self, ev: Event, lp: dict | None) -> str:
+        """The chunk of `ev` with the `logprobs` object `lp`, through its dict."""
         if self.chat:
             delta = {"content": ev.text} if ev.text or ev.kind == "token" else {}
             choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
@@ -97,7 +100,7 @@ class ResponseBuilder:
         return sse({**self._head(True), "choices": [choice]})
 
     def _plain_chunk(self, ev: Event) -> str:
-        """`event_chunk` of an event without logprobs, from the precomputed prefix."""
+        """`_dict_chunk(ev, None)`, from the precomputed prefix."""
         text = json.dumps(ev.text)
         if self.chat:
             body = f'"delta":{{"content":{text}}}' if ev.text or ev.kind == "token" else '"delta":{}'

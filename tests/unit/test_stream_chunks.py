@@ -3,22 +3,13 @@ gives through `sse`, for any text, ids, finish reason, model name and both endpo
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eet_pipe.serving.responses import ResponseBuilder, sse
 from eet_pipe.serving.sequences import Event
-
-
-def _from_dict(builder: ResponseBuilder, ev: Event) -> str:
-    if builder.chat:
-        delta = {"content": ev.text} if ev.text or ev.kind == "token" else {}
-        choice = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
-    else:
-        choice = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
-    if builder.want_ids:
-        choice["token_ids"] = ev.token_ids
-    return sse({**builder._head(True), "choices": [choice]})
 
 
 @settings(max_examples=300, deadline=None)
@@ -32,7 +23,9 @@ def test_a_chunk_is_the_dict_it_stands_for(chat, ids, model, kind, index, text, 
     if kind == "token" and not text and not ids:
         assert chunk is None
     else:
-        assert chunk == _from_dict(builder, ev)
+        assert chunk == builder._dict_chunk(ev, None)  # the dict path, which chunks with logprobs take
+        head = {**builder._head(True), "choices": [json.loads(chunk[6:])["choices"][0]]}
+        assert chunk == sse(head)
 
 
 def test_chunks_with_logprobs_still_carry_them():
