@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from benchmarks.common import environment, parse_args, write_json
-from benchmarks.serve_load import cpu_per_token, fmt_us, plot, sweep
+from benchmarks.serve_load import CpuProbe, plot, sweep
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
 from eet_pipe.runtime.slot_sampler import new_payload
@@ -121,32 +121,6 @@ def _serve(opts_dict: dict, port: int, step_ms: float) -> None:
     sys.exit(run_server(opts, InstantDriver(opts, step_ms)))
 
 
-class _CpuProbe:
-    """The step-loop process's CPU times for `sweep`; records the HTTP processes' at the same moments (the
-    children listening on the server's port, summed; the instant stage, standing in for the GPUs, is not
-    counted)."""
-
-    def __init__(self, server: psutil.Process, port: int) -> None:
-        self.server = server
-        self.http = [p for p in server.children() if any(
-            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
-        self.http_marks: list[float] = []
-
-    def cpu_times(self):
-        if self.http:
-            self.http_marks.append(sum(t.user + t.system for t in (p.cpu_times() for p in self.http)))
-        return self.server.cpu_times()
-
-    def annotate(self, levels: list[dict]) -> None:
-        for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
-                                          strict=False):
-            level["http_cpu_s"] = after - before
-            level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
-            print(f"concurrency {level['concurrency']:>4}: step-loop process "
-                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
-                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
-
-
 def main() -> None:
     opts = parse_args(DEFAULTS, QUICK)
     top = max(int(c) for c in opts["concurrency"])
@@ -171,7 +145,7 @@ def main() -> None:
         else:
             raise SystemExit("the server did not become ready in 120 s")
         opts["url"] = url
-        probe = _CpuProbe(server, port)
+        probe = CpuProbe(server, port)
         levels = sweep(url, {}, opts, probe)
         probe.annotate(levels)
     finally:

@@ -24,6 +24,10 @@ the engine's time per step. `reference=auto` (default) runs it when the script s
 itself; with `url=` pass `reference=on` and the server's model and engine options (`model`, `stages`,
 `server_args`) to measure it there too, or `reference=off`.
 
+When it starts the server, each level also records the CPU time per generated token of the engine process
+(scheduler and step loop) and of the HTTP process(es), apart (`server_cpu_us_per_token`,
+`http_cpu_us_per_token`): whether a host process, not the devices, limits the level.
+
 `trace=on` starts the server with a step trace (`<out>_trace.json`) and adds to each level where the
 stages' time went (`benchmarks/serve_trace.py`): busy fraction, forwards by kind (decode / prompt, CUDA
 graph or eager, graph captures), padding, idle gaps, and what the scheduler issued.
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from benchmarks.common import environment, parse_args, write_json
 from eet_pipe.serving.process import ServerProcess
@@ -316,6 +321,32 @@ def compare(levels: list[dict], reference: dict[int, dict]) -> None:
               file=sys.stderr)
 
 
+class CpuProbe:
+    """The engine (step-loop) process's CPU times for `sweep`; records the HTTP processes' at the same moments
+    (the children listening on the server's port, summed; workers, which drive the devices, are not
+    counted)."""
+
+    def __init__(self, server: psutil.Process, port: int) -> None:
+        self.server = server
+        self.http = [p for p in server.children() if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
+        self.http_marks: list[float] = []
+
+    def cpu_times(self):
+        if self.http:
+            self.http_marks.append(sum(t.user + t.system for t in (p.cpu_times() for p in self.http)))
+        return self.server.cpu_times()
+
+    def annotate(self, levels: list[dict]) -> None:
+        for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
+                                          strict=False):
+            level["http_cpu_s"] = after - before
+            level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
+            print(f"concurrency {level['concurrency']:>4}: step-loop process "
+                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
+                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
+
+
 def trace_levels(levels: list[dict], trace: Path) -> None:
     """Add each level's figures from the server's step trace (`benchmarks.serve_trace`), and print them."""
     from benchmarks.serve_trace import describe, summarize
@@ -380,7 +411,12 @@ def main() -> None:
         opts["url"] = server.url
     levels = []
     try:
-        levels = sweep(opts["url"], headers, opts)
+        probe = None
+        if server is not None:
+            probe = CpuProbe(psutil.Process(server.proc.pid), server.port)
+        levels = sweep(opts["url"], headers, opts, probe)
+        if probe is not None:
+            probe.annotate(levels)
         compare(levels, reference)
         metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
     finally:
