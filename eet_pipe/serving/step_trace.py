@@ -15,12 +15,15 @@ writes a few hundred bytes per step: trace measurement runs, not production.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 __all__ = ["StepTrace", "SCHEDULER_TID", "read_step_trace"]
+
+log = logging.getLogger("eet_pipe.serve")
 
 SCHEDULER_TID = 1000
 """Track of the scheduler's instants (stages use their rank)."""
@@ -48,9 +51,21 @@ class StepTrace:
         if self._file is None or not events:
             return
         text = ",\n".join(json.dumps(e, separators=(",", ":")) for e in events)
-        self._file.write(text if self._first else ",\n" + text)
+        try:
+            self._file.write(text if self._first else ",\n" + text)
+            self._file.flush()
+        except OSError as err:  # a full disk must not stop the server: the trace ends here
+            log.error("step trace %s: writing failed (%s); tracing stops, serving goes on", self.path, err)
+            self._abandon()
+            return
         self._first = False
-        self._file.flush()
+
+    def _abandon(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._file = None
 
     def stage_spans(self, rank: int, spans: list[tuple[float, float, dict]]) -> None:
         """Spans (start s, end s, label) of stage `rank`, as `BusyClock.report` gives them."""
@@ -75,8 +90,11 @@ class StepTrace:
         """Close the array and the file (idempotent)."""
         with self._lock:
             if self._file is not None:
-                self._file.write("\n]\n")
-                self._file.close()
+                try:
+                    self._file.write("\n]\n")
+                    self._file.close()
+                except OSError as err:
+                    log.error("step trace %s: closing failed (%s)", self.path, err)
                 self._file = None
 
 

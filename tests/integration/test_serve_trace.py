@@ -77,3 +77,23 @@ def test_an_unwritable_trace_path_is_refused_before_starting(tmp_path, capsys):
     assert serve_main(["model=tiny", f"trace={blocker}/steps.json"]) == 2
     err = capsys.readouterr().err
     assert "trace=" in err and "cannot be written" in err
+
+
+def test_a_trace_that_cannot_be_written_stops_without_stopping_anything(tmp_path, caplog):
+    trace = StepTrace(tmp_path / "t.json")
+
+    class Full:
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    trace._file = Full()
+    trace.instant("issue", step=1, group=0, decode=0, new=1, waiting=0)  # no exception reaches the caller
+    trace.stage_spans(0, [(1.0, 1.5, {"kind": "decode", "rows": 3, "width": 1, "step": 1})])
+    trace.close()
+    assert "tracing stops, serving goes on" in caplog.text and "No space left" in caplog.text
