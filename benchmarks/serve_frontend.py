@@ -31,7 +31,8 @@ import psutil
 import torch
 
 from benchmarks.common import environment, parse_args, write_json
-from benchmarks.serve_load import CpuProbe, plot, sweep
+from benchmarks.host_cpu import CpuProbe
+from benchmarks.serve_load import plot, sweep
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
 from eet_pipe.runtime.slot_sampler import new_payload

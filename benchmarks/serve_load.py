@@ -53,6 +53,7 @@ import httpx
 import psutil
 
 from benchmarks.common import environment, parse_args, write_json
+from benchmarks.host_cpu import CpuProbe, cpu_per_token, fmt_us
 from eet_pipe.serving.process import ServerProcess
 
 DEFAULTS = {"url": "", "concurrency": ["1", "4", "16", "64", "256"], "requests": 256, "waves": 4, "max_tokens": 64,
@@ -182,19 +183,6 @@ def run_level(url: str, headers: dict, concurrency: int, count: int, prompts: li
 
 CLIENT_SATURATED = 0.8
 """A client process busier than this share of a core may be what limits a level's throughput."""
-CPU_RESOLUTION_S = 3 / os.sysconf("SC_CLK_TCK")
-"""Process CPU times advance in clock ticks: a level that used less than three of them is not measured."""
-
-
-def cpu_per_token(cpu_s: float, tokens: int) -> float | None:
-    """CPU microseconds per token, or None when the level was too short for the clock to measure."""
-    return None if cpu_s < CPU_RESOLUTION_S or not tokens else cpu_s / tokens * 1e6
-
-
-def fmt_us(value: float | None) -> str:
-    return "   n/a" if value is None else f"{value:6.1f}"
-
-
 def sweep(url: str, headers: dict, opts: dict, server: Any = None) -> list[dict]:
     """Every concurrency level of `opts`, each with max(requests, waves x concurrency) requests, printed as
     it finishes. With `server` (a psutil.Process) each level also records that process's CPU time."""
@@ -321,43 +309,6 @@ def compare(levels: list[dict], reference: dict[int, dict]) -> None:
               file=sys.stderr)
 
 
-class CpuProbe:
-    """The engine (step-loop) process's CPU times for `sweep`; records the HTTP processes' at the same moments
-    (the children listening on the server's port, summed; workers, which drive the devices, are not
-    counted)."""
-
-    def __init__(self, server: psutil.Process, port: int) -> None:
-        self.server = server
-        self.http = [p for p in server.children() if any(
-            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))]
-        self.http_marks: list[float] = []
-
-    def cpu_times(self):
-        if self.http:
-            self.http_marks.append(sum(t.user + t.system for t in (p.cpu_times() for p in self.http)))
-        return self.server.cpu_times()
-
-    def annotate(self, levels: list[dict]) -> None:
-        for level, (before, after) in zip(levels, zip(self.http_marks[::2], self.http_marks[1::2], strict=True),
-                                          strict=False):
-            level["http_cpu_s"] = after - before
-            level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
-            print(f"concurrency {level['concurrency']:>4}: step-loop process "
-                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
-                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
-
-
-def trace_levels(levels: list[dict], trace: Path) -> None:
-    """Add each level's figures from the server's step trace (`benchmarks.serve_trace`), and print them."""
-    from benchmarks.serve_trace import describe, summarize
-    from eet_pipe.serving.step_trace import read_step_trace
-
-    events = read_step_trace(trace)
-    for level in levels:
-        level["trace"] = summarize(events, level["began_s"], level["ended_s"])
-        print(f"concurrency {level['concurrency']:>4}, trace: {describe(level['trace'])}", file=sys.stderr)
-
-
 def plot(levels: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -426,6 +377,8 @@ def main() -> None:
             log_copy.write_text(server.log_path.read_text(errors="replace"))
             print(f"server log: {log_copy}", file=sys.stderr)
     if trace is not None and levels:
+        from benchmarks.serve_trace import trace_levels
+
         trace_levels(levels, trace)
     out = Path(opts["out"])
     config = {k: v for k, v in opts.items() if k != "api_key"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from eet_pipe.serving.step_trace import SCHEDULER_TID, read_step_trace
@@ -153,6 +154,14 @@ def describe(summary: dict[str, Any]) -> str:
         lines.append(f"  stage {tid}: busy {s['busy_fraction']:.0%}; {kinds}{pad}; gaps {s['gaps']['count']} "
                      f"= {s['gaps']['ms']:.1f} ms (max {s['gaps']['max_ms']:.1f})")
     return "\n".join(lines)
+
+
+def trace_levels(levels: list[dict], trace: Path) -> None:
+    """Add each level's figures from the server's step trace (`summarize`), and print them."""
+    events = read_step_trace(trace)
+    for level in levels:
+        level["trace"] = summarize(events, level["began_s"], level["ended_s"])
+        print(f"concurrency {level['concurrency']:>4}, trace: {describe(level['trace'])}", file=sys.stderr)
 
 
 def main() -> None:
