@@ -56,10 +56,12 @@ class Scheduler:
     """Admission, slot assignment and step issuing for a `StepDriver`; see the module docstring."""
 
     def __init__(self, driver: StepDriver, max_queue: int, max_prefill_tokens: int, metrics: Metrics,
-                 ahead: int = AHEAD) -> None:
+                 ahead: int = AHEAD, prefill_wait: float = 0.0) -> None:
         setup = driver.setup
         self.driver, self.metrics, self.ahead = driver, metrics, max(1, ahead)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
+        self.prefill_wait = prefill_wait
+        """Seconds a partial admission may wait while other sequences keep the pipeline busy (see `_admit`)."""
         self.groups, self.eos_ids = setup.groups, setup.eos_ids
         self.free_slots = [deque(range(g, setup.max_slots, self.groups)) for g in range(self.groups)]
         self.running: list[dict[int, Sequence]] = [{} for _ in range(self.groups)]
@@ -176,22 +178,43 @@ class Scheduler:
         return True
 
     def _issue(self) -> None:
+        # with `prefill_wait`, partial admissions wait while some group still has tokens to issue
+        decoding = self.prefill_wait > 0 and any(s.issued < s.params.max_new_tokens
+                                                 for running in self.running for s in running.values())
         for g in range(self.groups):
             while len(self.inflight[g]) < self.ahead:
-                cmd = self._build(g)
+                cmd = self._build(g, decoding)
                 if cmd is None:
                     break
                 self.driver.send(cmd)
 
-    def _admit(self, g: int) -> list[Sequence]:
-        new: list[Sequence] = []
-        width = 0
-        while self.waiting and self.free_slots[g]:
-            seq = self.waiting[0]
+    def _admission(self, g: int) -> tuple[int, bool]:
+        """How many waiting sequences one prefill part of group g takes (within `max_prefill_tokens` and
+        the group's free slots), and whether that part is full (a limit stopped it, not the queue's end)."""
+        count = width = 0
+        free = len(self.free_slots[g])
+        for seq in self.waiting:
+            if count == free:
+                return count, True
             width = max(width, len(seq.prompt))
-            if new and (len(new) + 1) * width > self.max_prefill_tokens:
-                break
-            self.waiting.popleft()
+            if count and (count + 1) * width > self.max_prefill_tokens:
+                return count, True
+            count += 1
+        return count, count == free
+
+    def _admit(self, g: int, decoding: bool = False) -> list[Sequence]:
+        """Waiting sequences admitted into group g's free slots, as one prefill part. While `decoding` (some
+        group still has tokens to issue), a part that is not full waits until its oldest sequence has
+        waited `prefill_wait` seconds: each prefill part is a full pass over the weights, so many small
+        ones cost more than one full one, and sequences admitted together finish together, so the next
+        admissions come together too. An idle pipeline admits at once."""
+        count, full = self._admission(g)
+        if (count and decoding and not full
+                and time.monotonic() - self.waiting[0].request.arrival < self.prefill_wait):
+            return []
+        new: list[Sequence] = []
+        for _ in range(count):
+            seq = self.waiting.popleft()
             seq.slot = self.free_slots[g].popleft()
             self.running[g][seq.slot] = seq
             new.append(seq)
@@ -200,9 +223,9 @@ class Scheduler:
             self.free_total -= len(new)
         return new
 
-    def _build(self, g: int) -> StepCommand | None:
+    def _build(self, g: int, decoding: bool = False) -> StepCommand | None:
         decode = [s for s in self.running[g].values() if s.issued < s.params.max_new_tokens]
-        new = self._admit(g)
+        new = self._admit(g, decoding)
         parts = []
         if decode:
             parts.append(StepPart(slots=torch.tensor([s.slot for s in decode]), tokens=None,

@@ -35,6 +35,9 @@ class ServeOptions(EngineOptions):
     """Sequences waiting for a slot before new requests get 429."""
     max_prefill_tokens: int = 4096
     """Padded prompt tokens admitted into one step (at least one prompt always is)."""
+    prefill_wait: float = 0.0
+    """Seconds waiting prompts may be held back, while other sequences keep the pipeline busy, until they
+    fill a prefill part (`max_prefill_tokens`, or the group's free slots). 0 admits at once."""
     warmup: bool = True
     """Before reporting ready, run every step shape the server can replay from CUDA graphs twice (once eagerly,
     once to capture it): a decode part per batch bucket, a prompt part per batch and width bucket up to the
@@ -75,6 +78,7 @@ class ServeOptions(EngineOptions):
             ("max_slots", self.max_slots >= 1, ">= 1"),
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
+            ("prefill_wait", 0 <= self.prefill_wait <= 10, "0..10 seconds"),
             ("max_n", self.max_n >= 1, ">= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
             ("max_stops", self.max_stops >= 0, ">= 0"),

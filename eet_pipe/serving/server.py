@@ -75,7 +75,7 @@ class Runtime:
                 return
             self.setup = self.driver.setup
             self.scheduler = Scheduler(self.wrap(self.driver), self.opts.max_queue, self.opts.max_prefill_tokens,
-                                       self.metrics)
+                                       self.metrics, prefill_wait=self.opts.prefill_wait)
             self.scheduler.on_failure = self.fail
             self.scheduler.thread.start()
             self.status, self.message = "ready", ""

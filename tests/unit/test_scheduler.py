@@ -274,3 +274,48 @@ def test_a_per_sequence_error_fails_that_request_only():
     assert client.ended.wait(10) and client.tokens() == reference([6], 5)
     sched.stop(1.0)
     assert driver.problems == []
+
+
+class AdmissionLog(FakePipeline):
+    """Records when each command admitted sequences, and how many."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.admissions: list[tuple[float, int]] = []
+
+    def send(self, cmd) -> None:
+        if cmd.new:
+            self.admissions.append((time.monotonic(), len(cmd.new)))
+        super().send(cmd)
+
+
+def long_request() -> tuple[GenRequest, Client]:
+    client = Client()
+    params = [SamplingParams(max_new_tokens=10**6, ignore_eos=True)]
+    return GenRequest([[1, 2]], params, 1, decode, client), client
+
+
+def test_prefill_wait_holds_a_partial_admission_while_the_pipeline_decodes_and_admits_full_parts_at_once():
+    driver = AdmissionLog(slots=4, groups=1)
+    sched = Scheduler(driver, max_queue=8, max_prefill_tokens=4096, metrics=Metrics(), prefill_wait=0.5)
+    sched.thread.start()
+    idle_began = time.monotonic()
+    long, long_client = long_request()
+    sched.submit(long)  # an idle pipeline admits at once
+    wait_for(lambda: len(long_client.tokens()) >= 2)
+    assert driver.admissions[0][0] - idle_began < 0.4
+    partial_began = time.monotonic()
+    short, short_client = request([4, 5], max_tokens=3)
+    sched.submit(short)  # 1 of 3 free slots while the long request decodes: waits prefill_wait
+    assert short_client.ended.wait(10) and short_client.tokens() == reference([4, 5], 3)
+    assert driver.admissions[1][1] == 1 and driver.admissions[1][0] - partial_began >= 0.5
+    wait_for(lambda: sched.free_total == 3)
+    full_began = time.monotonic()
+    full, full_client = request([7, 8], max_tokens=4, n=3)  # three sequences fill the group's free slots
+    sched.submit(full)
+    assert full_client.ended.wait(10)
+    assert [full_client.tokens(k) for k in range(3)] == [reference([7, 8], 4)] * 3
+    assert driver.admissions[2][1] == 3 and driver.admissions[2][0] - full_began < 0.4
+    sched.cancel(long)
+    sched.stop(1.0)
+    assert driver.problems == [] and long_client.error is None
