@@ -179,8 +179,9 @@ class Scheduler:
 
     def _issue(self) -> None:
         # with `prefill_wait`, partial admissions wait while some group still has tokens to issue
-        decoding = self.prefill_wait > 0 and any(s.issued < s.params.max_new_tokens
-                                                 for running in self.running for s in running.values())
+        # (not while stopping: the drain deadline would end the held-back requests)
+        decoding = self.prefill_wait > 0 and not self.stopping and any(
+            s.issued < s.params.max_new_tokens for running in self.running for s in running.values())
         for g in range(self.groups):
             while len(self.inflight[g]) < self.ahead:
                 cmd = self._build(g, decoding)
@@ -190,7 +191,7 @@ class Scheduler:
 
     def _admission(self, g: int) -> tuple[int, bool]:
         """How many waiting sequences one prefill part of group g takes (within `max_prefill_tokens` and
-        the group's free slots), and whether that part is full (a limit stopped it, not the queue's end)."""
+        the group's free slots), and whether that part is full (no further prompt as wide could join it)."""
         count = width = 0
         free = len(self.free_slots[g])
         for seq in self.waiting:
@@ -200,7 +201,7 @@ class Scheduler:
             if count and (count + 1) * width > self.max_prefill_tokens:
                 return count, True
             count += 1
-        return count, count == free
+        return count, count == free or (count + 1) * width > self.max_prefill_tokens
 
     def _admit(self, g: int, decoding: bool = False) -> list[Sequence]:
         """Waiting sequences admitted into group g's free slots, as one prefill part. While `decoding` (some

@@ -319,3 +319,25 @@ def test_prefill_wait_holds_a_partial_admission_while_the_pipeline_decodes_and_a
     sched.cancel(long)
     sched.stop(1.0)
     assert driver.problems == [] and long_client.error is None
+
+
+def test_prefill_wait_admits_at_once_a_prompt_no_other_could_join_and_everything_when_stopping():
+    driver = AdmissionLog(slots=4, groups=1)
+    sched = Scheduler(driver, max_queue=8, max_prefill_tokens=8, metrics=Metrics(), prefill_wait=5.0)
+    sched.thread.start()
+    long, long_client = long_request()
+    sched.submit(long)
+    wait_for(lambda: len(long_client.tokens()) >= 2)
+    wide_began = time.monotonic()
+    wide, wide_client = request([1, 2, 3, 4, 5, 6], max_tokens=3)  # 2 x 6 > 8 tokens: nothing can join it
+    sched.submit(wide)
+    assert wide_client.ended.wait(10) and wide_client.tokens() == reference([1, 2, 3, 4, 5, 6], 3)
+    assert driver.admissions[1][0] - wide_began < 2.0
+    wait_for(lambda: sched.free_total == 3)
+    short, short_client = request([4, 5], max_tokens=3)  # a partial part: held back while the long one decodes
+    sched.submit(short)
+    wait_for(lambda: sched.queued == 1 and len(sched.waiting) == 1)
+    threading.Thread(target=sched.stop, args=(1.0,), daemon=True).start()
+    assert short_client.ended.wait(10)  # a stopping server admits at once: the drain finishes it
+    assert short_client.error is None and short_client.tokens() == reference([4, 5], 3)
+    assert long_client.ended.wait(10) and long_client.error.status == 503  # the drain deadline ends it
