@@ -72,17 +72,18 @@ def summarize(events: list[dict], start: float | None = None, end: float | None 
             "prompt_tokens": prompt_tokens,
             "prompt_padding": 1 - prompt_tokens / prompt_padded if prompt_padded else None,
             "gaps": {"count": len(gaps), "ms": sum(gaps) / 1e3, "max_ms": max(gaps, default=0.0) / 1e3}}
-    issue_events = [e for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID
-                    and e["name"] == "issue" and lo <= e["ts"] <= hi]
+    scheduler = sorted((e for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID),
+                       key=lambda e: e["ts"])
+    issue_events = [e for e in scheduler if e["name"] == "issue" and lo <= e["ts"] <= hi]
     issues = [e["args"] for e in issue_events]
     return {"window_s": window / 1e6, "steps": len({e["args"]["step"] for e in spans if lo <= e["ts"] <= hi}),
             "stages": stages,
             "issued": {"steps": len(issues), "decode_rows_mean": sum(a["decode"] for a in issues) / len(issues)
                        if issues else None, "admitted": sum(a["new"] for a in issues),
                        "with_prompts": sum(1 for a in issues if a["new"])},
-            "admission_wait_ms": _admission_waits(events, lo, hi),
+            "admission_wait_ms": _admission_waits(scheduler, lo, hi),
             "issue_to_start_ms": _issue_to_start(issue_events, spans),
-            "end_to_result_ms": _end_to_result(events, spans, lo, hi)}
+            "end_to_result_ms": _end_to_result(scheduler, spans, lo, hi)}
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
@@ -93,16 +94,15 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
             "max": values[-1]}
 
 
-def _admission_waits(events: list[dict], lo: float, hi: float) -> dict[str, float | None]:
+def _admission_waits(scheduler: list[dict], lo: float, hi: float) -> dict[str, float | None]:
     """Milliseconds from a request reaching the scheduler to the step that admits it, for the admissions in
     [lo, hi] (µs), matching arrivals to admissions first in, first out (as the scheduler's queue is; a
-    request of n choices counts as its first)."""
+    request of n choices counts as its first). `scheduler`: the scheduler's instants in time order."""
     arrivals: list[float] = []
     waits: list[float] = []
     taken = 0
-    scheduler = [e for e in events if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID]
     arrival = "submit" if any(e["name"] == "submit" for e in scheduler) else "inbox"  # older traces: the drain
-    for e in sorted(scheduler, key=lambda e: e["ts"]):
+    for e in scheduler:
         if e["name"] == arrival:
             arrivals += [e["ts"]] * e["args"].get("submits", 1)
         elif e["name"] == "issue" and e["args"]["new"]:
@@ -113,7 +113,7 @@ def _admission_waits(events: list[dict], lo: float, hi: float) -> dict[str, floa
     return _quantiles(waits)
 
 
-def _end_to_result(events: list[dict], spans: list[dict], lo: float, hi: float) -> dict[str, float | None]:
+def _end_to_result(scheduler: list[dict], spans: list[dict], lo: float, hi: float) -> dict[str, float | None]:
     """Milliseconds from the end of a step's last forward on the last stage to the scheduler reading its
     result (the tokens' copy to the host, the message, the wait for the scheduler thread)."""
     last = max((e["tid"] for e in spans), default=0)
@@ -122,9 +122,8 @@ def _end_to_result(events: list[dict], spans: list[dict], lo: float, hi: float) 
         if e["tid"] == last:
             step = e["args"]["step"]
             ends[step] = max(ends.get(step, 0.0), e["ts"] + e["dur"])
-    return _quantiles([(e["ts"] - ends[e["args"]["step"]]) / 1e3 for e in events
-                       if e.get("ph") == "i" and e.get("tid") == SCHEDULER_TID and e["name"] == "result"
-                       and lo <= e["ts"] <= hi and e["args"]["step"] in ends])
+    return _quantiles([(e["ts"] - ends[e["args"]["step"]]) / 1e3 for e in scheduler
+                       if e["name"] == "result" and lo <= e["ts"] <= hi and e["args"]["step"] in ends])
 
 
 def _issue_to_start(issues: list[dict], spans: list[dict]) -> dict[str, float | None]:
