@@ -203,7 +203,7 @@ class Scheduler:
             count += 1
         return count, count == free or (count + 1) * width > self.max_prefill_tokens
 
-    def _admit(self, g: int, decoding: bool = False) -> list[Sequence]:
+    def _admit(self, g: int, decoding: bool) -> list[Sequence]:
         """Waiting sequences admitted into group g's free slots, as one prefill part. While `decoding` (some
         group still has tokens to issue), a part that is not full waits until its oldest sequence has
         waited `prefill_wait` seconds: each prefill part is a full pass over the weights, so many small
@@ -224,7 +224,7 @@ class Scheduler:
             self.free_total -= len(new)
         return new
 
-    def _build(self, g: int, decoding: bool = False) -> StepCommand | None:
+    def _build(self, g: int, decoding: bool) -> StepCommand | None:
         decode = [s for s in self.running[g].values() if s.issued < s.params.max_new_tokens]
         new = self._admit(g, decoding)
         parts = []
