@@ -62,7 +62,7 @@ def make_driver(opts: ServeOptions) -> StepDriver:
         from eet_pipe.serving.step_trace import StepTrace
 
         try:
-            driver.trace = StepTrace(opts.trace)
+            driver.trace = StepTrace(opts.trace, max_bytes=opts.trace_max_mb << 20)
         except OSError as err:
             raise ValueError(f"trace={opts.trace!r} cannot be written: {err.strerror or err}") from None
     return driver

@@ -38,6 +38,9 @@ class ServeOptions(EngineOptions):
     prefill_wait: float = 0.0
     """Seconds waiting prompts may be held back, while other sequences keep the pipeline busy, until they
     fill a prefill part (`max_prefill_tokens`, or the group's free slots). 0 admits at once."""
+    trace_max_mb: int = 1024
+    """Largest size of the `trace` file in MiB: at this size the trace is closed (a complete JSON array) and
+    serving goes on untraced."""
     warmup: bool = True
     """Before reporting ready, run every step shape the server can replay from CUDA graphs twice (once eagerly,
     once to capture it): a decode part per batch bucket, a prompt part per batch and width bucket up to the
@@ -79,6 +82,7 @@ class ServeOptions(EngineOptions):
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("prefill_wait", 0 <= self.prefill_wait <= 10, "0..10 seconds"),
+            ("trace_max_mb", self.trace_max_mb >= 1, ">= 1 (MiB)"),
             ("max_n", self.max_n >= 1, ">= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
             ("max_stops", self.max_stops >= 0, ">= 0"),

@@ -9,7 +9,8 @@ Under torchrun the middle ranks report busy time only: their spans are missing.
 
 The file is a JSON array written one event per line and closed when the server stops; a server that
 dies leaves it without its closing bracket, which Perfetto and chrome://tracing accept. A busy server
-writes a few hundred bytes per step: trace measurement runs, not production.
+writes a few hundred bytes per step (about 1 GB an hour at a thousand steps a second): the file is closed
+when it reaches `max_bytes` (the server's `trace_max_mb`), and serving goes on untraced.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ SCHEDULER_TID = 1000
 class StepTrace:
     """Thread-safe writer of the step trace (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 1 << 30) -> None:
+        if max_bytes < 1024:
+            raise ValueError(f"StepTrace: max_bytes must be >= 1024, got {max_bytes}")
         self.path = Path(path)
+        self.max_bytes = max_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: Any = self.path.open("w")
         self._lock = threading.Lock()
         self._named: set[int] = set()
         self._first = True
         self._file.write("[\n")
+        self._size = 2
         self._write([{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "eet_pipe serve"}},
                      self._thread_name(SCHEDULER_TID, "scheduler")])
 
@@ -51,14 +56,22 @@ class StepTrace:
         if self._file is None or not events:
             return
         text = ",\n".join(json.dumps(e, separators=(",", ":")) for e in events)
+        if not self._first:
+            text = ",\n" + text
+        if self._size + len(text) + 3 > self.max_bytes:  # 3: the closing "\n]\n"
+            log.warning("step trace %s: reached its limit of %d bytes; the trace ends here, serving goes on",
+                        self.path, self.max_bytes)
+            self._close()
+            return
         try:
-            self._file.write(text if self._first else ",\n" + text)
+            self._file.write(text)
             self._file.flush()
         except OSError as err:  # a full disk must not stop the server: the trace ends here
             log.error("step trace %s: writing failed (%s); tracing stops, serving goes on", self.path, err)
             self._abandon()
             return
         self._first = False
+        self._size += len(text)
 
     def _abandon(self) -> None:
         try:
@@ -89,13 +102,16 @@ class StepTrace:
     def close(self) -> None:
         """Close the array and the file (idempotent)."""
         with self._lock:
-            if self._file is not None:
-                try:
-                    self._file.write("\n]\n")
-                    self._file.close()
-                except OSError as err:
-                    log.error("step trace %s: closing failed (%s)", self.path, err)
-                self._file = None
+            self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.write("\n]\n")
+                self._file.close()
+            except OSError as err:
+                log.error("step trace %s: closing failed (%s)", self.path, err)
+            self._file = None
 
 
 def read_step_trace(path: str | Path) -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 
 from eet_pipe.serve import main as serve_main
 from eet_pipe.serving.process import ServerProcess
+from eet_pipe.serving.serve_options import ServeOptions
 from eet_pipe.serving.step_trace import SCHEDULER_TID, StepTrace, read_step_trace
 
 
@@ -97,3 +98,26 @@ def test_a_trace_that_cannot_be_written_stops_without_stopping_anything(tmp_path
     trace.stage_spans(0, [(1.0, 1.5, {"kind": "decode", "rows": 3, "width": 1, "step": 1})])
     trace.close()
     assert "tracing stops, serving goes on" in caplog.text and "No space left" in caplog.text
+
+
+def test_a_trace_at_its_size_limit_is_closed_complete_and_stops(tmp_path, caplog):
+    trace = StepTrace(tmp_path / "t.json", max_bytes=4096)
+    span = {"kind": "decode", "rows": 3, "width": 1, "step": 1}
+    for step in range(200):  # about 150 bytes each: far past the limit
+        trace.stage_spans(0, [(step * 1e-3, step * 1e-3 + 5e-4, dict(span, step=step))])
+    size = (tmp_path / "t.json").stat().st_size
+    assert 3000 < size <= 4096
+    events = json.loads((tmp_path / "t.json").read_text())  # closed: a complete JSON array as it stands
+    steps = [e["args"]["step"] for e in events if e["ph"] == "X"]
+    assert steps == list(range(len(steps))) and 10 < len(steps) < 200
+    assert "reached its limit of 4096 bytes" in caplog.text and "serving goes on" in caplog.text
+    trace.instant("issue", step=1, group=0, decode=0, new=1, waiting=0)  # later events are dropped quietly
+    trace.close()
+    assert (tmp_path / "t.json").stat().st_size == size
+
+
+def test_the_trace_size_limit_is_an_option_with_a_range():
+    with pytest.raises(ValueError, match="trace_max_mb"):
+        ServeOptions(trace_max_mb=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        StepTrace("/nonexistent/never-created.json", max_bytes=10)
