@@ -32,13 +32,17 @@ from eet_pipe.runtime.upload import Uploader
 from eet_pipe.schedule import Action, Op
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
-           "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
+           "pad_part", "prefill_width", "serve_command", "next_command", "SERVE_COMMANDS", "PAD_ENV",
            "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows", "prefill_graph_tokens", "span_label"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
 STATS_INTERVAL_S = 1.0
 """How often a worker reports its busy time (a ("stats", rank, {...}) message)."""
+
+RESULT_POLL_S = 1e-4
+"""How often a last stage with steps in flight checks whether the oldest one's tokens reached the host
+(between checks it waits for a command)."""
 
 MAX_PENDING_SENDS = 8
 """Asynchronous sends kept in flight before the oldest is waited for."""
@@ -406,9 +410,9 @@ class ServeState:
 
 def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCommand) -> tuple[ServeState, list[tuple]]:
     """Execute a serving command on a worker; returns the (new) state and messages for the driver:
-    ("result", rank, payload, []) from the last stage for every step whose tokens reached the host
-    (one step late on GPU: call `serve_idle` when no command is waiting), ("stats", rank, {"busy",
-    "elapsed"}) now and then."""
+    ("result", rank, payload, []) from the last stage for every step whose tokens reached the host (on GPU
+    the later ones are sent by `next_command` as they arrive), ("stats", rank, {"busy", "elapsed"}) now
+    and then."""
     rank = stage.ctx.rank
     if isinstance(cmd, ServeInit):
         return ServeState(stage, cmd), []
@@ -422,27 +426,37 @@ def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCom
     return state, messages
 
 
-def serve_idle(state: ServeState | None) -> list[tuple]:
-    """Messages of every step whose tokens the host has not read yet (waits for their copies); when the
-    stage traces, then its spans so far (waits for its device)."""
-    if state is None:
-        return []
-    messages: list[tuple] = [("result", state.rank, p, []) for p in state.results(block=True)] if state.pending else []
-    if state.clock.unreported():
-        if state.device.type == "cuda":
-            torch.cuda.current_stream(state.device).synchronize()
-        messages.append(("stats", state.rank, state.clock.report(force=True)))
-    return messages
+def _flush_spans(state: ServeState, emit: Callable[[tuple], None]) -> None:
+    """A tracing stage that fell idle: its spans so far (waits for its device)."""
+    if state.device.type == "cuda":
+        torch.cuda.current_stream(state.device).synchronize()
+    emit(("stats", state.rank, state.clock.report(force=True)))
 
 
 def next_command(get: Callable[..., Any], get_nowait: Callable[[], Any], state: ServeState | None,
                  emit: Callable[[tuple], None]) -> Any:
-    """The next command of a worker's queue; while none is waiting, the results of steps already run
-    are read (waiting for the device) and emitted first, so a result never waits for a later command."""
-    if state is not None and (state.pending or state.clock.unreported()):
+    """The next command of a worker's queue. While steps whose tokens the host has not read are in flight
+    (the last stage on a GPU), each step's result is emitted as soon as its tokens reach the host (checked
+    every RESULT_POLL_S) and a command is returned as soon as one arrives: the scheduler issues a group's
+    next step when that group's oldest step ends, while the device still works on the steps queued behind
+    it (a result held back until the queue ran dry left the device idle while the next command was
+    built and sent). A tracing stage that falls idle sends its spans before it waits."""
+    while state is not None and state.pending:
+        for p in state.results(block=False):
+            emit(("result", state.rank, p, []))
+        if not state.pending:
+            break
         try:
             return get_nowait()
         except queue.Empty:
-            for msg in serve_idle(state):
-                emit(msg)
+            pass
+        try:
+            return get(timeout=RESULT_POLL_S)
+        except queue.Empty:
+            continue
+    if state is not None and state.clock.unreported():
+        try:
+            return get_nowait()
+        except queue.Empty:
+            _flush_spans(state, emit)
     return get()
