@@ -104,7 +104,7 @@ def test_table_counters_advance_per_sampled_row_only():
 
 def test_slot_sampler_fails_one_slot_and_keeps_the_others():
     from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
-    from eet_pipe.runtime.step import SeqInit
+    from eet_pipe.runtime.step_parts import SeqInit
 
     def decode(ids):
         if 13 in ids:
