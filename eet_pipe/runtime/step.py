@@ -216,15 +216,14 @@ class ServeState:
                 else:
                     x = local.pop((c, i))
                 began = self.clock.begin()
-                captures = self.graphs.captures if self.graphs is not None else 0
+                captures = self._captures()
                 # a prompt part's last chunk computes the logits of each row's last token only
                 y = self.stage.run_chunk(c, x, metas[i], self.graphs if graphed[i] else None, self.caches.get(c),
                                          last=lasts[i] if c == self.last_chunk else None, graph_prefill=True)
                 if c == self.last_chunk:
                     logits.append(y[: sizes[i], 0])  # rows past sizes[i] are bucket padding
                 self.clock.end(began, self.clock.keep_spans and span_label(
-                    cmd, cmd.parts[i], parts[i], c, graphed[i],
-                    (self.graphs.captures if self.graphs is not None else 0) - captures))
+                    cmd, cmd.parts[i], parts[i], c, graphed[i], self._captures() - captures))
                 self.stage.tick()
                 if c == self.last_chunk:
                     continue
@@ -244,6 +243,10 @@ class ServeState:
             self._feed_back(cmd.group, tokens, real)
         elif self.is_first:
             self._feed_back(cmd.group, torch.empty(0), real)
+
+    def _captures(self) -> int:
+        """CUDA graphs this stage has captured so far (a traced forward that captured one says so)."""
+        return self.graphs.captures if self.graphs is not None else 0
 
     def _padded(self, part: StepPart) -> tuple[StepPart, bool]:
         """The part padded to its bucket when padding is on, and whether it replays CUDA graphs: a decode
