@@ -43,25 +43,25 @@ class _State:
 
 def test_each_result_leaves_when_its_step_ends():
     now = time.monotonic()
-    state = _State([now + 0.05, now + 0.3, now + 0.6])
+    state = _State([now + 0.1, now + 0.6, now + 1.2])
     commands: queue.Queue = queue.Queue()
     emitted: list[tuple[float, int]] = []
 
     def emit(msg: tuple) -> None:
         emitted.append((time.monotonic() - now, msg[2]["step"]))
         if msg[2]["step"] == 0:  # the scheduler answers the first result with the group's next step
-            threading.Timer(0.02, commands.put, ["next"]).start()
+            threading.Timer(0.04, commands.put, ["next"]).start()
 
     assert next_command(commands.get, commands.get_nowait, state, emit) == "next"
     # step 0 left on its own, long before step 1 ended; the command came back without waiting for step 1
     assert [s for _, s in emitted] == [0]
-    assert emitted[0][0] < 0.25
-    assert time.monotonic() - now < 0.25 and len(state.pending) == 2
-    threading.Timer(0.8, commands.put, ["last"]).start()
+    assert emitted[0][0] < 0.5
+    assert time.monotonic() - now < 0.5 and len(state.pending) == 2
+    threading.Timer(1.6, commands.put, ["last"]).start()
     assert next_command(commands.get, commands.get_nowait, state, emit) == "last"
     # each of the other two left at its own end, not together with the last one
     assert [s for _, s in emitted] == [0, 1, 2]
-    assert 0.3 <= emitted[1][0] < 0.55 and 0.6 <= emitted[2][0] < 0.8
+    assert 0.6 <= emitted[1][0] < 1.1 and 1.2 <= emitted[2][0] < 1.6
 
 
 def test_a_waiting_command_comes_first_and_idle_tracing_stages_flush_their_spans():
