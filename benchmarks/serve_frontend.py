@@ -35,8 +35,8 @@ from benchmarks.host_cpu import CpuProbe
 from benchmarks.serve_load import plot, sweep
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
-from eet_pipe.runtime.slot_sampler import new_payload
-from eet_pipe.runtime.step import ServeInit, SlotSampler, StepCommand
+from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
+from eet_pipe.runtime.step_parts import ServeInit, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError, free_port
 from eet_pipe.serving.driver import StepDriver, resolve_setup
 

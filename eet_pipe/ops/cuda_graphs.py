@@ -15,7 +15,7 @@ private memory pool; the logits are cloned out of the static output after each r
 the pool between buckets is safe. On CPU (or a batch above the largest bucket) the step runs eagerly.
 
 `GraphCache` is the general form the pipeline stages use (`Stage.run_chunk`): a graph per call signature.
-Server steps also graph prompt parts, padded to row and width buckets (`eet_pipe/runtime/step.py`); those
+Server steps also graph prompt parts, padded to row and width buckets (`eet_pipe/runtime/step_parts.py`); those
 attend over the part's own columns (``kv_len`` = the padded width, part of the signature).
 """
 

@@ -50,8 +50,10 @@ class PendingTokens:
     """Slots that failed while this step started them: error ids."""
 
     def ready(self) -> bool:
-        """Whether reading the copies would not wait for the device."""
-        return self.tokens.event is None or self.tokens.event.query()
+        """Whether reading the copies would not wait for the device: the last one (log-probabilities when a
+        row asked for them, recorded after the tokens' copy on the same stream) has landed."""
+        last = self.logprobs[-1] if self.logprobs else self.tokens
+        return last.event is None or last.event.query()
 
 
 class SlotSampler:

@@ -15,180 +15,48 @@ import os
 import queue
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.models.kv_cache import KVCache
 from eet_pipe.models.meta import StepMeta
-from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from eet_pipe.runtime.comm import P2P
 from eet_pipe.runtime.slot_sampler import PendingTokens, SlotSampler, new_payload
+from eet_pipe.runtime.step_parts import (
+    PAD_ENV,
+    ServeInit,
+    StepCommand,
+    StepPart,
+    pad_part,
+    part_meta,
+    prefill_graph_tokens,
+    prefill_width,
+    span_label,
+    step_rows,
+)
 from eet_pipe.runtime.trace import BusyClock
 from eet_pipe.runtime.upload import Uploader
 from eet_pipe.schedule import Action, Op
 
-__all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "ServeState", "SlotSampler", "part_meta",
-           "pad_part", "prefill_width", "serve_command", "serve_idle", "next_command", "SERVE_COMMANDS", "PAD_ENV",
-           "PREFILL_WIDTHS", "PREFILL_GRAPH_TOKENS", "step_rows", "prefill_graph_tokens", "span_label"]
+__all__ = ["ServeState", "serve_command", "next_command"]
 
 log = logging.getLogger("eet_pipe.runtime")
 
 STATS_INTERVAL_S = 1.0
 """How often a worker reports its busy time (a ("stats", rank, {...}) message)."""
 
+RESULT_POLL_S = 1e-4
+"""How often a last stage with steps in flight checks whether the oldest one's tokens reached the host
+(between checks it waits for a command)."""
+
 MAX_PENDING_SENDS = 8
 """Asynchronous sends kept in flight before the oldest is waited for."""
 
-PAD_ENV = "EET_PIPE_PAD_DECODE"
-"""'1' pads step parts to their buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
-
-PREFILL_WIDTHS = tuple(sorted({16, 48} | {b for k in range(5, 18) for b in (1 << k, 3 << (k - 1))}))
-"""Width buckets of prefill parts: 16, 32, 48, 64, 96, 128, 192, 256, ... (1.5 x or 4/3 x apart from 32 on)."""
-LARGE_ROWS_STEP = 128
-"""Past the largest of DEFAULT_BUCKETS a part's rows are padded to a multiple of this, so that a server with
-many slots captures a graph per 128 rows, not one per batch size."""
-
-PREFILL_GRAPH_TOKENS = 4096
-"""Prefill parts whose padded size (rows x width) is at most this replay CUDA graphs; larger ones run
-eagerly, unpadded (their kernels are long enough that launching them costs little)."""
-
-PREFILL_GRAPH_ELEMENTS = 1 << 23
-"""... and whose hidden states (padded tokens x hidden size) are at most this many elements, so that the
-graphs' static inputs and outputs stay small on wide models (8192 wide: 1024 tokens)."""
-
 UPLOAD_BYTES = 1 << 20
 """Largest packed inputs of one step copied through the page-locked upload buffers (`Uploader`)."""
-
-
-@dataclass
-class ServeInit:
-    """Allocate the persistent serving state: a KV cache of `max_slots` rows of `max_len` columns per chunk."""
-
-    max_slots: int
-    max_len: int
-    cuda_graphs: bool = True
-    """Replay step parts from CUDA graphs (GPU stages): decode parts, and prompt parts up to PREFILL_GRAPH_TOKENS."""
-    trace: bool = False
-    """Time every chunk forward of every step and send the labelled spans with the stats reports."""
-
-
-@dataclass
-class SeqInit:
-    """A sequence that starts in a step: what the last stage needs to sample and stop it."""
-
-    params: SamplingParams
-    eos_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
-    """Return the sampled token's log-probability and this many alternatives (None = no logprobs)."""
-
-
-@dataclass
-class StepPart:
-    """Rows of one step with the same number of new tokens (right padded)."""
-
-    slots: torch.Tensor
-    """[B] int64 cache rows."""
-    tokens: torch.Tensor | None
-    """[B, T] int64 new tokens, right padded; None for a decode part (T = 1) whose tokens stage 0 takes
-    from its feedback buffer: the tokens the last stage sampled for those slots in their previous step."""
-    lengths: torch.Tensor
-    """[B] int64 valid new tokens per row (1..T)."""
-    start: torch.Tensor
-    """[B] int64 cache column (= position) of each row's first new token."""
-
-    @property
-    def width(self) -> int:
-        """New tokens per row (T)."""
-        return 1 if self.tokens is None else self.tokens.shape[1]
-
-    @property
-    def rows(self) -> int:
-        return self.slots.numel()
-
-
-@dataclass
-class StepCommand:
-    """One forward step of one group of slots, sent to every stage."""
-
-    group: int
-    parts: list[StepPart]
-    """Usually a prefill part (new sequences) and a decode part (running sequences)."""
-    new: dict[int, SeqInit] = field(default_factory=dict)
-    """Sequences starting in this step, by slot (their rows are cleared first)."""
-    free: list[int] = field(default_factory=list)
-    """Slots to clear before this step (finished or cancelled sequences)."""
-    step: int = 0
-    """Serial number (for logs and error messages)."""
-
-
-SERVE_COMMANDS = (ServeInit, StepCommand)
-
-
-def step_rows(rows: int) -> int:
-    """The padded row count of a step part of `rows` rows: its DEFAULT_BUCKETS bucket, else the next multiple
-    of LARGE_ROWS_STEP."""
-    return bucket_for(rows, DEFAULT_BUCKETS) or -(-rows // LARGE_ROWS_STEP) * LARGE_ROWS_STEP
-
-
-def pad_part(part: StepPart, rows: int, spare_slot: int, width: int | None = None) -> StepPart:
-    """`part` with rows appended up to `rows`: one token each, on `spare_slot` (a cache row no sequence
-    uses), column 0; with `width`, a prompt part's rows are right padded to that many tokens (pads are
-    invalid tokens on the row's own later columns). Padding outputs are dropped; they give steps a fixed
-    shape per bucket."""
-    extra = max(rows - part.slots.numel(), 0)
-    tokens = part.tokens
-    if tokens is not None and width is not None and width > tokens.shape[1]:
-        tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]))
-    if extra == 0 and tokens is part.tokens:
-        return part
-    if extra:
-        if tokens is not None:
-            tokens = torch.cat([tokens, torch.zeros(extra, tokens.shape[1], dtype=torch.long)])
-        return StepPart(slots=torch.cat([part.slots, torch.full((extra,), spare_slot, dtype=torch.long)]),
-                        tokens=tokens, lengths=torch.cat([part.lengths, torch.ones(extra, dtype=torch.long)]),
-                        start=torch.cat([part.start, torch.zeros(extra, dtype=torch.long)]))
-    return StepPart(slots=part.slots, tokens=tokens, lengths=part.lengths, start=part.start)
-
-
-def prefill_graph_tokens(hidden: int) -> int:
-    """Most padded tokens (rows x width) of a prompt part that replays a CUDA graph on a model `hidden` wide."""
-    return min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // hidden)
-
-
-def prefill_width(width: int, max_len: int) -> int:
-    """The padded width of a prompt part `width` tokens wide: its `PREFILL_WIDTHS` bucket, at most `max_len`
-    (the cache's columns)."""
-    return max(width, min(bucket_for(width, PREFILL_WIDTHS) or width, max_len))
-
-
-def span_label(cmd: StepCommand, part: StepPart, padded: StepPart, chunk: int, graphed: bool,
-               captured: int) -> dict:
-    """What a traced chunk forward ran: step, group, chunk, the part's rows and width before and after
-    padding, whether it replayed (or captured) a CUDA graph."""
-    return {"step": cmd.step, "group": cmd.group, "chunk": chunk, "kind": "decode" if part.width == 1 else "prompt",
-            "rows": part.rows, "padded_rows": padded.rows, "width": part.width, "padded_width": padded.width,
-            "tokens": int(part.lengths.sum()), "graphed": graphed, "captured": captured}
-
-
-def part_meta(part: StepPart, kv_len: int | None = None, width: int | None = None) -> StepMeta:
-    """Positions, validity and cache addressing of a part, built identically on every stage, on the device
-    of the part's tensors. `kv_len` (max(start) + width) is computed from them when not given; pass it for
-    a part on a GPU, so that nothing waits for the device. `width` defaults to the part's (give it for a
-    prompt part whose tokens this stage does not have)."""
-    batch, width = part.rows, width or part.width
-    cols = torch.arange(width, dtype=torch.long, device=part.slots.device).expand(batch, width)
-    valid = cols < part.lengths.view(-1, 1)  # [B, T]
-    write = part.start.view(-1, 1) + cols  # [B, T]; pads of a prompt row land on its own unused columns
-    if kv_len is None:
-        kv_len = int(write.max()) + 1
-    return StepMeta(positions=write.masked_fill(~valid, 0), valid=valid, slots=part.slots,
-                    write_index=write, kv_len=kv_len)
-
-
 
 
 @dataclass
@@ -348,15 +216,14 @@ class ServeState:
                 else:
                     x = local.pop((c, i))
                 began = self.clock.begin()
-                captures = self.graphs.captures if self.graphs is not None else 0
+                captures = self._captures()
                 # a prompt part's last chunk computes the logits of each row's last token only
                 y = self.stage.run_chunk(c, x, metas[i], self.graphs if graphed[i] else None, self.caches.get(c),
                                          last=lasts[i] if c == self.last_chunk else None, graph_prefill=True)
                 if c == self.last_chunk:
                     logits.append(y[: sizes[i], 0])  # rows past sizes[i] are bucket padding
                 self.clock.end(began, self.clock.keep_spans and span_label(
-                    cmd, cmd.parts[i], parts[i], c, graphed[i],
-                    (self.graphs.captures if self.graphs is not None else 0) - captures))
+                    cmd, cmd.parts[i], parts[i], c, graphed[i], self._captures() - captures))
                 self.stage.tick()
                 if c == self.last_chunk:
                     continue
@@ -376,6 +243,10 @@ class ServeState:
             self._feed_back(cmd.group, tokens, real)
         elif self.is_first:
             self._feed_back(cmd.group, torch.empty(0), real)
+
+    def _captures(self) -> int:
+        """CUDA graphs this stage has captured so far (a traced forward that captured one says so)."""
+        return self.graphs.captures if self.graphs is not None else 0
 
     def _padded(self, part: StepPart) -> tuple[StepPart, bool]:
         """The part padded to its bucket when padding is on, and whether it replays CUDA graphs: a decode
@@ -406,9 +277,9 @@ class ServeState:
 
 def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCommand) -> tuple[ServeState, list[tuple]]:
     """Execute a serving command on a worker; returns the (new) state and messages for the driver:
-    ("result", rank, payload, []) from the last stage for every step whose tokens reached the host
-    (one step late on GPU: call `serve_idle` when no command is waiting), ("stats", rank, {"busy",
-    "elapsed"}) now and then."""
+    ("result", rank, payload, []) from the last stage for every step whose tokens reached the host (on GPU
+    the later ones are sent by `next_command` as they arrive), ("stats", rank, {"busy", "elapsed"}) now
+    and then."""
     rank = stage.ctx.rank
     if isinstance(cmd, ServeInit):
         return ServeState(stage, cmd), []
@@ -422,27 +293,37 @@ def serve_command(stage: Any, state: ServeState | None, cmd: ServeInit | StepCom
     return state, messages
 
 
-def serve_idle(state: ServeState | None) -> list[tuple]:
-    """Messages of every step whose tokens the host has not read yet (waits for their copies); when the
-    stage traces, then its spans so far (waits for its device)."""
-    if state is None:
-        return []
-    messages: list[tuple] = [("result", state.rank, p, []) for p in state.results(block=True)] if state.pending else []
-    if state.clock.unreported():
-        if state.device.type == "cuda":
-            torch.cuda.current_stream(state.device).synchronize()
-        messages.append(("stats", state.rank, state.clock.report(force=True)))
-    return messages
+def _flush_spans(state: ServeState, emit: Callable[[tuple], None]) -> None:
+    """A tracing stage that fell idle: its spans so far (waits for its device)."""
+    if state.device.type == "cuda":
+        torch.cuda.current_stream(state.device).synchronize()
+    emit(("stats", state.rank, state.clock.report(force=True)))
 
 
 def next_command(get: Callable[..., Any], get_nowait: Callable[[], Any], state: ServeState | None,
                  emit: Callable[[tuple], None]) -> Any:
-    """The next command of a worker's queue; while none is waiting, the results of steps already run
-    are read (waiting for the device) and emitted first, so a result never waits for a later command."""
-    if state is not None and (state.pending or state.clock.unreported()):
+    """The next command of a worker's queue. While steps whose tokens the host has not read are in flight
+    (the last stage on a GPU), each step's result is emitted as soon as its tokens reach the host (checked
+    every RESULT_POLL_S) and a command is returned as soon as one arrives: the scheduler issues a group's
+    next step when that group's oldest step ends, while the device still works on the steps queued behind
+    it (a result held back until the queue ran dry left the device idle while the next command was
+    built and sent). A tracing stage that falls idle sends its spans before it waits."""
+    while state is not None and state.pending:
+        for p in state.results(block=False):
+            emit(("result", state.rank, p, []))
+        if not state.pending:
+            break
         try:
             return get_nowait()
         except queue.Empty:
-            for msg in serve_idle(state):
-                emit(msg)
+            pass
+        try:
+            return get(timeout=RESULT_POLL_S)
+        except queue.Empty:
+            continue
+    if state is not None and state.clock.unreported():
+        try:
+            return get_nowait()
+        except queue.Empty:
+            _flush_spans(state, emit)
     return get()

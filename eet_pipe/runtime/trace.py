@@ -71,10 +71,11 @@ class BusyClock:
         `interval_s` unless `force` (else None)."""
         while self.pending and self.pending[0][1].query():
             a, b, label = self.pending.popleft()
-            self.busy += a.elapsed_time(b) / 1e3
+            seconds = a.elapsed_time(b) / 1e3
+            self.busy += seconds
             if label is not None:
                 start = self._base_s + self._base.elapsed_time(a) / 1e3
-                self.spans.append((start, start + a.elapsed_time(b) / 1e3, label))
+                self.spans.append((start, start + seconds, label))
         now = time.monotonic()
         if now - self.reported < self.interval_s and not force:
             return None

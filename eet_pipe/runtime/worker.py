@@ -19,7 +19,8 @@ from eet_pipe.loading.presets import ModelSpec
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import NCCL_SAFE_ENV, init_distributed
-from eet_pipe.runtime.step import SERVE_COMMANDS, ServeState, next_command, serve_command
+from eet_pipe.runtime.step import ServeState, next_command, serve_command
+from eet_pipe.runtime.step_parts import SERVE_COMMANDS
 
 __all__ = ["WorkerArgs", "worker_main"]
 

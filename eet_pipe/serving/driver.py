@@ -25,7 +25,7 @@ from eet_pipe.models.config import ArchConfig
 from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition.plan import Plan
 from eet_pipe.runtime.placement import make_plan, pipeline_devices
-from eet_pipe.runtime.step import (
+from eet_pipe.runtime.step_parts import (
     SeqInit,
     ServeInit,
     StepCommand,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from eet_pipe.runtime.step import SeqInit, StepCommand, StepPart
+from eet_pipe.runtime.step_parts import SeqInit, StepCommand, StepPart
 from eet_pipe.runtime.supervisor import WorkerError
 from eet_pipe.serving.driver import StepDriver
 from eet_pipe.serving.metrics import Metrics

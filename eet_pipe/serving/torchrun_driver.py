@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from eet_pipe.runtime.commands import Shutdown
 from eet_pipe.runtime.context import StageContext, init_distributed
-from eet_pipe.runtime.step import ServeInit, StepCommand, next_command, serve_command
+from eet_pipe.runtime.step import next_command, serve_command
+from eet_pipe.runtime.step_parts import ServeInit, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError, WorkerTimeoutError
 from eet_pipe.serving.driver import PipelineSetup, StepDriver, resolve_setup
 

@@ -12,7 +12,7 @@ import pytest
 from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.options.parse import build_config
 from eet_pipe.runtime.engine import PipelineEngine
-from eet_pipe.runtime.step import PAD_ENV
+from eet_pipe.runtime.step_parts import PAD_ENV
 from eet_pipe.serving.driver import ServingEngine, resolve_setup, warmup_shapes
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import Scheduler

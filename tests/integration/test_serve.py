@@ -15,7 +15,7 @@ import torch
 
 import eet_pipe
 from eet_pipe.runtime import PipelineEngine
-from eet_pipe.runtime.step import PAD_ENV
+from eet_pipe.runtime.step_parts import PAD_ENV
 from eet_pipe.runtime.worker import FAULT_ENV
 from eet_pipe.serving.process import ServerProcess
 

@@ -15,7 +15,8 @@ from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.loading.presets import resolve_model
 from eet_pipe.runtime.context import StageContext
 from eet_pipe.runtime.stage import Stage
-from eet_pipe.runtime.step import PAD_ENV, SeqInit, ServeInit, ServeState, StepCommand, StepPart, step_rows
+from eet_pipe.runtime.step import ServeState
+from eet_pipe.runtime.step_parts import PAD_ENV, SeqInit, ServeInit, StepCommand, StepPart, step_rows
 from eet_pipe.runtime.upload import Uploader
 
 MAX_SLOTS, MAX_LEN = 16, 96

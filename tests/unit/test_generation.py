@@ -139,7 +139,7 @@ def test_greedy_generation_reads_tokens_one_step_late_but_returns_the_step_by_st
 
 
 def test_pad_part_adds_spare_slot_rows():
-    from eet_pipe.runtime.step import StepPart, pad_part, part_meta
+    from eet_pipe.runtime.step_parts import StepPart, pad_part, part_meta
 
     part = StepPart(slots=torch.tensor([3, 1]), tokens=torch.tensor([[7], [9]]), lengths=torch.tensor([1, 1]),
                     start=torch.tensor([10, 4]))
@@ -150,7 +150,7 @@ def test_pad_part_adds_spare_slot_rows():
 
 
 def test_prompt_part_padded_to_row_and_width_buckets():
-    from eet_pipe.runtime.step import PREFILL_WIDTHS, StepPart, pad_part, part_meta, prefill_width
+    from eet_pipe.runtime.step_parts import PREFILL_WIDTHS, StepPart, pad_part, part_meta, prefill_width
 
     assert PREFILL_WIDTHS[:8] == (16, 32, 48, 64, 96, 128, 192, 256)
     assert all(b / a <= 1.5 for a, b in zip(PREFILL_WIDTHS[1:], PREFILL_WIDTHS[2:], strict=False))

@@ -104,7 +104,7 @@ def test_table_counters_advance_per_sampled_row_only():
 
 def test_slot_sampler_fails_one_slot_and_keeps_the_others():
     from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
-    from eet_pipe.runtime.step import SeqInit
+    from eet_pipe.runtime.step_parts import SeqInit
 
     def decode(ids):
         if 13 in ids:
@@ -121,3 +121,35 @@ def test_slot_sampler_fails_one_slot_and_keeps_the_others():
     sampler.sample(logits, [0, 1], out)
     assert list(out["errors"]) == [0] and len(out["errors"][0]) == 12
     assert out["tokens"] == {1: 2} and 0 not in sampler.slots and 1 in sampler.slots
+
+
+def test_a_step_is_ready_only_when_its_last_copy_landed():
+    from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
+    from eet_pipe.runtime.step_parts import SeqInit
+
+    class Event:  # a device copy's end, as torch.cuda.Event.query reports it
+        def __init__(self, landed: bool) -> None:
+            self.landed = landed
+
+        def query(self) -> bool:
+            return self.landed
+
+        def synchronize(self) -> None:
+            self.landed = True
+
+    sampler = SlotSampler(None)
+    sampler.start({0: SeqInit(SamplingParams(max_new_tokens=4)), 1: SeqInit(SamplingParams(max_new_tokens=4), logprobs=2)})
+    logits = torch.zeros(2, 20)
+    logits[0, 3] = logits[1, 5] = 1.0
+    _, pending = sampler.sample_async(logits, [0, 1])
+    assert pending.ready()  # CPU copies are done when made
+    pending.tokens.event = Event(landed=True)
+    for copy in pending.logprobs:
+        copy.event = Event(landed=False)
+    assert not pending.ready()  # the tokens landed, the log-probabilities (copied after them) did not
+    for copy in pending.logprobs:
+        copy.event.landed = True
+    assert pending.ready()
+    out = new_payload(0, 1)
+    sampler.resolve(pending, out)
+    assert out["tokens"] == {0: 3, 1: 5} and list(out["logprobs"]) == [1]

@@ -19,7 +19,7 @@ import torch
 
 from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
-from eet_pipe.runtime.step import ServeInit, StepCommand
+from eet_pipe.runtime.step_parts import ServeInit, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError
 from eet_pipe.serving.driver import StepDriver
 from eet_pipe.serving.metrics import Metrics

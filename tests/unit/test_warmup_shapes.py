@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eet_pipe.runtime.step import PREFILL_GRAPH_ELEMENTS, PREFILL_GRAPH_TOKENS, prefill_width, step_rows
+from eet_pipe.runtime.step_parts import PREFILL_GRAPH_ELEMENTS, PREFILL_GRAPH_TOKENS, prefill_width, step_rows
 from eet_pipe.serving.driver import WARMUP_GRAPHS, warmup_shapes
 
 

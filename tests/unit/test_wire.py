@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eet_pipe.runtime import wire
-from eet_pipe.runtime.step import StepCommand, StepPart
+from eet_pipe.runtime.step_parts import StepCommand, StepPart
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float32, torch.float16, torch.bfloat16])
