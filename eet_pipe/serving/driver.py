@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from eet_pipe.models.dtypes import parse_dtype
 from eet_pipe.partition.plan import Plan
 from eet_pipe.runtime.placement import make_plan, pipeline_devices
 from eet_pipe.runtime.step_parts import (
+    PAD_ENV,
     SeqInit,
     ServeInit,
     StepCommand,
@@ -38,7 +40,8 @@ from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError
 from eet_pipe.runtime.worker import WorkerArgs
 from eet_pipe.serving.step_trace import StepTrace
 
-__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "resolve_setup", "stage_devices", "warmup_shapes"]
+__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "prompt_padding", "resolve_setup", "stage_devices",
+           "warmup_shapes"]
 
 log = logging.getLogger("eet_pipe.serve")
 
@@ -134,6 +137,23 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
     room = max(WARMUP_GRAPHS // chunks - len(rows), 0)
     kept = sorted(sorted(shapes)[:room], key=lambda s: (s[1], s[2]))
     return sorted(rows.values()), [(r, w) for _, r, w in kept]
+
+
+def prompt_padding(setup: PipelineSetup) -> Callable[[int, int], tuple[int, int]] | None:
+    """The shape (rows, width) the stages run a prompt part of (rows, width) prompt tokens in, as their step
+    pads it (`eet_pipe.runtime.step`): where a stage replays CUDA graphs (a GPU with `cuda_graphs`, or PAD_ENV
+    set), a part whose padded size a stage graphs (`prefill_graph_tokens`) runs as its `step_rows` x
+    `prefill_width` bucket; any other part as it is. None when no stage pads."""
+    on_gpu = setup.cuda_graphs and any(str(d).startswith("cuda") for d in setup.plan.devices)
+    if not on_gpu and os.environ.get(PAD_ENV) != "1":
+        return None
+    graphed = prefill_graph_tokens(setup.cfg.hidden_size)
+
+    def padded(rows: int, width: int) -> tuple[int, int]:
+        shape = step_rows(rows), prefill_width(width, setup.max_len)
+        return shape if shape[0] * shape[1] <= graphed else (rows, width)
+
+    return padded
 
 
 class StepDriver:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from eet_pipe.serving.driver import PipelineSetup, StepDriver
+from eet_pipe.serving.driver import PipelineSetup, StepDriver, prompt_padding
 from eet_pipe.serving.engine_core import EngineCore
 from eet_pipe.serving.errors import public_message
 from eet_pipe.serving.frontend import freeze_heap, frontend_main
@@ -75,7 +75,8 @@ class Runtime:
                 return
             self.setup = self.driver.setup
             self.scheduler = Scheduler(self.wrap(self.driver), self.opts.max_queue, self.opts.max_prefill_tokens,
-                                       self.metrics, prefill_wait=self.opts.prefill_wait)
+                                       self.metrics, prefill_wait=self.opts.prefill_wait,
+                                       prompt_padding=prompt_padding(self.setup))
             self.scheduler.on_failure = self.fail
             self.scheduler.thread.start()
             self.status, self.message = "ready", ""

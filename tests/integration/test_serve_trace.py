@@ -59,6 +59,28 @@ def test_trace_records_every_step_of_every_stage(tmp_path):
     assert submits[0]["ts"] <= first_issue
 
 
+@pytest.mark.timeout(180)
+def test_a_prompt_part_padding_would_waste_runs_as_row_buckets(tmp_path):
+    """Stages padding as GPU ones do (EET_PIPE_PAD_DECODE=1): five 150-token prompts (192 wide once padded) would
+    run as 8 rows; the scheduler cuts them to 4 + 1, the row buckets the stages run unpadded."""
+    path = tmp_path / "steps.json"
+    args = ["model=tiny", "timeout=30", "log_level=warning", "max_slots=8", "microbatches=1", f"trace={path}"]
+    prompt = [(7 * i) % 50 + 3 for i in range(150)]
+    with ServerProcess(args, env={"EET_PIPE_PAD_DECODE": "1"}) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "n": 5,
+                                                             "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        texts = {c["text"] for c in r.json()["choices"]}
+        assert server.stop(signal.SIGTERM) == 0, server.log()
+    assert len(texts) == 1  # greedy: the five choices are equal, whichever part ran them
+    events = read_step_trace(path)
+    served = {e["args"]["step"] for e in events if e["ph"] == "i" and e["name"] == "issue" and e["args"]["step"] > 0}
+    prompts = [e["args"] for e in events if e["ph"] == "X" and e["args"]["kind"] == "prompt"
+               and e["args"]["step"] in served]
+    assert [a["rows"] for a in prompts] == [4, 1]
+    assert all(a["padded_rows"] == a["rows"] and a["width"] == 150 and a["padded_width"] == 192 for a in prompts)
+
+
 def test_an_unclosed_trace_still_reads(tmp_path):
     trace = StepTrace(tmp_path / "t.json")
     trace.instant("issue", step=1, group=0, decode=0, new=1, waiting=0)

@@ -19,9 +19,9 @@ import torch
 
 from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
-from eet_pipe.runtime.step_parts import ServeInit, StepCommand
+from eet_pipe.runtime.step_parts import PAD_ENV, ServeInit, StepCommand, prefill_width, step_rows
 from eet_pipe.runtime.supervisor import WorkerError
-from eet_pipe.serving.driver import StepDriver
+from eet_pipe.serving.driver import StepDriver, prompt_padding
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import QueueFullError, Scheduler, ServiceUnavailableError
 from eet_pipe.serving.sequences import GenRequest
@@ -341,3 +341,44 @@ def test_prefill_wait_admits_at_once_a_prompt_no_other_could_join_and_everything
     assert short_client.ended.wait(10)  # a stopping server admits at once: the drain finishes it
     assert short_client.error is None and short_client.tokens() == reference([4, 5], 3)
     assert long_client.ended.wait(10) and long_client.error.status == 503  # the drain deadline ends it
+
+
+def gpu_padding(rows: int, width: int) -> tuple[int, int]:
+    """How a GPU stage that graphs every part pads a prompt part (row and width buckets, 512 cache columns)."""
+    return step_rows(rows), prefill_width(width, 512)
+
+
+def test_a_part_that_padding_would_waste_is_cut_to_a_row_bucket_and_the_rest_follow_at_once():
+    driver = AdmissionLog(slots=8, groups=1)
+    sched = Scheduler(driver, max_queue=8, max_prefill_tokens=4096, metrics=Metrics(), prompt_padding=gpu_padding)
+    sched.thread.start()
+    prompt = [i % 40 for i in range(150)]  # 192 wide once padded: 5 rows run as 8 would pad 3 x 192 tokens
+    wide, wide_client = request(prompt, max_tokens=3, n=5)
+    sched.submit(wide)
+    assert wide_client.ended.wait(10)
+    assert [wide_client.tokens(k) for k in range(5)] == [reference(prompt, 3)] * 5
+    assert [n for _, n in driver.admissions] == [4, 1]
+    assert driver.admissions[1][0] - driver.admissions[0][0] < 0.5  # the next step, not a wait
+    short, short_client = request([1, 2, 3, 4], max_tokens=3, n=3)  # 3 rows run as 4 x 16: whole
+    sched.submit(short)
+    assert short_client.ended.wait(10) and [short_client.tokens(k) for k in range(3)] == [reference([1, 2, 3, 4], 3)] * 3
+    assert [n for _, n in driver.admissions] == [4, 1, 3]
+    sched.stop(1.0)
+    assert driver.problems == []
+
+
+def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsewhere(monkeypatch):
+    monkeypatch.delenv(PAD_ENV, raising=False)
+
+    def setup(devices: list[str], graphs: bool = True, hidden: int = 1600) -> SimpleNamespace:
+        return SimpleNamespace(cuda_graphs=graphs, plan=SimpleNamespace(devices=devices),
+                               cfg=SimpleNamespace(hidden_size=hidden), max_len=192)
+
+    assert prompt_padding(setup(["cpu", "cpu"])) is None
+    assert prompt_padding(setup(["cuda:0"], graphs=False)) is None
+    pad = prompt_padding(setup(["cuda:0", "cuda:1"]))
+    assert pad(35, 64) == (64, 64) and pad(3, 17) == (4, 32) and pad(1, 150) == (1, 192)
+    assert pad(72, 64) == (72, 64)  # 128 x 64 tokens exceed the graphed size: run eagerly, as it is
+    assert prompt_padding(setup(["cuda:0"], hidden=8192))(17, 64) == (17, 64)  # 8192 wide: 1024 graphed tokens
+    monkeypatch.setenv(PAD_ENV, "1")
+    assert prompt_padding(setup(["cpu"]))(5, 10) == (8, 16)
