@@ -142,14 +142,17 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
 def prompt_padding(setup: PipelineSetup) -> Callable[[int, int], tuple[int, int]] | None:
     """The shape (rows, width) the stages run a prompt part of (rows, width) prompt tokens in, as their step
     pads it (`eet_pipe.runtime.step`): where a stage replays CUDA graphs (a GPU with `cuda_graphs`, or PAD_ENV
-    set), a part whose padded size a stage graphs (`prefill_graph_tokens`) runs as its `step_rows` x
-    `prefill_width` bucket; any other part as it is. None when no stage pads."""
-    on_gpu = setup.cuda_graphs and any(str(d).startswith("cuda") for d in setup.plan.devices)
+    set), a part of one-token prompts runs as a decode part (its row bucket), and a part whose padded size a
+    stage graphs (`prefill_graph_tokens`) as its `step_rows` x `prefill_width` bucket; any other part as it is.
+    None unless every stage pads (a CPU stage runs parts as they are: cutting them would only cost it passes)."""
+    on_gpu = setup.cuda_graphs and all(str(d).startswith("cuda") for d in setup.plan.devices)
     if not on_gpu and os.environ.get(PAD_ENV) != "1":
         return None
     graphed = prefill_graph_tokens(setup.cfg.hidden_size)
 
     def padded(rows: int, width: int) -> tuple[int, int]:
+        if width == 1:
+            return step_rows(rows), 1
         shape = step_rows(rows), prefill_width(width, setup.max_len)
         return shape if shape[0] * shape[1] <= graphed else (rows, width)
 

@@ -44,10 +44,11 @@ AHEAD = 2
 """Steps a group keeps in flight: 2 = the next step is issued before the previous one's tokens are known."""
 
 SNAP_WASTE_TOKENS = 512
-"""A prompt part the stages would pad by at least this many tokens (rows x padded width) is cut to the largest
-row bucket it fills; the rest wait for the next step. A prefill forward costs about a fixed weight pass plus a
-time per (padded) token; on an H100 the fixed part is worth about 300 tokens of GPT-2 XL work (a step trace at
-256 clients: 32 rows x 64 tokens 16 ms, 35 rows run as 64: 31 ms), so cutting pays above that."""
+"""A prompt part whose padding rows (padded rows - rows, times the padded width) would hold at least this many
+tokens is cut to the largest row bucket it fills; the rest lead the next step's part. A prefill forward costs
+about a fixed weight pass plus a time per (padded) token; on an H100 the fixed part is worth about 300 tokens
+of GPT-2 XL work (a step trace at 256 clients: 32 rows x 64 tokens 16 ms, 35 rows run as 64: 31 ms), so
+cutting pays above that."""
 
 IDLE_CHECK_S = 0.1
 """With nothing in flight, the scheduler checks the pipeline's health this often until work arrives."""
@@ -238,12 +239,10 @@ class Scheduler:
         ones cost more than one full one, and sequences admitted together finish together, so the next
         admissions come together too. An idle pipeline admits at once."""
         count, full = self._admission(g)
-        snapped = self._snapped(count)
-        if snapped < count:
-            count, full = snapped, True
         if (count and decoding and not full
                 and time.monotonic() - self.waiting[0].request.arrival < self.prefill_wait):
             return []
+        count = self._snapped(count)  # what goes now, cut to a row bucket where padding would waste
         new: list[Sequence] = []
         for _ in range(count):
             seq = self.waiting.popleft()

@@ -9,8 +9,9 @@ Under torchrun the middle ranks report busy time only: their spans are missing.
 
 The file is a JSON array written one event per line and closed when the server stops; a server that
 dies leaves it without its closing bracket, which Perfetto and chrome://tracing accept. A busy server
-writes a few hundred bytes per step (about 1 GB an hour at a thousand steps a second): the file is closed
-when it reaches `max_bytes` (the server's `trace_max_mb`), and serving goes on untraced.
+writes about 250 bytes per stage span and 150 per scheduler instant (one stage at a thousand steps a second:
+about 2 GB an hour): the file is closed when it reaches `max_bytes` (the server's `trace_max_mb`), and serving
+goes on untraced.
 """
 
 from __future__ import annotations

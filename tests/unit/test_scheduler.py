@@ -348,23 +348,59 @@ def gpu_padding(rows: int, width: int) -> tuple[int, int]:
     return step_rows(rows), prefill_width(width, 512)
 
 
-def test_a_part_that_padding_would_waste_is_cut_to_a_row_bucket_and_the_rest_follow_at_once():
+@pytest.mark.parametrize(("prompt_len", "n", "parts"), [
+    (150, 5, [4, 1]),  # 192 wide once padded: 5 rows run as 8 would pad 3 x 192 = 576 tokens
+    (256, 6, [4, 2]),  # 2 x 256 = 512 padding tokens: the limit itself cuts
+    (255, 3, [3]),  # 1 x 256 tokens: padded, whole
+    (4, 3, [3]),  # 3 rows run as 4 x 16: whole
+])
+def test_a_part_that_padding_would_waste_is_cut_to_a_row_bucket_and_the_rest_follow_at_once(prompt_len, n, parts):
     driver = AdmissionLog(slots=8, groups=1)
     sched = Scheduler(driver, max_queue=8, max_prefill_tokens=4096, metrics=Metrics(), prompt_padding=gpu_padding)
     sched.thread.start()
-    prompt = [i % 40 for i in range(150)]  # 192 wide once padded: 5 rows run as 8 would pad 3 x 192 tokens
-    wide, wide_client = request(prompt, max_tokens=3, n=5)
-    sched.submit(wide)
-    assert wide_client.ended.wait(10)
-    assert [wide_client.tokens(k) for k in range(5)] == [reference(prompt, 3)] * 5
-    assert [n for _, n in driver.admissions] == [4, 1]
-    assert driver.admissions[1][0] - driver.admissions[0][0] < 0.5  # the next step, not a wait
-    short, short_client = request([1, 2, 3, 4], max_tokens=3, n=3)  # 3 rows run as 4 x 16: whole
-    sched.submit(short)
-    assert short_client.ended.wait(10) and [short_client.tokens(k) for k in range(3)] == [reference([1, 2, 3, 4], 3)] * 3
-    assert [n for _, n in driver.admissions] == [4, 1, 3]
+    prompt = [i % 40 for i in range(prompt_len)]
+    req, client = request(prompt, max_tokens=3, n=n)
+    sched.submit(req)
+    assert client.ended.wait(10)
+    assert [client.tokens(k) for k in range(n)] == [reference(prompt, 3)] * n
+    assert [count for _, count in driver.admissions] == parts
+    assert driver.admissions[-1][0] - driver.admissions[0][0] < 0.5  # the next step, not a wait
     sched.stop(1.0)
     assert driver.problems == []
+
+
+def test_a_part_over_the_graphed_size_runs_whole_and_a_held_part_is_cut_only_when_it_goes():
+    def graphed_up_to_1024(rows: int, width: int) -> tuple[int, int]:
+        shape = gpu_padding(rows, width)
+        return shape if shape[0] * shape[1] <= 1024 else (rows, width)
+
+    driver = AdmissionLog(slots=8, groups=1)
+    sched = Scheduler(driver, max_queue=8, max_prefill_tokens=4096, metrics=Metrics(),
+                      prompt_padding=graphed_up_to_1024)
+    sched.thread.start()
+    prompt = [i % 40 for i in range(150)]
+    eager, eager_client = request(prompt, max_tokens=3, n=5)  # 8 x 192 > 1024: eager, unpadded, whole
+    sched.submit(eager)
+    assert eager_client.ended.wait(10) and [n for _, n in driver.admissions] == [5]
+    sched.stop(1.0)
+
+    driver = AdmissionLog(slots=9, groups=1)
+    sched = Scheduler(driver, max_queue=16, max_prefill_tokens=4096, metrics=Metrics(), prefill_wait=0.5,
+                      prompt_padding=gpu_padding)
+    sched.thread.start()
+    long, long_client = long_request()
+    sched.submit(long)
+    wait_for(lambda: len(long_client.tokens()) >= 2)
+    first, first_client = request(prompt, max_tokens=3, n=5)  # 5 of 8 free slots: held, not cut and sent
+    sched.submit(first)
+    time.sleep(0.1)
+    second, second_client = request(prompt, max_tokens=3, n=3)  # fills the 8 slots: one 8-row part
+    sched.submit(second)
+    assert first_client.ended.wait(10) and second_client.ended.wait(10)
+    assert [n for _, n in driver.admissions] == [1, 8]
+    sched.cancel(long)
+    sched.stop(1.0)
+    assert driver.problems == [] and long_client.error is None
 
 
 def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsewhere(monkeypatch):
@@ -375,9 +411,11 @@ def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsew
                                cfg=SimpleNamespace(hidden_size=hidden), max_len=192)
 
     assert prompt_padding(setup(["cpu", "cpu"])) is None
+    assert prompt_padding(setup(["cuda:0", "cpu"])) is None  # the CPU stage runs parts as they are
     assert prompt_padding(setup(["cuda:0"], graphs=False)) is None
     pad = prompt_padding(setup(["cuda:0", "cuda:1"]))
     assert pad(35, 64) == (64, 64) and pad(3, 17) == (4, 32) and pad(1, 150) == (1, 192)
+    assert pad(129, 1) == (256, 1)  # one-token prompts run as a decode part: rows bucketed, no width
     assert pad(72, 64) == (72, 64)  # 128 x 64 tokens exceed the graphed size: run eagerly, as it is
     assert prompt_padding(setup(["cuda:0"], hidden=8192))(17, 64) == (17, 64)  # 8192 wide: 1024 graphed tokens
     monkeypatch.setenv(PAD_ENV, "1")
