@@ -19,9 +19,9 @@ import torch
 
 from eet_pipe.generation.sequences import SamplingParams
 from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload
-from eet_pipe.runtime.step_parts import PAD_ENV, ServeInit, StepCommand, prefill_width, step_rows
+from eet_pipe.runtime.step_parts import ServeInit, StepCommand, prefill_width, step_rows
 from eet_pipe.runtime.supervisor import WorkerError
-from eet_pipe.serving.driver import StepDriver, prompt_padding
+from eet_pipe.serving.driver import StepDriver
 from eet_pipe.serving.metrics import Metrics
 from eet_pipe.serving.scheduler import QueueFullError, Scheduler, ServiceUnavailableError
 from eet_pipe.serving.sequences import GenRequest
@@ -402,21 +402,3 @@ def test_a_part_over_the_graphed_size_runs_whole_and_a_held_part_is_cut_only_whe
     sched.stop(1.0)
     assert driver.problems == [] and long_client.error is None
 
-
-def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsewhere(monkeypatch):
-    monkeypatch.delenv(PAD_ENV, raising=False)
-
-    def setup(devices: list[str], graphs: bool = True, hidden: int = 1600) -> SimpleNamespace:
-        return SimpleNamespace(cuda_graphs=graphs, plan=SimpleNamespace(devices=devices),
-                               cfg=SimpleNamespace(hidden_size=hidden), max_len=192)
-
-    assert prompt_padding(setup(["cpu", "cpu"])) is None
-    assert prompt_padding(setup(["cuda:0", "cpu"])) is None  # the CPU stage runs parts as they are
-    assert prompt_padding(setup(["cuda:0"], graphs=False)) is None
-    pad = prompt_padding(setup(["cuda:0", "cuda:1"]))
-    assert pad(35, 64) == (64, 64) and pad(3, 17) == (4, 32) and pad(1, 150) == (1, 192)
-    assert pad(129, 1) == (256, 1)  # one-token prompts run as a decode part: rows bucketed, no width
-    assert pad(72, 64) == (72, 64)  # 128 x 64 tokens exceed the graphed size: run eagerly, as it is
-    assert prompt_padding(setup(["cuda:0"], hidden=8192))(17, 64) == (17, 64)  # 8192 wide: 1024 graphed tokens
-    monkeypatch.setenv(PAD_ENV, "1")
-    assert prompt_padding(setup(["cpu"]))(5, 10) == (8, 16)

@@ -1,5 +1,6 @@
-"""`warmup_shapes`: the step shapes a server's graph warm-up runs are exactly the padded shapes its scheduler
-can send to a GPU stage that graphs them (checked against a brute-force walk over every part size)."""
+"""The driver's view of the stages' padding. `warmup_shapes`: the step shapes a server's graph warm-up runs are
+exactly the padded shapes its scheduler can send to a GPU stage that graphs them (checked against a brute-force
+walk over every part size). `prompt_padding`: the shape a stage runs a prompt part in."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from eet_pipe.runtime.step_parts import PREFILL_GRAPH_ELEMENTS, PREFILL_GRAPH_TOKENS, prefill_width, step_rows
-from eet_pipe.serving.driver import WARMUP_GRAPHS, warmup_shapes
+from eet_pipe.runtime.step_parts import (
+    PAD_ENV,
+    PREFILL_GRAPH_ELEMENTS,
+    PREFILL_GRAPH_TOKENS,
+    prefill_width,
+    step_rows,
+)
+from eet_pipe.serving.driver import WARMUP_GRAPHS, prompt_padding, warmup_shapes
 
 
 def _setup(hidden: int, slots: int, groups: int, max_len: int, budget: int = 4096, chunks: int = 1) -> SimpleNamespace:
@@ -49,3 +56,22 @@ def test_shapes_beyond_the_graph_budget_keep_the_smallest_parts() -> None:
     assert rows == full_rows and 2 * (len(rows) + len(prompts)) <= WARMUP_GRAPHS < 2 * (len(rows) + len(full))
     size = {(r, w): step_rows(r) * prefill_width(w, 1024) for r, w in full}
     assert set(prompts) <= set(full) and max(size[p] for p in prompts) <= min(size[p] for p in set(full) - set(prompts))
+
+
+def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsewhere(monkeypatch):
+    monkeypatch.delenv(PAD_ENV, raising=False)
+
+    def setup(devices: list[str], graphs: bool = True, hidden: int = 1600) -> SimpleNamespace:
+        return SimpleNamespace(cuda_graphs=graphs, plan=SimpleNamespace(devices=devices),
+                               cfg=SimpleNamespace(hidden_size=hidden), max_len=192)
+
+    assert prompt_padding(setup(["cpu", "cpu"])) is None
+    assert prompt_padding(setup(["cuda:0", "cpu"])) is None  # the CPU stage runs parts as they are
+    assert prompt_padding(setup(["cuda:0"], graphs=False)) is None
+    pad = prompt_padding(setup(["cuda:0", "cuda:1"]))
+    assert pad(35, 64) == (64, 64) and pad(3, 17) == (4, 32) and pad(1, 150) == (1, 192)
+    assert pad(129, 1) == (256, 1)  # one-token prompts run as a decode part: rows bucketed, no width
+    assert pad(72, 64) == (72, 64)  # 128 x 64 tokens exceed the graphed size: run eagerly, as it is
+    assert prompt_padding(setup(["cuda:0"], hidden=8192))(17, 64) == (17, 64)  # 8192 wide: 1024 graphed tokens
+    monkeypatch.setenv(PAD_ENV, "1")
+    assert prompt_padding(setup(["cpu"]))(5, 10) == (8, 16)
