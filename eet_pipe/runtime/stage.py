@@ -76,7 +76,8 @@ class Stage:
         """One chunk's forward, replayed from a CUDA graph when `graphs` is given.
 
         With a cache, decode steps (one token per sequence) are graphed; they attend over the whole cache
-        (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph serves every step.
+        (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph serves every step; so
+        are folded steps (`StepMeta.fold`: a decode and a prompt part as one-token rows), one graph per fold.
         Prompt steps with a cache are graphed only with `graph_prefill` (the caller pads them to a few
         shapes); their graph is keyed by ``meta.kv_len`` too. `last` ([B] columns, see
         `CanonicalModel.forward`) keeps only those positions' logits. The result is the caller's own
@@ -101,12 +102,14 @@ class Stage:
             out = graphs.run(key, fn, (x, meta.positions, meta.valid, *extra))
             return out.clone() if copy else out
         kv_len = meta.kv_len if prompt else cache.max_len
+        fold = meta.fold  # a folded step: the shapes of its decode and prompt parts
 
         def step(x, positions, valid, slots, write_index, *cols):
             return model(x, StepMeta(positions=positions, valid=valid, slots=slots, write_index=write_index,
-                                     kv_len=kv_len), cache, cols[0] if cols else None)
+                                     kv_len=kv_len, fold=fold), cache, cols[0] if cols else None)
 
-        key = ("prefill" if prompt else "decode", chunk, tuple(x.shape), x.dtype, id(cache), kv_len, last is not None)
+        key = ("prefill" if prompt else "decode", chunk, tuple(x.shape), x.dtype, id(cache), kv_len, last is not None,
+               fold)
         cols = () if last is None else (last,)
         return graphs.run(key, step, (x, meta.positions, meta.valid, meta.slots, meta.write_index, *cols)).clone()
 

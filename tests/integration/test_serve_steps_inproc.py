@@ -184,3 +184,56 @@ def test_a_step_does_not_wait_for_gpu_work_queued_before_it():
     assert host_s < 0.2, f"the step waited {host_s:.2f} s for queued GPU work"
     torch.cuda.synchronize()
     assert state.results(block=True)[0]["tokens"]
+
+
+@torch.inference_mode()
+def test_prompt_parts_folded_into_the_decode_part_give_the_same_tokens_cpu(monkeypatch):
+    """Padded steps (as on a GPU) whose prompt part folds into the decode part (one forward of one-token rows) give
+    the tokens and log-probabilities of the same steps run as two forwards; prompts wider than the fold's limit or
+    steps without a decode part run as before."""
+    monkeypatch.setenv(PAD_ENV, "1")
+    stage = _stage(device="cpu")
+    folds = []
+    forward = stage.run_chunk
+    monkeypatch.setattr(stage, "run_chunk", lambda c, x, meta, *a, **k: folds.append(meta.fold) or forward(
+        c, x, meta, *a, **k))
+    apart = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN)), 24)
+    assert not any(folds)
+    folds.clear()
+    # prompts are padded to 16, 32 or 48 columns and 2, 4 or 8 rows: at most 64 tokens fold (32 x 2, 16 x 4)
+    together = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, fold_rows=step_rows(MAX_SLOTS), fold_tokens=64)),
+                    24)
+    shapes = {f for f in folds if f is not None}
+    assert shapes and all(r == MAX_SLOTS and p * w <= 64 for r, p, w in shapes), shapes
+    assert None in folds  # wider parts (and the first step, without a decode part) run apart
+    assert [p["tokens"] for p in together] == [p["tokens"] for p in apart]
+    for a, b in zip(together, apart, strict=True):
+        assert a["logprobs"].keys() == b["logprobs"].keys()
+        for slot, (lp, top) in a["logprobs"].items():
+            want_lp, want_top = b["logprobs"][slot]
+            assert lp == pytest.approx(want_lp, abs=1e-5) and [t for t, _ in top] == [t for t, _ in want_top]
+            assert [v for _, v in top] == pytest.approx([v for _, v in want_top], abs=1e-5)
+    assert sum(len(p["tokens"]) for p in apart) > 100 and not any(p["errors"] for p in together)
+
+
+@pytest.mark.parametrize("head_apart", [False, True], ids=["one-chunk", "head-chunk"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.inference_mode()
+def test_folded_steps_replayed_from_graphs_equal_the_same_steps_run_eagerly(head_apart, monkeypatch):
+    stage = _stage(head_apart)
+    fold = {"fold_rows": step_rows(MAX_SLOTS), "fold_tokens": 256}
+    graphed = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True, **fold)), 24, block=True)
+    keys = [k for k in stage._graphs._graphs if k[-1] is not None]
+    assert stage._graphs.replays > 0 and keys, "no folded step was replayed from a graph"
+    assert {k[-1][0] for k in keys} == {MAX_SLOTS} and all(p * w <= 256 for _, p, w in (k[-1] for k in keys))
+    monkeypatch.setenv(PAD_ENV, "1")  # the same padded and folded shapes, eagerly
+    eager = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=False, **fold)), 24, block=True)
+    assert [p["tokens"] for p in graphed] == [p["tokens"] for p in eager]
+    assert [p["logprobs"] for p in graphed] == [p["logprobs"] for p in eager]
+    assert sum(len(p["tokens"]) for p in graphed) > 100 and not any(p["errors"] for p in graphed)
+    # against the parts run apart (other GEMM shapes, fp16): the same tokens but for rare near ties
+    apart = _run(ServeState(stage, ServeInit(MAX_SLOTS, MAX_LEN, cuda_graphs=True)), 24, block=True)
+    pairs = [(a, b) for x, y in zip(graphed, apart, strict=True) for a, b in zip(x["tokens"].items(), y["tokens"].items(),
+                                                                                  strict=True)]
+    assert all(a[0] == b[0] for a, b in pairs) and sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
