@@ -93,12 +93,14 @@ class Stage:
             extra = tuple(t for t in (meta.token_types, last) if t is not None)
             has_types, has_last = meta.token_types is not None, last is not None
 
+            fold = meta.fold  # a folded step's head-only chunk picks its rows by the fold's shape
+
             def fn(x, positions, valid, *extra):
                 types = extra[0] if has_types else None
-                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense, token_types=types),
-                             None, extra[-1] if has_last else None)
+                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense, token_types=types,
+                                         fold=fold), None, extra[-1] if has_last else None)
 
-            key = ("forward", chunk, tuple(x.shape), x.dtype, has_types, meta.dense, has_last)
+            key = ("forward", chunk, tuple(x.shape), x.dtype, has_types, meta.dense, has_last, fold)
             out = graphs.run(key, fn, (x, meta.positions, meta.valid, *extra))
             return out.clone() if copy else out
         kv_len = meta.kv_len if prompt else cache.max_len
