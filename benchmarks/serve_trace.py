@@ -55,13 +55,13 @@ def summarize(events: list[dict], start: float | None = None, end: float | None 
             k[0] += 1
             k[1] += dur / 1e3
             a = e["args"]
-            if a["kind"] in ("decode", "fold"):  # a fold: a decode part and a prompt part in one forward
+            if a["kind"] == "decode":
                 decodes += 1
                 rows += a["rows"]
                 padded_rows += a["padded_rows"]
-            if a["kind"] in ("prompt", "fold"):
+            else:
                 prompt_tokens += a["tokens"]
-                prompt_padded += a.get("prompt_padded_rows", a["padded_rows"]) * a["padded_width"]
+                prompt_padded += a["padded_rows"] * a["padded_width"]
         gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(mine, mine[1:], strict=False)]
         gaps = [g for g in gaps if g > GAP_S * 1e6]
         stages[str(tid)] = {

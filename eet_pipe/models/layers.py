@@ -172,51 +172,37 @@ class Attention(nn.Module):
             q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | tuple | None, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:  # x: [B, T, H] (normed)
         """`mask`: the [B, 1, T, K] attention mask of this layer's window, None for an unpadded cache-free
         forward; on a decode step (one token, with a cache) the [S, K] cache validity restricted to the window
-        (`window_valid`), None for the cache's own; on a folded step (`StepMeta.fold`) the pair of those of its
-        decode part and its prompt part."""
+        (`window_valid`), None for the cache's own."""
         if cache is None:
             q, k, v = self.project(x, meta, rope)
             o = ops.attention(q, k, v, mask, causal=self.cfg.causal)  # [B, Hq, T, D]
-        elif meta.fold is not None:
-            return self.out(self.folded(self.qkv_proj(x), meta, mask, cache, rope))
         else:
-            o = self.cached(self.qkv_proj(x), meta, mask, cache, rope)
+            o = self.cached(x, meta, mask, cache, rope)
         b, _, t, _ = o.shape
         return self.out(o.transpose(1, 2).reshape(b, t, -1))
 
-    def folded(self, qkv: torch.Tensor, meta: StepMeta, masks: tuple, cache: KVCache,
+    def cached(self, x: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache,
                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """A folded step's attention (the projections ran on all its rows at once): the decode rows as a decode
-        step, the prompt rows as a prompt part, each with its own mask; [R + P * W, 1, Hq * D]."""
-        r, p, w = meta.fold
-        parts = meta.fold_parts or (meta.decode_rows(), meta.prompt_rows())
-        decode = self.cached(qkv[:r], parts[0], masks[0], cache, rope)  # [R, Hq, 1, D]
-        prompt = self.cached(qkv[r:].view(p, w, -1), parts[1], masks[1], cache, rope)  # [P, Hq, W, D]
-        return torch.cat([decode.transpose(1, 2).reshape(r, 1, -1), prompt.transpose(1, 2).reshape(p * w, 1, -1)])
-
-    def cached(self, qkv: torch.Tensor, meta: StepMeta, mask: torch.Tensor | None, cache: KVCache,
-               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Attention with the KV cache from the fused projection `qkv` [B, T, (Hq + 2 Hkv) D]: one fused op splits
-        heads, applies rotary and writes k/v into the cache; decode steps (one token) use the decode-attention
-        kernel (without rotary, straight from the projection: it stores the new k and v itself), prefill the SDPA
-        path. Returns [B, Hq, T, D]."""
+        """Attention with the KV cache: one fused op splits heads, applies rotary and writes k/v into the
+        cache; decode steps (one token) use the decode-attention kernel (without rotary, straight from the
+        projection: it stores the new k and v itself), prefill the SDPA path."""
         cfg, i = self.cfg, self.index
         k_len = meta.kv_len
-        if qkv.shape[1] == 1 and rope is None:
+        if x.shape[1] == 1 and rope is None:
             # a decode step without rotary: the attention kernel stores the new k and v itself (one kernel less)
             valid = mask if mask is not None else cache.valid[:, :k_len]
-            return ops.decode_attention_qkv(qkv, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
+            return ops.decode_attention_qkv(self.qkv_proj(x), cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len],
                                             meta.slots, meta.write_index, meta.lengths_after_write(),
                                             valid, cfg.num_heads, cfg.num_kv_heads)
         cos, sin = rope if rope is not None else (None, None)
-        q = ops.qkv_rotary_cache(qkv, cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
+        q = ops.qkv_rotary_cache(self.qkv_proj(x), cos, sin, cache.k[i], cache.v[i], meta.slots, meta.write_index,
                                  cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary=rope is not None,
                                  positions=meta.positions)
-        if qkv.shape[1] == 1:
+        if x.shape[1] == 1:
             valid = mask if mask is not None else cache.valid[:, :k_len]
             return ops.decode_attention(q, cache.k[i][:, :, :k_len], cache.v[i][:, :, :k_len], meta.slots,
                                         meta.lengths_after_write(), valid)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-__all__ = ["StepMeta", "prefill_meta", "decode_meta", "fold_meta", "positions_from_mask", "index_positions", "to_device"]
+__all__ = ["StepMeta", "prefill_meta", "decode_meta", "positions_from_mask", "index_positions", "to_device"]
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -49,13 +49,6 @@ class StepMeta:
     cache_lengths: torch.Tensor | None = None
     """[B] int64 cache columns each sequence attends over after a decode step's write (write index + 1).
     Derived once per forward by the model (`with_cache_lengths`) instead of once per layer."""
-    fold: tuple[int, int, int] | None = None
-    """(R, P, W) for a folded step (`fold_meta`): B = R + P * W rows of one token each; rows 0..R-1 are a decode
-    part (one sequence each), the rest P prompts of W columns each, row after row, starting at cache column 0.
-    Token-wise work runs on all rows at once; attention runs per part (`decode_rows`, `prompt_rows`)."""
-    fold_parts: tuple[StepMeta, StepMeta] | None = None
-    """A folded step's (`decode_rows()`, `prompt_rows()`), derived once per forward by the model (`with_fold_parts`)
-    instead of once per layer."""
 
     def with_cache_lengths(self) -> StepMeta:
         """A copy with `cache_lengths` derived from `write_index` (a decode step); always recomputed, so
@@ -68,26 +61,6 @@ class StepMeta:
         """[B] cache columns attended over after a decode step's write: `cache_lengths` when the model
         derived it for this forward, else derived here."""
         return self.cache_lengths if self.cache_lengths is not None else self.with_cache_lengths().cache_lengths
-
-    def with_fold_parts(self) -> StepMeta:
-        """A copy with `fold_parts` derived (a folded step; else `self`)."""
-        if self.fold is None:
-            return self
-        prompt = self.prompt_rows()
-        return replace(self, fold_parts=(self.decode_rows(), replace(prompt, slots=prompt.slots.contiguous())))
-
-    def decode_rows(self) -> StepMeta:
-        """A folded step's decode part: its first R rows, attending over `kv_len` columns."""
-        r = self.fold[0]
-        return StepMeta(positions=self.positions[:r], valid=self.valid[:r], slots=self.slots[:r],
-                        write_index=self.write_index[:r], kv_len=self.kv_len,
-                        cache_lengths=None if self.cache_lengths is None else self.cache_lengths[:r])
-
-    def prompt_rows(self) -> StepMeta:
-        """A folded step's prompt part as [P, W] (its sequences start at cache column 0: kv_len = W)."""
-        r, p, w = self.fold
-        return StepMeta(positions=self.positions[r:].view(p, w), valid=self.valid[r:].view(p, w),
-                        slots=self.slots[r::w], write_index=self.write_index[r:].view(p, w), kv_len=w)
 
     def to(self, device: torch.device | str, pin: bool = False) -> StepMeta:
         """Copy every tensor to `device`; with `pin`, through pinned memory (`to_device`, same caveat)."""
@@ -156,18 +129,3 @@ def decode_meta(slots: torch.Tensor, write_index: torch.Tensor, positions: torch
         kv_len = int(write_index.max()) + 1 if batch else 0
     return StepMeta(positions=positions.view(batch, 1), valid=valid.view(batch, 1), slots=slots,
                     write_index=write_index.view(batch, 1), kv_len=kv_len)
-
-
-def fold_meta(decode: StepMeta, prompt: StepMeta, kv_len: int | None = None) -> StepMeta:
-    """One step of a decode part (R sequences, one token each) and a prompt part (P sequences of W tokens from
-    cache column 0), as R + P * W one-token rows (`StepMeta.fold`); `kv_len` defaults to the larger of theirs."""
-    p, w = prompt.valid.shape
-    if decode.valid.shape[1] != 1 or decode.slots is None or prompt.slots is None:
-        raise ValueError(f"fold_meta: a decode part of one token per row and a prompt part, both with cache slots; got "
-                         f"{decode.valid.shape[1]} tokens per decode row")
-    flat = lambda d, q: torch.cat([d.reshape(-1, 1), q.reshape(-1, 1)])  # noqa: E731
-    return StepMeta(positions=flat(decode.positions, prompt.positions), valid=flat(decode.valid, prompt.valid),
-                    slots=torch.cat([decode.slots, prompt.slots.repeat_interleave(w)]),
-                    write_index=flat(decode.write_index, prompt.write_index),
-                    kv_len=max(decode.kv_len, prompt.kv_len) if kv_len is None else kv_len,
-                    fold=(decode.valid.shape[0], p, w))

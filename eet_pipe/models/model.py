@@ -89,9 +89,7 @@ class CanonicalModel(nn.Module):
             cache: this slice's KV cache, or None for a cache-free forward.
             last: [B] int64 column of each row whose output is wanted, on x's device. A slice with an LM
                 head then runs its final norm and head on those columns only (a prompt's next token needs
-                its last position's logits alone); other slices ignore it. On a folded step (`StepMeta.fold`,
-                x [R + P * W, 1]) it holds the P prompts' columns: the output is then the R decode rows' logits
-                and the prompts', [R + P, 1, V].
+                its last position's logits alone); other slices ignore it.
         Returns:
             logits [B, T, V] ([B, 1, V] with `last`) if this slice ends with an LM head, else hidden states
             [B, T, H].
@@ -104,17 +102,13 @@ class CanonicalModel(nn.Module):
             if cache is not None:
                 cache.commit(meta)
             if cache is not None and x.shape[1] == 1:
-                meta = meta.with_cache_lengths().with_fold_parts()  # once per step, not once per layer
+                meta = meta.with_cache_lengths()  # one add per step, not one per layer
             masks = self._masks(meta, cache, x.shape[1])
             rope = self.rope(x.device)
             for layer in self.layers.values():
                 x = layer(x, meta, masks[layer.attn.window], cache, rope)
         if last is not None and self.head is not None:
-            if meta.fold is not None:  # the decode rows, then each prompt's `last` column
-                r, p, w = meta.fold
-                x = torch.cat([x[:r], x[r:].view(p, w, -1)[torch.arange(p, device=x.device), last].unsqueeze(1)])
-            else:
-                x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.head is not None:
@@ -126,10 +120,6 @@ class CanonicalModel(nn.Module):
         forward. A decode step with a cache needs no dense mask (the decode-attention op reads the cache's
         validity; a window restricts it, `window_valid`); an unpadded batch without a cache needs none either
         (causal or full attention on the flash path) unless a window is shorter than the sequence."""
-        if meta.fold is not None:  # a folded step: each part's own masks
-            parts = meta.fold_parts or (meta.decode_rows(), meta.prompt_rows())
-            decode, prompt = self._masks(parts[0], cache, 1), self._masks(parts[1], cache, meta.fold[2])
-            return {window: (decode[window], prompt[window]) for window in decode}
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in {layer.attn.window for layer in self.layers.values()}:
             if cache is not None and tokens == 1:

@@ -76,8 +76,7 @@ class Stage:
         """One chunk's forward, replayed from a CUDA graph when `graphs` is given.
 
         With a cache, decode steps (one token per sequence) are graphed; they attend over the whole cache
-        (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph serves every step; so
-        are folded steps (`StepMeta.fold`: a decode and a prompt part as one-token rows), one graph per fold.
+        (``kv_len = cache.max_len``, bounded per sequence inside the op) so one graph serves every step.
         Prompt steps with a cache are graphed only with `graph_prefill` (the caller pads them to a few
         shapes); their graph is keyed by ``meta.kv_len`` too. `last` ([B] columns, see
         `CanonicalModel.forward`) keeps only those positions' logits. The result is the caller's own
@@ -93,25 +92,21 @@ class Stage:
             extra = tuple(t for t in (meta.token_types, last) if t is not None)
             has_types, has_last = meta.token_types is not None, last is not None
 
-            fold = meta.fold  # a folded step's head-only chunk picks its rows by the fold's shape
-
             def fn(x, positions, valid, *extra):
                 types = extra[0] if has_types else None
-                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense, token_types=types,
-                                         fold=fold), None, extra[-1] if has_last else None)
+                return model(x, StepMeta(positions=positions, valid=valid, dense=meta.dense, token_types=types),
+                             None, extra[-1] if has_last else None)
 
-            key = ("forward", chunk, tuple(x.shape), x.dtype, has_types, meta.dense, has_last, fold)
+            key = ("forward", chunk, tuple(x.shape), x.dtype, has_types, meta.dense, has_last)
             out = graphs.run(key, fn, (x, meta.positions, meta.valid, *extra))
             return out.clone() if copy else out
         kv_len = meta.kv_len if prompt else cache.max_len
-        fold = meta.fold  # a folded step: the shapes of its decode and prompt parts
 
         def step(x, positions, valid, slots, write_index, *cols):
             return model(x, StepMeta(positions=positions, valid=valid, slots=slots, write_index=write_index,
-                                     kv_len=kv_len, fold=fold), cache, cols[0] if cols else None)
+                                     kv_len=kv_len), cache, cols[0] if cols else None)
 
-        key = ("prefill" if prompt else "decode", chunk, tuple(x.shape), x.dtype, id(cache), kv_len, last is not None,
-               fold)
+        key = ("prefill" if prompt else "decode", chunk, tuple(x.shape), x.dtype, id(cache), kv_len, last is not None)
         cols = () if last is None else (last,)
         return graphs.run(key, step, (x, meta.positions, meta.valid, meta.slots, meta.write_index, *cols)).clone()
 

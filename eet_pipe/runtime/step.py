@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from eet_pipe.models.kv_cache import KVCache
-from eet_pipe.models.meta import StepMeta, fold_meta
+from eet_pipe.models.meta import StepMeta
 from eet_pipe.runtime.comm import P2P
 from eet_pipe.runtime.slot_sampler import PendingTokens, SlotSampler, new_payload
 from eet_pipe.runtime.step_parts import (
@@ -30,8 +30,6 @@ from eet_pipe.runtime.step_parts import (
     ServeInit,
     StepCommand,
     StepPart,
-    fold_label,
-    folds,
     pad_part,
     part_meta,
     prefill_graph_tokens,
@@ -89,7 +87,6 @@ class ServeState:
             self.graphs.clear()  # graphs of an earlier serving state address its (freed) caches
         self.prefill_tokens = prefill_graph_tokens(stage.hidden)
         self.pad = self.graphs is not None or os.environ.get(PAD_ENV) == "1"
-        self.fold_rows, self.fold_tokens = init.fold_rows, init.fold_tokens
         self.spare_slot = init.max_slots
         rows = init.max_slots + 1  # + the spare row
         self.caches: dict[int, KVCache] = {c: m.new_cache(rows if self.pad else init.max_slots, init.max_len)
@@ -141,17 +138,17 @@ class ServeState:
             last.append(cols if self.is_last and p.width > 1 else None)
         return out, last, moved[-1]
 
-    def _comm(self, shapes: list[tuple[int, int]]) -> tuple[P2P, dict[tuple[int, int], Action]]:
+    def _comm(self, parts: list[StepPart]) -> tuple[P2P, dict[tuple[int, int], Action]]:
         """This step's receives, in execution order, through the shared point-to-point layer
-        (the (rows, width) of each forward come from the command)."""
+        (shapes come from the command)."""
         hidden, dtype = self.stage.hidden, self.stage.dtype
-        comm = P2P(self.ctx, lambda a: [((*shapes[a.mb], hidden), dtype)])
+        comm = P2P(self.ctx, lambda a: [((parts[a.mb].rows, parts[a.mb].width, hidden), dtype)])
         recvs = {}
         for c in self.order:
             src = (c - 1) % self.world
             if c == 0 or src == self.rank:
                 continue
-            for i in range(len(shapes)):
+            for i in range(len(parts)):
                 recvs[(c, i)] = Action(Op.RECV, i, c, peer=src)
         comm.expect(list(recvs.values()))
         return comm, recvs
@@ -194,15 +191,11 @@ class ServeState:
 
     @torch.inference_mode()
     def step(self, cmd: StepCommand) -> None:
-        """Run this stage's chunks for every part of `cmd` (a decode and a prompt part folded into one forward
-        where `folds` says so); the last stage samples (its tokens go back to stage 0 on the device and to the
-        host one step later, see `results`)."""
+        """Run this stage's chunks for every part of `cmd`; the last stage samples (its tokens go back to
+        stage 0 on the device and to the host one step later, see `results`)."""
         self._check(cmd)
         sizes = [p.rows for p in cmd.parts]
-        parts, graphed = (list(t) for t in zip(*(self._padded(p) for p in cmd.parts), strict=True))
-        fold = folds(cmd.parts, parts, graphed, self.fold_rows, self.fold_tokens)
-        if fold is not None:  # its decode part is padded to the fold's rows
-            parts[fold[0]] = pad_part(cmd.parts[fold[0]], self.fold_rows, self.spare_slot)
+        parts, graphed = zip(*(self._padded(p) for p in cmd.parts), strict=True)
         moved, lasts, free = self._upload(cmd, parts)
         self._free([*cmd.free, *cmd.new], free)
         if self.sampler is not None:
@@ -211,48 +204,33 @@ class ServeState:
             self._take_feedback(cmd.group)
         # built on the device from the host's sizes: only stage 0 has a prompt part's tokens
         metas = [part_meta(d, int(p.start.max()) + p.width, p.width) for d, p in zip(moved, parts, strict=True)]
-        # the forwards: one per part, or the folded one (the parts' rows after one another)
-        groups = [list(fold)] if fold is not None else [[i] for i in range(len(parts))]
-        comm, recvs = self._comm([(sum(parts[i].rows * parts[i].width for i in g), 1) if len(g) > 1
-                                  else (parts[g[0]].rows, parts[g[0]].width) for g in groups])
+        comm, recvs = self._comm(parts)
         local: dict[tuple[int, int], torch.Tensor] = {}
-        logits: list[torch.Tensor | None] = [None] * len(parts)
+        logits: list[torch.Tensor] = []
         for c in self.order:
-            for f, members in enumerate(groups):
-                if len(members) > 1:
-                    d, q = members
-                    meta = fold_meta(metas[d], metas[q])
-                    last, is_graphed = lasts[q], self.graphs is not None
-                else:
-                    meta, last, is_graphed = metas[members[0]], lasts[members[0]], graphed[members[0]]
+            for i in range(len(parts)):
                 if c == 0:
-                    x = torch.cat([self._input(moved[i], metas[i]).reshape(-1, 1) for i in members]) \
-                        if len(members) > 1 else self._input(moved[members[0]], meta)
-                elif (c, f) in recvs:
-                    x = comm.recv(recvs.pop((c, f)))[0]
+                    x = self._input(moved[i], metas[i])
+                elif (c, i) in recvs:
+                    x = comm.recv(recvs.pop((c, i)))[0]
                 else:
-                    x = local.pop((c, f))
+                    x = local.pop((c, i))
                 began = self.clock.begin()
                 captures = self._captures()
                 # a prompt part's last chunk computes the logits of each row's last token only
-                y = self.stage.run_chunk(c, x, meta, self.graphs if is_graphed else None, self.caches.get(c),
-                                         last=last if c == self.last_chunk else None, graph_prefill=True)
-                if c == self.last_chunk:  # rows past sizes[i] are bucket padding
-                    row = 0
-                    for i in members:
-                        logits[i] = y[row: row + sizes[i], 0]
-                        row += parts[i].rows
-                self.clock.end(began, self.clock.keep_spans and (
-                    fold_label(cmd, cmd.parts, parts, fold, c, is_graphed, self._captures() - captures) if len(members) > 1
-                    else span_label(cmd, cmd.parts[members[0]], parts[members[0]], c, is_graphed,
-                                    self._captures() - captures)))
+                y = self.stage.run_chunk(c, x, metas[i], self.graphs if graphed[i] else None, self.caches.get(c),
+                                         last=lasts[i] if c == self.last_chunk else None, graph_prefill=True)
+                if c == self.last_chunk:
+                    logits.append(y[: sizes[i], 0])  # rows past sizes[i] are bucket padding
+                self.clock.end(began, self.clock.keep_spans and span_label(
+                    cmd, cmd.parts[i], parts[i], c, graphed[i], self._captures() - captures))
                 self.stage.tick()
                 if c == self.last_chunk:
                     continue
                 if (c + 1) % self.world == self.rank:
-                    local[(c + 1, f)] = y
+                    local[(c + 1, i)] = y
                 else:
-                    comm.send(Action(Op.SEND, f, c + 1, peer=(c + 1) % self.world), [y])
+                    comm.send(Action(Op.SEND, i, c + 1, peer=(c + 1) % self.world), [y])
         self._retire(comm)
         if not (self.is_first or self.is_last):
             return

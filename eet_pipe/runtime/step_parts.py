@@ -16,9 +16,8 @@ from eet_pipe.models.meta import StepMeta
 from eet_pipe.ops.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 
 __all__ = ["ServeInit", "SeqInit", "StepPart", "StepCommand", "SERVE_COMMANDS", "PAD_ENV", "PREFILL_WIDTHS",
-           "LARGE_ROWS_STEP", "PREFILL_GRAPH_TOKENS", "PREFILL_GRAPH_ELEMENTS", "FOLD_MAX_WIDTH", "step_rows",
-           "pad_part", "prefill_graph_tokens", "prefill_width", "folds", "fold_fits", "span_label", "fold_label",
-           "part_meta"]
+           "LARGE_ROWS_STEP", "PREFILL_GRAPH_TOKENS", "PREFILL_GRAPH_ELEMENTS", "step_rows", "pad_part",
+           "prefill_graph_tokens", "prefill_width", "span_label", "part_meta"]
 
 PAD_ENV = "EET_PIPE_PAD_DECODE"
 """'1' pads step parts to their buckets on CPU stages too (GPU stages always do, for their CUDA graphs)."""
@@ -32,10 +31,6 @@ many slots captures a graph per 128 rows, not one per batch size."""
 PREFILL_GRAPH_TOKENS = 4096
 """Prefill parts whose padded size (rows x width) is at most this replay CUDA graphs; larger ones run
 eagerly, unpadded (their kernels are long enough that launching them costs little)."""
-
-FOLD_MAX_WIDTH = 256
-"""Widest prompt part (padded) that folds into a decode part: each folded prompt token costs the projections and MLP
-of one more row, while a prompt part of its own costs a whole further pass over the weights."""
 
 PREFILL_GRAPH_ELEMENTS = 1 << 23
 """... and whose hidden states (padded tokens x hidden size) are at most this many elements, so that the
@@ -51,11 +46,6 @@ class ServeInit:
     """Replay step parts from CUDA graphs (GPU stages): decode parts, and prompt parts up to PREFILL_GRAPH_TOKENS."""
     trace: bool = False
     """Time every chunk forward of every step and send the labelled spans with the stats reports."""
-    fold_rows: int = 0
-    """Rows a decode part is padded to when a prompt part folds into it (the `step_rows` bucket of a group's
-    slots); 0 = parts never fold."""
-    fold_tokens: int = 0
-    """Most padded tokens (rows x width) of a prompt part that folds into the step's decode part (`folds`)."""
 
 
 @dataclass
@@ -147,33 +137,6 @@ def prefill_width(width: int, max_len: int) -> int:
     return max(width, min(bucket_for(width, PREFILL_WIDTHS) or width, max_len))
 
 
-def fold_fits(decode_rows: int, prompt_shape: tuple[int, int], fold_rows: int, fold_tokens: int) -> bool:
-    """Whether a prompt part run in `prompt_shape` (padded rows, padded width; at least 2 wide) folds into a decode
-    part of `decode_rows` rows: at most `fold_rows` decode rows, at most `fold_tokens` padded prompt tokens, at most
-    FOLD_MAX_WIDTH wide."""
-    rows, width = prompt_shape
-    return (0 < decode_rows <= fold_rows and 2 <= width <= FOLD_MAX_WIDTH and rows * width <= fold_tokens)
-
-
-def folds(parts: list[StepPart], padded: list[StepPart], graphed: list[bool], fold_rows: int,
-          fold_tokens: int) -> tuple[int, int] | None:
-    """(decode part, prompt part) indices of a step whose prompt part folds into its decode part, else None.
-
-    A step of a decode part (fed-back tokens) and a prompt part that its stage pads to a graphed shape folds when
-    `fold_fits`: the two run as one forward of one-token rows (`eet_pipe.models.meta.fold_meta`; the decode part
-    padded to `fold_rows`), so the weights are read once for both. `padded` and `graphed` are the parts as the
-    stage pads them."""
-    if fold_rows <= 0 or len(parts) != 2:
-        return None
-    decode = [i for i, p in enumerate(parts) if p.tokens is None]
-    if len(decode) != 1:
-        return None
-    d, q = decode[0], 1 - decode[0]
-    if not graphed[q] or parts[q].width < 2:
-        return None
-    return (d, q) if fold_fits(parts[d].rows, (padded[q].rows, padded[q].width), fold_rows, fold_tokens) else None
-
-
 def span_label(cmd: StepCommand, part: StepPart, padded: StepPart, chunk: int, graphed: bool,
                captured: int) -> dict:
     """What a traced chunk forward ran: step, group, chunk, the part's rows and width before and after
@@ -181,17 +144,6 @@ def span_label(cmd: StepCommand, part: StepPart, padded: StepPart, chunk: int, g
     return {"step": cmd.step, "group": cmd.group, "chunk": chunk, "kind": "decode" if part.width == 1 else "prompt",
             "rows": part.rows, "padded_rows": padded.rows, "width": part.width, "padded_width": padded.width,
             "tokens": int(part.lengths.sum()), "graphed": graphed, "captured": captured}
-
-
-def fold_label(cmd: StepCommand, parts: list[StepPart], padded: list[StepPart], fold: tuple[int, int], chunk: int,
-               graphed: bool, captured: int) -> dict:
-    """What a traced folded forward ran: the decode part's rows as `rows` / `padded_rows`, the prompt part's as
-    `prompt_rows` / `prompt_padded_rows`, its width before and after padding and its tokens."""
-    d, q = fold
-    return {"step": cmd.step, "group": cmd.group, "chunk": chunk, "kind": "fold", "rows": parts[d].rows,
-            "padded_rows": padded[d].rows, "prompt_rows": parts[q].rows, "prompt_padded_rows": padded[q].rows,
-            "width": parts[q].width, "padded_width": padded[q].width, "tokens": int(parts[q].lengths.sum()),
-            "graphed": graphed, "captured": captured}
 
 
 def part_meta(part: StepPart, kv_len: int | None = None, width: int | None = None) -> StepMeta:

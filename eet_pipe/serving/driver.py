@@ -32,7 +32,6 @@ from eet_pipe.runtime.step_parts import (
     ServeInit,
     StepCommand,
     StepPart,
-    fold_fits,
     prefill_graph_tokens,
     prefill_width,
     step_rows,
@@ -65,13 +64,6 @@ class PipelineSetup:
     """Capture every step shape's CUDA graphs before serving (`warmup_shapes`); set where graphs are replayed."""
     max_prefill_tokens: int = 4096
     """The scheduler's prompt-token budget per step (bounds the prompt parts it builds)."""
-    fold_tokens: int = 0
-    """Most padded prompt tokens folded into a step's decode part (`eet_pipe.runtime.step_parts.folds`); 0 = none."""
-
-    @property
-    def fold_rows(self) -> int:
-        """Rows a folded step's decode part is padded to: the row bucket of a group's slots (0 without folding)."""
-        return step_rows(-(-self.max_slots // self.groups)) if self.fold_tokens else 0
 
     @property
     def cfg(self) -> ArchConfig:
@@ -115,7 +107,7 @@ def resolve_setup(opts: Any, devices: list[str], plan: Plan | None = None) -> Pi
                          max_len=opts.max_seq or spec.cfg.max_positions, max_slots=opts.max_slots,
                          groups=max(1, min(groups, opts.max_slots)), cuda_graphs=opts.cuda_graphs,
                          warmup=opts.warmup and opts.cuda_graphs and any(d.startswith("cuda") for d in devices),
-                         max_prefill_tokens=opts.max_prefill_tokens, fold_tokens=opts.fold_prompt_tokens)
+                         max_prefill_tokens=opts.max_prefill_tokens)
 
 
 WARMUP_GRAPHS = 96
@@ -123,15 +115,14 @@ WARMUP_GRAPHS = 96
 keeps, which drops the least recently used beyond that, so traffic's own shapes still have room."""
 
 
-def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]]]:
     """The step shapes a server with `setup` replays from CUDA graphs, as real (unpadded) sizes: one row count
-    per `step_rows` bucket of a group's slots (decode parts); (rows, prompt width) per pair of that and a
+    per `step_rows` bucket of a group's slots (decode parts), and (rows, prompt width) per pair of that and a
     `prefill_width` bucket whose padded size a stage graphs and the scheduler can build (at most
-    `max_prefill_tokens` prompt tokens, or a single prompt; room for two decode tokens after the prompt); and
-    (rows, prompt width) per such prompt part that folds into a decode part (`fold_fits`; leaving a slot of the
-    group for a decode row). Each is the smallest size of its bucket, so that every bucket the scheduler can
-    reach is there. With more than `WARMUP_GRAPHS` graphs per stage, the prompt and folded shapes of fewest
-    padded tokens are kept (a large part's kernels are long enough that running it eagerly costs little)."""
+    `max_prefill_tokens` prompt tokens, or a single prompt; room for two decode tokens after the prompt).
+    Each is the smallest size of its bucket, so that every bucket the scheduler can reach is there. With more
+    than `WARMUP_GRAPHS` graphs per stage, the prompt shapes of fewest padded tokens are kept (a large part's
+    kernels are long enough that running it eagerly costs little)."""
     per_group = -(-setup.max_slots // setup.groups)
     graphed = prefill_graph_tokens(setup.cfg.hidden_size)
     rows: dict[int, int] = {}  # padded rows -> the fewest rows padded to it
@@ -142,15 +133,10 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
         widths.setdefault(prefill_width(w, setup.max_len), w)
     shapes = [(padded * target, r, w) for padded, r in sorted(rows.items()) for target, w in sorted(widths.items())
               if padded * target <= graphed and (r == 1 or r * w <= setup.max_prefill_tokens)]
-    fold_rows = setup.fold_rows
-    folds = [(fold_rows + size, r, w) for size, r, w in shapes
-             if r < per_group and fold_fits(1, (step_rows(r), prefill_width(w, setup.max_len)), fold_rows,
-                                            setup.fold_tokens)]
     chunks = max(len(stage.chunks) for stage in setup.plan.stages)
     room = max(WARMUP_GRAPHS // chunks - len(rows), 0)
-    kept = set(sorted([(*s, "prompt") for s in shapes] + [(*s, "fold") for s in folds])[:room])
-    return (sorted(rows.values()), [(r, w) for _, r, w, kind in sorted(kept, key=lambda s: s[1:]) if kind == "prompt"],
-            [(r, w) for _, r, w, kind in sorted(kept, key=lambda s: s[1:]) if kind == "fold"])
+    kept = sorted(sorted(shapes)[:room], key=lambda s: (s[1], s[2]))
+    return sorted(rows.values()), [(r, w) for _, r, w in kept]
 
 
 def prompt_padding(setup: PipelineSetup) -> Callable[[int, int], tuple[int, int]] | None:
@@ -216,7 +202,7 @@ class StepDriver:
         """Allocate every stage's KV caches, then run one prefill + decode step as a warm-up."""
         s = self.setup
         self.send(ServeInit(max_slots=s.max_slots, max_len=s.max_len, cuda_graphs=s.cuda_graphs,
-                            trace=self.trace is not None, fold_rows=s.fold_rows, fold_tokens=s.fold_tokens))
+                            trace=self.trace is not None))
         began = time.perf_counter()
         prompt = torch.arange(1, 5, dtype=torch.long) % s.cfg.vocab_size
         one = torch.zeros(1, dtype=torch.long)
@@ -238,7 +224,7 @@ class StepDriver:
         every step behind it). Steps use group 0's slots, which admission clears before reuse; returns the
         number of steps run."""
         s, began = self.setup, time.perf_counter()
-        rows, prompts, folds = warmup_shapes(s)
+        rows, prompts = warmup_shapes(s)
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         step, ran = -3, 0
 
@@ -249,18 +235,16 @@ class StepDriver:
             step, ran = step - 1, ran + 1
             return [payload["tokens"][slot] for slot in cmd.parts[0].slots.tolist()]
 
-        def prompt_part(slots: torch.Tensor, width: int) -> StepPart:
-            tokens = torch.arange(1, width + 1, dtype=torch.long).remainder(s.cfg.vocab_size).repeat(len(slots), 1)
-            return StepPart(slots, tokens, torch.full((len(slots),), width), torch.zeros(len(slots), dtype=torch.long))
-
         for r in rows:
             slots = torch.arange(r) * s.groups
             ones = torch.ones(r, dtype=torch.long)
             first = None
             for width in [w for n, w in prompts if n == r]:
+                tokens = torch.arange(1, width + 1, dtype=torch.long).remainder(s.cfg.vocab_size).repeat(r, 1)
+                part = StepPart(slots, tokens, ones * width, torch.zeros(r, dtype=torch.long))
                 for _ in range(2):
                     first = run(StepCommand(group=0, step=step, new={i: SeqInit(params) for i in slots.tolist()},
-                                            parts=[prompt_part(slots, width)]))
+                                            parts=[part]))
                 last = width
             if first is None:  # no prompt shape at these rows: a one-token prompt starts the sequences
                 first = run(StepCommand(group=0, step=step, new={i: SeqInit(params) for i in slots.tolist()},
@@ -269,16 +253,8 @@ class StepDriver:
             for n in range(2):
                 first = run(StepCommand(group=0, step=step, parts=[StepPart(slots, torch.tensor(first).view(-1, 1),
                                                                              ones, ones * (last + n))]))
-        one = torch.ones(1, dtype=torch.long)
-        for r, width in folds:  # a sequence on slot 0 decodes while r prompts on the group's next slots start
-            run(StepCommand(group=0, step=step, new={0: SeqInit(params)}, parts=[StepPart(one * 0, one.view(1, 1),
-                                                                                          one, one * 0)]))
-            slots = (torch.arange(r) + 1) * s.groups
-            for n in range(2):
-                run(StepCommand(group=0, step=step, new={i: SeqInit(params) for i in slots.tolist()},
-                                parts=[StepPart(one * 0, None, one, one * (1 + n)), prompt_part(slots, width)]))
-        log.info("CUDA graphs warmed up: %d decode, %d prompt and %d folded shapes, %d steps in %.1f s", len(rows),
-                 len(prompts), len(folds), ran, time.perf_counter() - began)
+        log.info("CUDA graphs warmed up: %d decode and %d prompt shapes, %d steps in %.1f s", len(rows),
+                 len(prompts), ran, time.perf_counter() - began)
         return ran
 
 

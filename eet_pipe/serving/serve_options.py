@@ -38,10 +38,6 @@ class ServeOptions(EngineOptions):
     prefill_wait: float = 0.0
     """Seconds waiting prompts may be held back, while other sequences keep the pipeline busy, until they
     fill a prefill part (`max_prefill_tokens`, or the group's free slots). 0 admits at once."""
-    fold_prompt_tokens: int = 2048
-    """Most padded tokens of a prompt part that runs in the same forward as its step's decode part (one pass
-    over the weights for both) where the stages pad parts to CUDA-graph shapes; prompts up to 256 tokens wide.
-    0 runs every prompt part as a forward of its own."""
     trace_max_mb: int = 1024
     """Largest size of the `trace` file in MiB: at this size the trace is closed (a complete JSON array) and
     serving goes on untraced."""
@@ -86,7 +82,6 @@ class ServeOptions(EngineOptions):
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_prefill_tokens", self.max_prefill_tokens >= 1, ">= 1"),
             ("prefill_wait", 0 <= self.prefill_wait <= 10, "0..10 seconds"),
-            ("fold_prompt_tokens", self.fold_prompt_tokens >= 0, ">= 0 (0 = never fold)"),
             ("trace_max_mb", self.trace_max_mb >= 1, ">= 1 (MiB)"),
             ("max_n", self.max_n >= 1, ">= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),

@@ -88,9 +88,7 @@ class StepTrace:
             if rank not in self._named:
                 events.append(self._thread_name(rank, f"stage {rank}"))
             for start, end, label in spans:
-                kind = label.get("kind")
-                name = (f"prompt {label['rows']}x{label['width']}" if kind == "prompt" else
-                        f"fold {label['rows']}+{label['prompt_rows']}x{label['width']}" if kind == "fold"
+                name = (f"{label['kind']} {label['rows']}x{label['width']}" if label.get("kind") == "prompt"
                         else f"{label.get('kind', 'step')} {label.get('rows', '')}").strip()
                 events.append({"name": name, "cat": "stage", "ph": "X", "pid": 1, "tid": rank,
                                "ts": round(start * 1e6, 1), "dur": round((end - start) * 1e6, 1), "args": label})

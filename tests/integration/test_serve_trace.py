@@ -62,8 +62,7 @@ def test_trace_records_every_step_of_every_stage(tmp_path):
 @pytest.mark.timeout(180)
 def test_a_prompt_part_padding_would_waste_runs_as_row_buckets(tmp_path):
     """Stages padding as GPU ones do (EET_PIPE_PAD_DECODE=1): five 150-token prompts (192 wide once padded) would
-    run as 8 rows; the scheduler cuts them to 4 + 1, the row buckets the stages run unpadded, and the 1 folds into
-    the next step's decode part."""
+    run as 8 rows; the scheduler cuts them to 4 + 1, the row buckets the stages run unpadded."""
     path = tmp_path / "steps.json"
     args = ["model=tiny", "timeout=30", "log_level=warning", "max_slots=8", "microbatches=1", f"trace={path}"]
     prompt = [(7 * i) % 50 + 3 for i in range(150)]
@@ -76,13 +75,10 @@ def test_a_prompt_part_padding_would_waste_runs_as_row_buckets(tmp_path):
     assert len(texts) == 1  # greedy: the five choices are equal, whichever part ran them
     events = read_step_trace(path)
     served = {e["args"]["step"] for e in events if e["ph"] == "i" and e["name"] == "issue" and e["args"]["step"] > 0}
-    prompts = [e["args"] for e in events if e["ph"] == "X" and e["args"]["kind"] in ("prompt", "fold")
-               and e["args"]["step"] in served and e["args"]["chunk"] == 0]
-    # the one left runs in the same forward as the four's first decode step (one pass over the weights)
-    assert [(a["kind"], a.get("prompt_rows", a["rows"])) for a in prompts] == [("prompt", 4), ("fold", 1)]
-    assert all(a.get("prompt_padded_rows", a["padded_rows"]) == a.get("prompt_rows", a["rows"]) and a["width"] == 150
-               and a["padded_width"] == 192 for a in prompts)
-    assert prompts[1]["rows"] == 4 and prompts[1]["padded_rows"] == 8  # the decode rows, padded to the group's
+    prompts = [e["args"] for e in events if e["ph"] == "X" and e["args"]["kind"] == "prompt"
+               and e["args"]["step"] in served]
+    assert [a["rows"] for a in prompts] == [4, 1]
+    assert all(a["padded_rows"] == a["rows"] and a["width"] == 150 and a["padded_width"] == 192 for a in prompts)
 
 
 def test_an_unclosed_trace_still_reads(tmp_path):

@@ -69,14 +69,3 @@ def test_waits_are_matched_first_in_first_out():
     assert s["issue_to_start_ms"]["p50"] == pytest.approx(1.0) and s["issue_to_start_ms"]["max"] == pytest.approx(1.0)
     assert s["end_to_result_ms"]["p50"] == pytest.approx(2.0) and s["end_to_result_ms"]["max"] == pytest.approx(2.0)
     assert summarize(events, 0.010, 0.020)["admission_wait_ms"]["max"] == pytest.approx(10.0)  # only the second issue
-
-
-def test_a_folded_forward_counts_as_a_decode_and_a_prompt_part():
-    events = [_span(0, 0.0, 2.0, step=1),  # 3 rows of 4
-              _span(0, 2.0, 3.0, step=2, kind="fold", rows=5, padded_rows=8, prompt_rows=3, prompt_padded_rows=4,
-                    width=10, padded_width=16, tokens=24)]
-    stage0 = summarize(events)["stages"]["0"]
-    assert stage0["by_kind"] == {"decode graph": {"count": 1, "ms": pytest.approx(2.0)},
-                                 "fold graph": {"count": 1, "ms": pytest.approx(3.0)}}
-    assert stage0["decode_rows_mean"] == 4 and stage0["decode_padding"] == pytest.approx(1 - 8 / 12)
-    assert stage0["prompt_tokens"] == 24 and stage0["prompt_padding"] == pytest.approx(1 - 24 / 64)

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 
 from eet_pipe.runtime.step_parts import (
-    FOLD_MAX_WIDTH,
     PAD_ENV,
     PREFILL_GRAPH_ELEMENTS,
     PREFILL_GRAPH_TOKENS,
@@ -19,21 +18,17 @@ from eet_pipe.runtime.step_parts import (
 from eet_pipe.serving.driver import WARMUP_GRAPHS, prompt_padding, warmup_shapes
 
 
-def _setup(hidden: int, slots: int, groups: int, max_len: int, budget: int = 4096, chunks: int = 1,
-           fold: int = 0) -> SimpleNamespace:
+def _setup(hidden: int, slots: int, groups: int, max_len: int, budget: int = 4096, chunks: int = 1) -> SimpleNamespace:
     stages = [SimpleNamespace(chunks=[("a", "b")] * chunks)] * 2
-    fold_rows = step_rows(-(-slots // groups)) if fold else 0
     return SimpleNamespace(cfg=SimpleNamespace(hidden_size=hidden), max_slots=slots, groups=groups, max_len=max_len,
-                           max_prefill_tokens=budget, plan=SimpleNamespace(stages=stages), fold_tokens=fold,
-                           fold_rows=fold_rows)
+                           max_prefill_tokens=budget, plan=SimpleNamespace(stages=stages))
 
 
 @pytest.mark.parametrize("args", [(1600, 256, 2, 192), (1600, 200, 2, 40), (64, 8, 2, 128), (4096, 96, 4, 700),
                                   (1600, 256, 2, 300, 1000), (8192, 64, 4, 2000)])
 def test_the_shapes_are_every_graphed_shape_the_scheduler_can_build(args) -> None:
     setup = _setup(*args)
-    rows, prompts, folds = warmup_shapes(setup)
-    assert folds == []  # folding off
+    rows, prompts = warmup_shapes(setup)
     per_group = -(-setup.max_slots // setup.groups)
     graphed = min(PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_ELEMENTS // setup.cfg.hidden_size)
     reachable = {(step_rows(r), prefill_width(w, setup.max_len))
@@ -48,7 +43,7 @@ def test_the_shapes_are_every_graphed_shape_the_scheduler_can_build(args) -> Non
 
 
 def test_gpt2_xl_serving_defaults() -> None:
-    rows, prompts, _ = warmup_shapes(_setup(1600, 256, 2, 192))
+    rows, prompts = warmup_shapes(_setup(1600, 256, 2, 192))
     assert rows == [1, 2, 3, 5, 9, 17, 33, 65]  # the fewest rows of each bucket up to 128 per group
     assert (1, 129) in prompts and (65, 2) in prompts and (65, 17) in prompts and (33, 97) not in prompts
     assert len(prompts) == 47
@@ -56,30 +51,11 @@ def test_gpt2_xl_serving_defaults() -> None:
 
 def test_shapes_beyond_the_graph_budget_keep_the_smallest_parts() -> None:
     setup = _setup(1600, 256, 2, 1024, chunks=2)  # two chunks per stage: every shape is two graphs
-    rows, prompts, _ = warmup_shapes(setup)
-    full_rows, full, _ = warmup_shapes(_setup(1600, 256, 2, 1024))
+    rows, prompts = warmup_shapes(setup)
+    full_rows, full = warmup_shapes(_setup(1600, 256, 2, 1024))
     assert rows == full_rows and 2 * (len(rows) + len(prompts)) <= WARMUP_GRAPHS < 2 * (len(rows) + len(full))
     size = {(r, w): step_rows(r) * prefill_width(w, 1024) for r, w in full}
     assert set(prompts) <= set(full) and max(size[p] for p in prompts) <= min(size[p] for p in set(full) - set(prompts))
-
-
-def test_folded_shapes_are_every_prompt_shape_that_folds_and_share_the_budget() -> None:
-    """With folding on, every graphed prompt shape of at most `fold` padded tokens and FOLD_MAX_WIDTH columns that
-    leaves a decode row in the group is warmed folded too; past the graph budget the largest shapes of either kind
-    go first."""
-    setup = _setup(1600, 256, 2, 192, fold=2048)
-    rows, prompts, folds = warmup_shapes(setup)
-    assert (rows, prompts) == warmup_shapes(_setup(1600, 256, 2, 192))[:2]  # room for both at GPT-2 XL's defaults
-    padded = {(r, step_rows(r), prefill_width(w, 192)) for r, w in prompts}
-    want = {(pr, pw) for r, pr, pw in padded if pr * pw <= 2048 and pw <= FOLD_MAX_WIDTH and r < 128}
-    assert {(step_rows(r), prefill_width(w, 192)) for r, w in folds} == want and len(folds) == len(want)
-    assert all(r < 128 for r, _ in folds) and len(rows) + len(prompts) + len(folds) <= WARMUP_GRAPHS
-    rows, prompts, folds = warmup_shapes(_setup(1600, 256, 2, 1024, fold=2048))
-    assert len(rows) + len(prompts) + len(folds) == WARMUP_GRAPHS and folds
-    fold_size = max(128 + step_rows(r) * prefill_width(w, 1024) for r, w in folds)
-    all_prompts = warmup_shapes(_setup(1600, 256, 2, 1024))[1]
-    dropped = set(all_prompts) - set(prompts)
-    assert dropped and fold_size <= min(step_rows(r) * prefill_width(w, 1024) for r, w in dropped)
 
 
 def test_prompt_padding_is_the_stages_bucket_shape_where_they_pad_and_none_elsewhere(monkeypatch):
