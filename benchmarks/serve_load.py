@@ -125,9 +125,8 @@ async def _send_all(url: str, headers: dict, concurrency: int, picks: list[int],
     costs the load generator more than the server it measures. The clients are made and their connections
     opened (a GET /health each) before the clock starts, sharing one TLS context (a context each costs 10-20
     ms of CPU, which would block the event loop while the first requests stream). With the connections opened
-    inside the level, its first request reached the server 0.22 s after the clock started at 256 clients (1 x
-    H100 host, 4 client processes), time the server had nothing to run; opened before: 172 -> 80 ms on a 2-core
-    machine."""
+    inside the level, its first request reached the server 212 ms after the clock started at 256 clients (1 x
+    H200 host, 4 client processes), time the server had nothing to run; opened before, 70 ms (docs/PERF.md)."""
     todo = iter(picks)
     rows: list[dict] = []
     tls = ssl.create_default_context()
