@@ -185,3 +185,13 @@ def test_skipped_special_tokens_between_words_keep_the_spaces(kind: str) -> None
         ids += [unk] * 30
         decode = tok.decode  # skips special tokens
         assert _stream(decode, ids)[1] == decode(ids), (kind, text)
+
+
+def test_byte_decode_skips_special_and_out_of_range_ids_and_replaces_invalid_bytes() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("añb 🙂")
+    assert tok.decode(ids) == "añb 🙂"
+    with_specials = [tok.bos_token_id, *ids[:3], tok.eos_token_id, -1, 999, *ids[3:], tok.pad_token_id]
+    assert tok.decode(with_specials) == "añb 🙂"
+    assert tok.decode([0x61, 0xC3]) == "a\ufffd" and tok.decode([0x61, 0xC3, 256]) == "a\ufffd"  # half a character
+    assert tok.decode([]) == "" and tok.decode([257]) == ""
