@@ -42,7 +42,7 @@ from eet_pipe.serving.driver import StepDriver, resolve_setup
 
 DEFAULTS = {"concurrency": ["1", "16", "64", "256"], "requests": 64, "waves": 4, "max_tokens": 64, "prompt_len": 64,
             "temperature": 0.0, "model": "tiny", "groups": 2, "step_ms": 0.0, "clients": "auto", "api_servers": 1,
-            "out": "bench_results/serve_frontend"}
+            "http_parser": "auto", "out": "bench_results/serve_frontend"}
 QUICK = {"concurrency": ["1", "8"], "requests": 8, "waves": 1, "max_tokens": 32, "prompt_len": 16}
 
 
@@ -127,7 +127,8 @@ def main() -> None:
     top = max(int(c) for c in opts["concurrency"])
     port = free_port()
     server_opts = {"model": opts["model"], "max_slots": str(top), "microbatches": str(opts["groups"]),
-                   "log_level": "warning", "plan": "even", "api_servers": str(opts["api_servers"])}
+                   "log_level": "warning", "plan": "even", "api_servers": str(opts["api_servers"]),
+                   "http_parser": str(opts["http_parser"])}
     # not a daemon: the server starts its HTTP process
     proc = mp.get_context("spawn").Process(target=_serve, args=(server_opts, port, float(opts["step_ms"])))
     proc.start()

@@ -34,7 +34,7 @@ def make_server(opts: ServeOptions, app: Any) -> uvicorn.Server:
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level.lower(),
                             timeout_graceful_shutdown=max(opts.drain_timeout, 0.1) + 5.0, lifespan="on",
                             timeout_keep_alive=opts.keep_alive, limit_concurrency=share,
-                            http=protocol_with_header_timeout(opts.header_timeout),
+                            http=protocol_with_header_timeout(opts.header_timeout, opts.http_parser),
                             access_log=opts.log_level.lower() == "debug")
     return _Server(config)
 

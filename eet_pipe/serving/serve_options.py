@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class ServeOptions(EngineOptions):
     max_connections: int = 2048
     """Open connections plus running requests before new requests get 503 (uvicorn's limit_concurrency,
     shared out over the `api_servers` HTTP processes)."""
+    http_parser: str = "auto"
+    """HTTP/1.1 parser of the HTTP processes: httptools (C), h11 (pure Python), or auto (httptools where it is
+    installed, as the `serve` extra installs it)."""
     header_timeout: float = 30.0
     """Seconds a connection may take to send a request's line and headers before it is closed."""
     body_timeout: float = 60.0
@@ -89,6 +93,7 @@ class ServeOptions(EngineOptions):
             ("max_stop_chars", self.max_stop_chars >= 1, ">= 1"),
             ("max_connections", self.max_connections >= self.api_servers,
              ">= api_servers (each HTTP process takes a share)"),
+            ("http_parser", self.http_parser in ("auto", "httptools", "h11"), "auto, httptools or h11"),
             ("header_timeout", self.header_timeout > 0, "> 0 seconds"),
             ("body_timeout", self.body_timeout > 0, "> 0 seconds"),
             ("keep_alive", self.keep_alive >= 1, ">= 1 (seconds)"),
@@ -104,6 +109,9 @@ class ServeOptions(EngineOptions):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:
+            raise ValueError("http_parser=httptools but httptools is not installed: pip install httptools, "
+                             "or use http_parser=auto or h11")
         if self.api_servers > 1 and not (sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")):
             raise ValueError(f"api_servers={self.api_servers} needs SO_REUSEPORT with load balancing (Linux); "
                              "use api_servers=1 here")
