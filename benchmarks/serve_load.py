@@ -45,11 +45,12 @@ import ssl
 import statistics
 import sys
 import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import psutil
 
 from benchmarks.common import environment, parse_args, write_json
@@ -78,26 +79,26 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": q[49], "p90": q[89], "p99": q[98]}
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, opts: dict) -> dict:
+async def one_request(session: aiohttp.ClientSession, prompt: str, opts: dict) -> dict:
     """Send one streaming completion; returns its timings and token count (or the error)."""
     body = {"prompt": prompt, "max_tokens": opts["max_tokens"], "temperature": opts["temperature"], "stream": True,
             "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     try:
-        return await _stream_one(client, body, start)
-    except httpx.HTTPError as err:  # a dropped connection is a failed request, not the end of the sweep
+        return await _stream_one(session, body, start)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as err:  # a dropped connection fails the request, not the sweep
         return {"error": f"{type(err).__name__} after {time.perf_counter() - start:.1f} s: {err}"}
 
 
-async def _stream_one(client: httpx.AsyncClient, body: dict, start: float) -> dict:
+async def _stream_one(session: aiohttp.ClientSession, body: dict, start: float) -> dict:
     first, tokens, streamed, error = None, 0, 0, None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with session.post("/v1/completions", json=body) as r:
+        if r.status != 200:
+            return {"error": f"HTTP {r.status}: {(await r.read())[:200]!r}"}
+        async for raw in r.content:  # one SSE line at a time
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(raw[6:])
             if "error" in chunk:
                 error = chunk["error"]["message"]
             elif chunk.get("usage"):
@@ -120,36 +121,48 @@ async def _send_all(url: str, headers: dict, concurrency: int, picks: list[int],
                     start_at: float) -> dict:
     """One client process's share of a level: the prompts `picks`, at most `concurrency` in flight, sent from
     `start_at` (a `time.perf_counter` instant, the same clock in every process). Each of the `concurrency`
-    users has a client (one kept-alive connection) of its own and takes the next prompt when its last answer
-    is complete: one shared pool would scan all its connections for every request, which at 256 connections
-    costs the load generator more than the server it measures. The clients are made and their connections
-    opened (a GET /health each) before the clock starts, sharing one TLS context (a context each costs 10-20
-    ms of CPU, which would block the event loop while the first requests stream). With the connections opened
-    inside the level, its first request reached the server 212 ms after the clock started at 256 clients (1 x
-    H200 host, 4 client processes), time the server had nothing to run; opened before, 70 ms (docs/PERF.md)."""
+    users has a session of its own with one kept-alive connection and takes the next prompt when its last
+    answer is complete. The client is aiohttp (C-accelerated HTTP parsing, as vLLM's serving benchmark): per
+    streamed request it costs about a third of httpx's CPU, and at hundreds of streaming clients the load
+    generator's own CPU would otherwise delay the next request after each answer. The sessions are made and
+    their connections opened (a GET /health each) before the clock starts, sharing one TLS context (a context
+    each costs 10-20 ms of CPU, which would block the event loop while the first requests stream). With the
+    connections opened inside the level, its first request reached the server 212 ms after the clock started
+    at 256 clients (1 x H200 host, 4 client processes), time the server had nothing to run; opened before, 70
+    ms (docs/PERF.md)."""
     todo = iter(picks)
     rows: list[dict] = []
     tls = ssl.create_default_context()
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    timeout = aiohttp.ClientTimeout(total=600)
 
-    async def user(client: httpx.AsyncClient) -> None:
+    async def user(session: aiohttp.ClientSession) -> None:
         for i in todo:
-            rows.append(await one_request(client, prompts[i % len(prompts)], opts))
+            rows.append(await one_request(session, prompts[i % len(prompts)], opts))
+
+    async def opened(session: aiohttp.ClientSession) -> None:
+        async with session.get("/health") as r:
+            await r.read()
 
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=600, limits=limits, verify=tls))
+        sessions = [await stack.enter_async_context(aiohttp.ClientSession(
+            base_url=url, headers=headers, timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=1, ssl=tls if url.startswith("https") else False)))
             for _ in range(min(concurrency, len(picks)))]
-        await asyncio.gather(*(c.get("/health") for c in clients))
+        await asyncio.gather(*(opened(s) for s in sessions))
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         cpu, began = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(user(c) for c in clients))
+        await asyncio.gather(*(user(s) for s in sessions))
         ended = time.perf_counter()
     return {"rows": rows, "began": began, "ended": ended, "cpu_s": time.process_time() - cpu}
 
 
 def _client_process(args: tuple) -> dict:
     return asyncio.run(_send_all(*args))
+
+
+def _get_text(url: str, headers: dict) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return r.read().decode()
 
 
 def shares(total: int, parts: int) -> list[int]:
@@ -372,7 +385,7 @@ def main() -> None:
         if probe is not None:
             probe.annotate(levels)
         compare(levels, reference)
-        metrics = httpx.get(opts["url"] + "/metrics", timeout=30).text
+        metrics = _get_text(opts["url"] + "/metrics", headers)
     finally:
         if server is not None:
             server.stop()

@@ -186,3 +186,21 @@ def test_exposed_time_charges_each_instant_to_the_running_kernel():
     charged = exposed_times(spans)
     assert charged == pytest.approx({"norm": 3.0 + 0.3, "gemv": 1.5 + 0.2, "attn": 1.0})
     assert sum(charged.values()) == pytest.approx(union_length([(s, e) for _, s, e in spans]))
+
+
+@pytest.mark.timeout(180)
+def test_load_generator_counts_refused_and_answered_requests_apart():
+    """A level against a server that refuses (401: wrong key) records every request as failed with the status;
+    the same level with the key gets every token of every request, with positive TTFT and TPOT."""
+    from benchmarks.serve_load import run_level
+    from eet_pipe.serving.process import ServerProcess
+
+    opts = {"max_tokens": 4, "temperature": 0.0}
+    with ServerProcess(["--stages", "1", "model=tiny", "api_key=K", "log_level=warning", "max_slots=4"]) as server:
+        server.wait_ready(120)
+        refused = run_level(server.url, {"Authorization": "Bearer wrong"}, 2, 3, ["hi"], opts)
+        assert refused["failed"] == 3 and refused["tokens"] == 0
+        assert refused["errors"] and refused["errors"][0].startswith("HTTP 401"), refused["errors"]
+        served = run_level(server.url, {"Authorization": "Bearer K"}, 2, 3, ["hi"], opts)
+    assert served["failed"] == 0 and served["tokens"] == 12, served["errors"]
+    assert served["ttft_s"]["p50"] > 0 and served["tpot_s"]["p50"] > 0
