@@ -5,9 +5,11 @@
 #   benchmarks/gpu_suite.sh OUTDIR [tests] [prefill] [decode] [schedules] [partitions] [single] [single8b] [profile] [kernels] [serve]
 # (no part named = all). Knobs: DEVICES, GPU_TESTS (default: the whole tests/ tree, selected by marker; on one GPU
 # the multi-GPU tests are listed as skipped), <PART>_S time limits, SCHEDULES_ARGS, SCHEDULES_DECODE=0,
-# SINGLE_ARGS, KERNELS_ARGS, SERVE_LEVELS, SERVE_REQUESTS, EXT_CACHE (a tarball of a previous run's JIT build,
-# OUTDIR/ext.tgz, unpacked first so unchanged kernels are not compiled again). Every part has its own time limit,
-# so one hang cannot eat the others.
+# SINGLE_ARGS, KERNELS_ARGS, SERVE_LEVELS, SERVE_REQUESTS, SERVE_CLIENTS (load generator processes), SERVE_ARGS
+# (server options of every serve run), SERVE_VARIANTS ("name=options|name=options": one serve run each, e.g.
+# "one=|two=api_servers=2 clients=8|h11=http_parser=h11"; the first also measures the engine), EXT_CACHE (a tarball of a
+# previous run's JIT build, OUTDIR/ext.tgz, unpacked first so unchanged kernels are not compiled again). Every part
+# has its own time limit, so one hang cannot eat the others.
 set -uo pipefail
 OUT_DIR=${1:-bench_results}; shift || true
 PARTS=${*:-tests prefill decode schedules partitions single single8b profile kernels serve}
@@ -56,9 +58,24 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
       | grep -v "it/s" | tail -30
   has kernels && timeout ${KERNELS_S:-120} python3 -m benchmarks.kernel_timings device=cuda:0 ${KERNELS_ARGS:-} out="$OUT_DIR/kernels" 2>&1 \
       | grep -v "it/s" | tail -60
-  has serve && timeout ${SERVE_S:-300} python3 -m benchmarks.serve_load model=gpt2-xl stages=$NSTAGES \
-      concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 trace=on \
-      "server_args=weights=random dtype=fp16 $TWO" out="$OUT_DIR/serve_load" 2>&1 | grep -v "it/s" | tail -60
-  has serve && gzip -f "$OUT_DIR/serve_load_trace.json"
+  if has serve; then  # one serve_load per variant; the first measures the engine, the others reuse its figures
+    IFS='|' read -ra variants <<< "${SERVE_VARIANTS:-load=}"
+    first=""
+    for variant in "${variants[@]}"; do
+      name=${variant%%=*}; server=""; clients=${SERVE_CLIENTS:-auto}
+      for word in ${variant#*=}; do  # clients=N is the load generator's; every other word a server option
+        case $word in clients=*) clients=${word#clients=} ;; *) server+=" $word" ;; esac
+      done
+      reference=${first:+$OUT_DIR/serve_$first.json}
+      echo "== serve $name:${server:- (defaults)}, clients=$clients"
+      timeout ${SERVE_S:-300} python3 -m benchmarks.serve_load model=gpt2-xl stages=$NSTAGES \
+          concurrency=${SERVE_LEVELS:-1,4,16,64,256} requests=${SERVE_REQUESTS:-256} max_tokens=64 prompt_len=64 \
+          trace=on clients=$clients reference=${reference:-auto} \
+          "server_args=weights=random dtype=fp16 $TWO ${SERVE_ARGS:-}$server" out="$OUT_DIR/serve_$name" 2>&1 \
+          | grep -v "it/s" | tail -40
+      gzip -f "$OUT_DIR/serve_${name}_trace.json"
+      first=${first:-$name}
+    done
+  fi
   date -u
 } 2>&1 | tee "$OUT_DIR/gpu_suite.log"

@@ -22,7 +22,10 @@ ignore_eos, max_tokens each; a warm-up batch of the same shape first), before th
 two never share the devices. Each level prints server / engine tokens/s and the server's TPOT p50 over
 the engine's time per step. `reference=auto` (default) runs it when the script starts the server
 itself; with `url=` pass `reference=on` and the server's model and engine options (`model`, `stages`,
-`server_args`) to measure it there too, or `reference=off`.
+`server_args`) to measure it there too, or `reference=off`. `reference=<file.json>` takes the engine figures of
+an earlier serve_load JSON of the same model, stages, engine options, prompt length and max_tokens (several
+server variants in one device session then share one engine measurement: `benchmarks/gpu_suite.sh` with
+`SERVE_VARIANTS`).
 
 When it starts the server, each level also records the CPU time per generated token of the engine process
 (scheduler and step loop) and of the HTTP process(es), apart (`server_cpu_us_per_token`,
@@ -310,6 +313,30 @@ def engine_reference(opts: dict) -> dict[int, dict]:
     return out
 
 
+SAME_ENGINE = ("model", "stages", "prompt_len", "max_tokens", "temperature")
+"""What an earlier run's engine reference must share with this run (besides the engine options in server_args)."""
+
+
+def reference_from(path: Path, opts: dict) -> dict[int, dict]:
+    """The engine figures per concurrency level of an earlier serve_load JSON; SystemExit if the file is not
+    one, or was measured on another model, stage count, engine options, prompt length or max_tokens."""
+    try:
+        data = json.loads(path.read_text())
+        config, results = data["config"], data["results"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"reference={path}: not a serve_load JSON ({err})") from None
+    differ = [k for k in SAME_ENGINE if str(config.get(k)) != str(opts.get(k))]
+    if vars(_engine_options(config)) != vars(_engine_options(opts)):
+        differ.append("the engine options in server_args")
+    if differ:
+        raise SystemExit(f"reference={path} was measured with other {', '.join(differ)}: its engine figures "
+                         "are not this run's reference")
+    out = {r["concurrency"]: r["engine"] for r in results if "engine" in r}
+    if not out:
+        raise SystemExit(f"reference={path} has no engine figures (it ran with reference=off)")
+    return out
+
+
 def compare(levels: list[dict], reference: dict[int, dict]) -> None:
     """Add the engine's figures and the server / engine ratios to each level, and print them."""
     for level in levels:
@@ -359,7 +386,9 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
     server = None
     reference = {}
-    if opts["reference"] == "on" or (opts["reference"] == "auto" and not opts["url"]):
+    if opts["reference"] not in ("auto", "on", "off"):
+        reference = reference_from(Path(opts["reference"]), opts)
+    elif opts["reference"] == "on" or (opts["reference"] == "auto" and not opts["url"]):
         reference = engine_reference(opts)  # before the server starts: the two never share the devices
     trace = None
     if opts["trace"] not in ("off", "on"):
