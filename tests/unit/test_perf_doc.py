@@ -102,7 +102,7 @@ def test_every_figure_row_links_its_artefact():
 def test_each_section_leaves_a_place_for_new_runs():
     sections = re.split(r"^## ", PERF.read_text(), flags=re.M)[1:]
     questions = [s for s in sections if not s.startswith(("Targets", "Measured and dropped"))]
-    assert len(questions) == 6
+    assert questions, "no question sections"
     missing = [s.splitlines()[0] for s in questions if "NEW RUNS" not in s]
     assert missing == [], f"sections without a NEW RUNS marker: {missing}"
 
