@@ -7,7 +7,9 @@ graph or eager, and forwards that captured a graph), rows and padding, and the i
 forwards; per window: steps, what the scheduler issued, how long admitted requests waited for their step
 (first in, first out), how long issued steps waited behind the ones queued before them, and how long a
 step's result took from its end on the last stage to the scheduler. `benchmarks/serve_load.py trace=on` gives
-this per concurrency level.
+this per concurrency level, and with its closed loop of C clients the refill time: from the k-th sequence that
+finished in the level to the (k + C)-th that reached the scheduler, the next request its end made room for
+(the HTTP process, the client and back; at most C sequences are in the server at once).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def _kind(label: dict) -> str:
     return f"{label['kind']} {'graph' if label['graphed'] else 'eager'}"
 
 
-def summarize(events: list[dict], start: float | None = None, end: float | None = None) -> dict[str, Any]:
+def summarize(events: list[dict], start: float | None = None, end: float | None = None,
+              clients: int | None = None) -> dict[str, Any]:
     """The figures of the window [start, end] (perf_counter seconds; default: from the first to the last
-    forward of a served step, warm-up left out)."""
+    forward of a served step, warm-up left out); `clients`: the closed loop's client count, for `refill_ms`."""
     spans = [e for e in events if e.get("ph") == "X" and e["args"].get("step", 0) > 0]
     if start is None:
         start = min((e["ts"] for e in spans), default=0.0) / 1e6
@@ -83,7 +86,8 @@ def summarize(events: list[dict], start: float | None = None, end: float | None 
                        "with_prompts": sum(1 for a in issues if a["new"])},
             "admission_wait_ms": _admission_waits(scheduler, lo, hi),
             "issue_to_start_ms": _issue_to_start(issue_events, spans),
-            "end_to_result_ms": _end_to_result(scheduler, spans, lo, hi)}
+            "end_to_result_ms": _end_to_result(scheduler, spans, lo, hi),
+            "refill_ms": _refill(scheduler, lo, hi, clients)}
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
@@ -111,6 +115,18 @@ def _admission_waits(scheduler: list[dict], lo: float, hi: float) -> dict[str, f
             if lo <= e["ts"] <= hi:
                 waits += [(e["ts"] - t) / 1e3 for t in admitted]
     return _quantiles(waits)
+
+
+def _refill(scheduler: list[dict], lo: float, hi: float, clients: int | None) -> dict[str, float | None]:
+    """Milliseconds from the k-th sequence finishing in [lo, hi] (µs) to the (k + clients)-th sequence reaching
+    the scheduler in it: in a closed loop of `clients` clients each end makes room for one next request, so
+    this is how long a freed place stays empty before a new sequence takes it."""
+    if not clients:
+        return _quantiles([])
+    inside = [e for e in scheduler if lo <= e["ts"] <= hi]
+    finished = [e["ts"] for e in inside if e["name"] == "result" for _ in range(e["args"].get("finished", 0))]
+    arrived = [e["ts"] for e in inside if e["name"] == "submit" for _ in range(e["args"].get("sequences", 1))]
+    return _quantiles([(arrived[k + clients] - t) / 1e3 for k, t in enumerate(finished) if k + clients < len(arrived)])
 
 
 def _end_to_result(scheduler: list[dict], spans: list[dict], lo: float, hi: float) -> dict[str, float | None]:
@@ -145,7 +161,9 @@ def describe(summary: dict[str, Any]) -> str:
              + ("" if wait["p50"] is None else f"; admission wait p50 {wait['p50']:.1f} / p90 {wait['p90']:.1f} ms")
              + ("" if queued["p50"] is None else f"; issue to start p50 {queued['p50']:.1f} / p90 {queued['p90']:.1f} ms")
              + ("" if summary["end_to_result_ms"]["p50"] is None else
-                f"; end to result p50 {summary['end_to_result_ms']['p50']:.1f} ms")]
+                f"; end to result p50 {summary['end_to_result_ms']['p50']:.1f} ms")
+             + ("" if summary.get("refill_ms", {}).get("p50") is None else
+                f"; refill p50 {summary['refill_ms']['p50']:.1f} / p90 {summary['refill_ms']['p90']:.1f} ms")]
     for tid, s in summary["stages"].items():
         kinds = ", ".join(f"{k} {v['count']} / {v['ms']:.1f} ms" for k, v in s["by_kind"].items())
         pad = "" if s["decode_padding"] is None else f", decode rows {s['decode_rows_mean']:.1f} " \
@@ -159,7 +177,7 @@ def trace_levels(levels: list[dict], trace: Path) -> None:
     """Add each level's figures from the server's step trace (`summarize`), and print them."""
     events = read_step_trace(trace)
     for level in levels:
-        level["trace"] = summarize(events, level["began_s"], level["ended_s"])
+        level["trace"] = summarize(events, level["began_s"], level["ended_s"], level["concurrency"])
         print(f"concurrency {level['concurrency']:>4}, trace: {describe(level['trace'])}", file=sys.stderr)
 
 

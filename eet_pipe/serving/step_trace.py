@@ -16,6 +16,7 @@ goes on untraced.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import threading
@@ -116,8 +117,10 @@ class StepTrace:
 
 
 def read_step_trace(path: str | Path) -> list[dict]:
-    """The events of a step trace, also of one a dead server left unclosed."""
-    text = Path(path).read_text().rstrip()
+    """The events of a step trace (gzip-compressed if its name ends in .gz), also of one a dead server left
+    unclosed."""
+    path = Path(path)
+    text = (gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()).rstrip()
     if not text.endswith("]"):
         text = text.rstrip(",") + "\n]"
     return json.loads(text)

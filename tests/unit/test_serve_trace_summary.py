@@ -69,3 +69,21 @@ def test_waits_are_matched_first_in_first_out():
     assert s["issue_to_start_ms"]["p50"] == pytest.approx(1.0) and s["issue_to_start_ms"]["max"] == pytest.approx(1.0)
     assert s["end_to_result_ms"]["p50"] == pytest.approx(2.0) and s["end_to_result_ms"]["max"] == pytest.approx(2.0)
     assert summarize(events, 0.010, 0.020)["admission_wait_ms"]["max"] == pytest.approx(10.0)  # only the second issue
+
+
+def test_refill_pairs_each_end_with_the_request_it_made_room_for():
+    """Two clients: the first two sequences are the opening requests; the k-th end makes room for the (k + 2)-th
+    arrival. Ends at 10 (two at once) and 20 ms; arrivals after them at 13, 16 and 25 ms: refills 3, 6, 5 ms."""
+    events = [
+        _instant("submit", 0.0, sequences=1), _instant("submit", 0.5, sequences=1),
+        _instant("result", 10.0, step=1, group=0, tokens=2, finished=2),
+        _instant("submit", 13.0, sequences=1), _instant("submit", 16.0, sequences=1),
+        _instant("result", 20.0, step=2, group=0, tokens=2, finished=1),
+        _instant("submit", 25.0, sequences=1),
+        _instant("result", 30.0, step=3, group=0, tokens=2, finished=2),  # the level's last: nothing follows them
+    ]
+    s = summarize(events, 0.0, 0.040, clients=2)
+    assert s["refill_ms"] == {"p50": pytest.approx(5.0), "p90": pytest.approx(6.0), "max": pytest.approx(6.0)}
+    assert summarize(events, 0.0, 0.040)["refill_ms"]["p50"] is None  # without the client count: not defined
+    later = summarize(events, 0.005, 0.040, clients=2)  # a window that starts after the opening requests
+    assert later["refill_ms"]["p50"] == pytest.approx(25.0 - 10.0)  # the 13 and 16 ms arrivals open it
