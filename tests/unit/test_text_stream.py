@@ -195,3 +195,36 @@ def test_byte_decode_skips_special_and_out_of_range_ids_and_replaces_invalid_byt
     assert tok.decode(with_specials) == "añb 🙂"
     assert tok.decode([0x61, 0xC3]) == "a\ufffd" and tok.decode([0x61, 0xC3, 256]) == "a\ufffd"  # half a character
     assert tok.decode([]) == "" and tok.decode([257]) == ""
+
+
+def _saved(tmp_path, backend, **kwargs):
+    from transformers import PreTrainedTokenizerFast
+
+    from eet_pipe.loading.tokenizer import HFTokenizer
+
+    PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs).save_pretrained(tmp_path)
+    return HFTokenizer(tmp_path)
+
+
+def test_hf_decode_takes_the_rust_path_only_where_it_gives_the_same_text(tmp_path) -> None:
+    """A byte-level BPE without space clean-up decodes through the Rust tokenizer, with transformers' text for
+    any ids (special ones included); a WordPiece tokenizer that cleans up spaces keeps transformers' decode,
+    whose clean-up the Rust decode lacks ("hello ." -> "hello.")."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    bpe = _bpe("bytelevel")
+    bpe.add_special_tokens(["<|end|>"])
+    fast = _saved(tmp_path / "bpe", bpe, eos_token="<|end|>", clean_up_tokenization_spaces=False)
+    assert fast._rust_decode is not None
+    rng = random.Random(0)
+    vocab = fast._tok.vocab_size + 1
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(0, 12))]
+        assert fast.decode(ids) == fast._tok.decode(ids, skip_special_tokens=True), ids
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "hello": 1, ".": 2, "world": 3}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.decoder = decoders.WordPiece(cleanup=False)
+    cleaned = _saved(tmp_path / "wp", wordpiece, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    assert wordpiece.decode([1, 2, 3]) == "hello . world"
+    assert cleaned._rust_decode is None and cleaned.decode([1, 2, 3]) == "hello. world"
