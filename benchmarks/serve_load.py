@@ -89,7 +89,8 @@ async def one_request(session: aiohttp.ClientSession, prompt: str, opts: dict) -
     start = time.perf_counter()
     try:
         return await _stream_one(session, body, start)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as err:  # a dropped connection fails the request, not the sweep
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:  # a dropped connection, a line over 64
+        # KiB or a chunk that is not JSON fails the request, not the sweep
         return {"error": f"{type(err).__name__} after {time.perf_counter() - start:.1f} s: {err}"}
 
 
