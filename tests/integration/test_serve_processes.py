@@ -3,6 +3,7 @@ die together, and the engine sends the events of a step in one message, not one 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -127,3 +128,20 @@ def test_max_connections_is_shared_out_over_the_http_processes():
     limits = [make_server(ServeOptions(api_servers=n, max_connections=10), app=None).config.limit_concurrency
               for n in (1, 3)]
     assert limits == [10, 4]
+
+
+def test_the_h11_parser_serves_streams_and_whole_responses_alike():
+    """http_parser=h11 (pure Python, the fallback where httptools is missing): a streamed completion and a whole
+    one give the same greedy tokens, the stream ending in [DONE]."""
+    body = {"prompt": "a b c", "max_tokens": 5, "ignore_eos": True, "return_token_ids": True, "temperature": 0}
+    with ServerProcess([*ARGS, "http_parser=h11"]) as server:
+        server.wait_ready(120)
+        whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        lines = []
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    streamed = [t for line in lines[:-1] for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
+    assert streamed == whole.json()["choices"][0]["token_ids"] and len(streamed) == 5
