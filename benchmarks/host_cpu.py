@@ -23,6 +23,11 @@ def fmt_us(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.1f}"
 
 
+HTTP_SATURATED = 0.8
+"""An HTTP process busier than this share of a core (on average over a level) delays the requests and tokens
+that queue behind its event loop: the level may measure it rather than the pipeline."""
+
+
 class CpuProbe:
     """The engine (step-loop) process's CPU times for `sweep`; records the HTTP processes' at the same moments
     (the children listening on the server's port, summed; workers, which drive the devices, are not
@@ -44,6 +49,11 @@ class CpuProbe:
                                           strict=False):
             level["http_cpu_s"] = after - before
             level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
+            level["http_busy"] = level["http_cpu_s"] / max(level["wall_s"] * len(self.http), 1e-9)
             print(f"concurrency {level['concurrency']:>4}: step-loop process "
                   f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
-                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token", file=sys.stderr)
+                  f"{fmt_us(level['http_cpu_us_per_token'])} us/token, each {level['http_busy']:.0%} busy",
+                  file=sys.stderr)
+            if level["http_busy"] > HTTP_SATURATED:
+                print(f"    the HTTP side may limit this level: each of its {len(self.http)} process(es) used "
+                      f"{level['http_busy']:.0%} of a core (raise the server's api_servers=)", file=sys.stderr)
