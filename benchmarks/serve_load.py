@@ -126,9 +126,10 @@ async def _send_all(url: str, headers: dict, concurrency: int, picks: list[int],
     """One client process's share of a level: the prompts `picks`, at most `concurrency` in flight, sent from
     `start_at` (a `time.perf_counter` instant, the same clock in every process). Each of the `concurrency`
     users has a session of its own with one kept-alive connection and takes the next prompt when its last
-    answer is complete. The client is aiohttp (C-accelerated HTTP parsing, as vLLM's serving benchmark): per
-    streamed request it costs about a third of httpx's CPU, and at hundreds of streaming clients the load
-    generator's own CPU would otherwise delay the next request after each answer. The sessions are made and
+    answer is complete. The client is aiohttp (C-accelerated HTTP parsing, as vLLM's serving benchmark): a
+    streamed one-token request costs a fifth of httpx's CPU, a 64-token one three fifths (docs/PERF.md), and at
+    hundreds of streaming clients the load generator's own CPU would otherwise delay the next request after each
+    answer. The sessions are made and
     their connections opened (a GET /health each) before the clock starts, sharing one TLS context (a context
     each costs 10-20 ms of CPU, which would block the event loop while the first requests stream). With the
     connections opened inside the level, its first request reached the server 212 ms after the clock started
