@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,13 +32,36 @@ def _agent(node: int, port: int, rdzv: int) -> ServerProcess:
                          command=cmd, env={"PYTHONPATH": path})
 
 
+def _quiet_port() -> int:
+    """A free port below the kernel's ephemeral range. The agents' and workers' own connections take their local
+    ports from that range, and one of them once took the HTTP port picked there before rank 0 bound it ("address
+    already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return free_port()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 def _descendants(procs: list[ServerProcess]) -> list[int]:
     return [c.pid for a in procs for c in psutil.Process(a.proc.pid).children(recursive=True)]
 
 
 @pytest.mark.timeout(150)
 def test_two_torchrun_agents_serve_one_pipeline():
-    port, rdzv = free_port(), free_port()
+    port = _quiet_port()
+    rdzv = _quiet_port()
+    while rdzv == port:
+        rdzv = _quiet_port()
     agents = [_agent(0, port, rdzv).start(), _agent(1, port, rdzv).start()]
     try:
         health = agents[0].wait_ready(120)
