@@ -129,12 +129,11 @@ async def _send_all(url: str, headers: dict, concurrency: int, picks: list[int],
     answer is complete. The client is aiohttp (C-accelerated HTTP parsing, as vLLM's serving benchmark): a
     streamed one-token request costs a fifth of httpx's CPU, a 64-token one three fifths (docs/PERF.md), and at
     hundreds of streaming clients the load generator's own CPU would otherwise delay the next request after each
-    answer. The sessions are made and
-    their connections opened (a GET /health each) before the clock starts, sharing one TLS context (a context
-    each costs 10-20 ms of CPU, which would block the event loop while the first requests stream). With the
-    connections opened inside the level, its first request reached the server 212 ms after the clock started
-    at 256 clients (1 x H200 host, 4 client processes), time the server had nothing to run; opened before, 70
-    ms (docs/PERF.md)."""
+    answer. The sessions are made and their connections opened (a GET /health each) before the clock starts,
+    sharing one TLS context (a context each costs 10-20 ms of CPU, which would block the event loop while the
+    first requests stream). With the connections opened inside the level, its first request reached the server
+    212 ms after the clock started at 256 clients (1 x H200 host, 4 client processes), time the server had
+    nothing to run; opened before, 70 ms (docs/PERF.md)."""
     todo = iter(picks)
     rows: list[dict] = []
     tls = ssl.create_default_context()

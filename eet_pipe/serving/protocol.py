@@ -17,14 +17,14 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from eet_pipe.serving.serve_options import HTTP_PARSERS
+
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # httptools is not installed
     HttpToolsProtocol = None
 
-__all__ = ["PARSERS", "protocol_with_header_timeout"]
-
-PARSERS = ("auto", "httptools", "h11")
+__all__ = ["protocol_with_header_timeout"]
 
 
 class _HeaderDeadline:
@@ -76,8 +76,8 @@ class _HeaderDeadline:
 def protocol_with_header_timeout(seconds: float, parser: str = "auto") -> Any:
     """The protocol class to pass as uvicorn's `http=`: `parser` httptools, h11, or auto (httptools if
     installed, else h11). ValueError for an unknown parser or httptools asked for but not installed."""
-    if parser not in PARSERS:
-        raise ValueError(f"http_parser={parser!r} is invalid: must be one of {', '.join(PARSERS)}")
+    if parser not in HTTP_PARSERS:
+        raise ValueError(f"http_parser={parser!r} is invalid: must be one of {', '.join(HTTP_PARSERS)}")
     if parser == "httptools" and HttpToolsProtocol is None:
         raise ValueError("http_parser=httptools but httptools is not installed: pip install httptools, "
                          "or use http_parser=h11")

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 from eet_pipe.options.typed import EngineOptions
 
-__all__ = ["ServeOptions"]
+__all__ = ["HTTP_PARSERS", "ServeOptions"]
+
+HTTP_PARSERS = ("auto", "httptools", "h11")
+"""Values of `http_parser` (`eet_pipe.serving.protocol` builds the protocol class of each)."""
 
 
 @dataclass
@@ -93,7 +96,7 @@ class ServeOptions(EngineOptions):
             ("max_stop_chars", self.max_stop_chars >= 1, ">= 1"),
             ("max_connections", self.max_connections >= self.api_servers,
              ">= api_servers (each HTTP process takes a share)"),
-            ("http_parser", self.http_parser in ("auto", "httptools", "h11"), "auto, httptools or h11"),
+            ("http_parser", self.http_parser in HTTP_PARSERS, f"{', '.join(HTTP_PARSERS[:-1])} or {HTTP_PARSERS[-1]}"),
             ("header_timeout", self.header_timeout > 0, "> 0 seconds"),
             ("body_timeout", self.body_timeout > 0, "> 0 seconds"),
             ("keep_alive", self.keep_alive >= 1, ">= 1 (seconds)"),
