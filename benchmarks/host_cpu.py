@@ -50,8 +50,9 @@ class CpuProbe:
             level["http_cpu_s"] = after - before
             level["http_cpu_us_per_token"] = cpu_per_token(level["http_cpu_s"], level["tokens"])
             level["http_busy"] = level["http_cpu_s"] / max(level["wall_s"] * len(self.http), 1e-9)
+            level["http_processes"] = len(self.http)
             print(f"concurrency {level['concurrency']:>4}: step-loop process "
-                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, HTTP process(es) "
+                  f"{fmt_us(level['server_cpu_us_per_token'])} us/token, {len(self.http)} HTTP process(es) "
                   f"{fmt_us(level['http_cpu_us_per_token'])} us/token, each {level['http_busy']:.0%} busy",
                   file=sys.stderr)
             if level["http_busy"] > HTTP_SATURATED:

@@ -87,11 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torchrun_rank() != 0:
             return follower_main(opts)
     try:
+        driver = make_driver(opts)
+        opts = opts.resolve_api_servers(driver.on_gpus())
         if opts.api_servers > 1:
             from eet_pipe.serving.listener import check_port_free
 
             check_port_free(opts)
-        driver = make_driver(opts)
     except (ValueError, FileNotFoundError) as err:
         print(f"eet_pipe.serve: error: {err}", file=sys.stderr)
         return 2

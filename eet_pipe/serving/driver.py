@@ -170,6 +170,10 @@ class StepDriver:
         self.trace: StepTrace | None = None
         """Where the stages' step spans go (the server's `trace=`); set before `start`."""
 
+    def on_gpus(self) -> bool:
+        """Whether every stage runs on a GPU (known before `start`)."""
+        return all(str(d).startswith("cuda") for d in self.setup.plan.devices)
+
     def spawn(self) -> None:
         """Start worker processes, if this driver has any (called on the main thread, before `start`)."""
 

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
 import socket
 import sys
 from dataclasses import dataclass
 
 from eet_pipe.options.typed import EngineOptions
 
-__all__ = ["HTTP_PARSERS", "ServeOptions"]
+__all__ = ["AUTO_API_SERVERS", "HTTP_PARSERS", "ServeOptions", "port_sharing"]
 
 HTTP_PARSERS = ("auto", "httptools", "h11")
 """Values of `http_parser` (`eet_pipe.serving.protocol` builds the protocol class of each)."""
+
+AUTO_API_SERVERS = 2
+"""HTTP processes of `api_servers=0` where the stages are on GPUs: on one H100 at 256 streaming clients one
+process was a core busy and the server reached 0.875 x the engine's tokens/s; two reached 0.964, four 0.960
+(docs/PERF.md, server section)."""
+
+AUTO_MIN_CORES = 8
+"""Cores this process may use before `api_servers=0` starts more than one HTTP process: the step loop, one
+worker per stage and the HTTP processes each want one."""
+
+
+def port_sharing() -> bool:
+    """Whether several processes can listen on one port with the kernel spreading connections (SO_REUSEPORT on
+    Linux; elsewhere it either lacks the option or lets the last listener take every connection)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -23,9 +47,11 @@ class ServeOptions(EngineOptions):
     """Address to bind (0.0.0.0 to accept connections from other machines)."""
     port: int = 8000
     """TCP port of the HTTP server."""
-    api_servers: int = 1
+    api_servers: int = 0
     """HTTP processes (HTTP, tokenisation, detokenisation, SSE), all on `port` (SO_REUSEPORT; Linux): more
-    than one when one process's core limits the server (many streaming clients on fast GPUs)."""
+    than one when one process's core limits the server (many streaming clients on fast GPUs). 0 = auto: 2
+    where every stage is on a GPU, the port can be shared (Linux, a port number) and the process may use at
+    least 8 cores; 1 otherwise."""
     api_key: str | None = None
     """If set, /v1/* requests need the header 'Authorization: Bearer <api_key>'."""
     served_model_name: str | None = None
@@ -83,7 +109,7 @@ class ServeOptions(EngineOptions):
     def __post_init__(self) -> None:
         checks = [
             ("port", 0 <= self.port <= 65535, "an integer 0..65535"),
-            ("api_servers", 1 <= self.api_servers <= 64, "an integer 1..64"),
+            ("api_servers", 0 <= self.api_servers <= 64, "an integer 1..64, or 0 (auto)"),
             ("threads", self.threads >= 0, ">= 0 (0 = cores / stages)"),
             ("max_slots", self.max_slots >= 1, ">= 1"),
             ("max_queue", self.max_queue >= 0, ">= 0"),
@@ -94,7 +120,7 @@ class ServeOptions(EngineOptions):
             ("max_body_bytes", self.max_body_bytes >= 1024, ">= 1024"),
             ("max_stops", self.max_stops >= 0, ">= 0"),
             ("max_stop_chars", self.max_stop_chars >= 1, ">= 1"),
-            ("max_connections", self.max_connections >= self.api_servers,
+            ("max_connections", self.max_connections >= (self.api_servers or AUTO_API_SERVERS),
              ">= api_servers (each HTTP process takes a share)"),
             ("http_parser", self.http_parser in HTTP_PARSERS, f"{', '.join(HTTP_PARSERS[:-1])} or {HTTP_PARSERS[-1]}"),
             ("header_timeout", self.header_timeout > 0, "> 0 seconds"),
@@ -115,9 +141,18 @@ class ServeOptions(EngineOptions):
         if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:
             raise ValueError("http_parser=httptools but httptools is not installed: pip install httptools, "
                              "or use http_parser=auto or h11")
-        if self.api_servers > 1 and not (sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")):
+        if self.api_servers > 1 and not port_sharing():
             raise ValueError(f"api_servers={self.api_servers} needs SO_REUSEPORT with load balancing (Linux); "
                              "use api_servers=1 here")
         if self.api_servers > 1 and self.port == 0:
             raise ValueError(f"api_servers={self.api_servers} with port=0: processes cannot share an arbitrary "
                              "free port; give a port number")
+
+    def resolve_api_servers(self, on_gpus: bool) -> ServeOptions:
+        """These options with `api_servers` decided (unchanged unless 0, auto): `AUTO_API_SERVERS` when `on_gpus`
+        (every stage on a GPU), the port can be shared and at least `AUTO_MIN_CORES` cores are usable; else 1.
+        CPU stages want the cores themselves, and there the HTTP side is not what limits the server."""
+        if self.api_servers:
+            return self
+        many = on_gpus and port_sharing() and self.port != 0 and _usable_cores() >= AUTO_MIN_CORES
+        return dataclasses.replace(self, api_servers=AUTO_API_SERVERS if many else 1)

@@ -169,6 +169,9 @@ def _remove_stale_ipc_folders() -> None:
 
 def run_server(opts: ServeOptions, driver: StepDriver) -> int:
     """Serve until SIGINT/SIGTERM (exit status 0) or a pipeline failure (1, with exit_on_failure)."""
+    opts = opts.resolve_api_servers(driver.on_gpus())
+    if opts.api_servers > 1:
+        log.info("%d HTTP processes on port %d", opts.api_servers, opts.port)
     _remove_stale_ipc_folders()
     folder = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
     paths = IpcPaths(folder)

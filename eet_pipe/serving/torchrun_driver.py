@@ -114,6 +114,13 @@ class TorchrunDriver(StepDriver):
         self.closed = False
         self.threads: list[threading.Thread] = []
 
+    def on_gpus(self) -> bool:
+        """Before the rendezvous: whether the ranks' devices are GPUs (rank 0's stands for every rank's; a mixed
+        `devices` list is not all GPUs)."""
+        if self.opts.devices:
+            return all(str(d).startswith("cuda") for d in self.opts.devices)
+        return _local_device(self.opts, 0, int(os.environ.get("WORLD_SIZE", "1"))).startswith("cuda")
+
     def start(self) -> None:
         self.joined = _Joined(self.opts)
         self.setup = self.joined.setup

@@ -21,7 +21,7 @@ CASES = {  # script -> fields every result row (or the results dict) must have
     "schedules.py": ["system", "schedule", "microbatches", "tokens_per_s", "bubble_measured", "bubble_simulated",
                      "hop_latency_s", "simulated_over_timed"],
     "partitions.py": ["method", "stage_ms_measured"],
-    "serve_load.py": ["concurrency", "http_busy"],
+    "serve_load.py": ["concurrency", "http_busy", "http_processes"],
     "serve_frontend.py": ["concurrency", "tokens_per_s", "server_cpu_us_per_token", "http_busy"],
     "single_gpu.py": ["system", "compile_s", "logits"],
     "kernel_timings.py": ["op", "system", "rows", "us", "gb_per_s"],

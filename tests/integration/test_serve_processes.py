@@ -107,8 +107,8 @@ def test_api_servers_is_checked_before_anything_starts(capsys):
     from eet_pipe.serve import main
     from eet_pipe.serving.serve_options import ServeOptions
 
-    with pytest.raises(ValueError, match="api_servers=0 is invalid: must be an integer 1..64"):
-        ServeOptions(api_servers=0)
+    with pytest.raises(ValueError, match=r"api_servers=65 is invalid: must be an integer 1..64, or 0 \(auto\)"):
+        ServeOptions(api_servers=65)
     with pytest.raises(ValueError, match="cannot share an arbitrary free port"):
         ServeOptions(api_servers=2, port=0)
     with pytest.raises(ValueError, match="max_connections=2 is invalid: must be >= api_servers"):
