@@ -4,9 +4,10 @@ Slot s belongs to group s % G. A group keeps up to `AHEAD` steps in flight: its 
 before step N's tokens reach the host. A step's `StepCommand` holds a decode part (the slots and
 cache columns of the group's running sequences; their input tokens are the ones the last stage fed
 back to stage 0 on the devices) plus a prefill part (waiting sequences admitted into the group's free
-slots, within `max_prefill_tokens`; where the stages pad prompt parts to CUDA-graph buckets, cut to a
-bucket's rows when padding would waste `SNAP_WASTE_TOKENS` or more). Commands of different groups queue up
-on every stage, so with G >= P groups in flight the stages work on different groups at once.
+slots, up to an even share over the groups, within `max_prefill_tokens`; where the stages pad prompt
+parts to CUDA-graph buckets, cut to a bucket's rows when padding would waste `SNAP_WASTE_TOKENS` or more).
+Commands of different groups queue up on every stage, so with G >= P groups in flight the stages work on
+different groups at once.
 
 The host learns a step's tokens one step late, for streaming and stop checks only. A sequence that
 ended (EOS, stop string, cancel) in step N has already been issued into step N + 1: that extra token
@@ -203,18 +204,29 @@ class Scheduler:
                 self.driver.send(cmd)
 
     def _admission(self, g: int) -> tuple[int, bool]:
-        """How many waiting sequences one prefill part of group g takes (within `max_prefill_tokens` and
-        the group's free slots), and whether that part is full (no further prompt as wide could join it)."""
+        """How many waiting sequences one prefill part of group g takes (within `max_prefill_tokens`, the
+        group's free slots and its share, `_room`), and whether that part is full (no further prompt as wide
+        could join it: a part cut by the share is not, since the share grows with the sequences waiting)."""
         count = width = 0
         free = len(self.free_slots[g])
+        room = min(free, self._room(g))
         for seq in self.waiting:
-            if count == free:
-                return count, True
+            if count == room:
+                return count, count == free
             width = max(width, len(seq.prompt))
             if count and (count + 1) * width > self.max_prefill_tokens:
                 return count, True
             count += 1
         return count, count == free or (count + 1) * width > self.max_prefill_tokens
+
+    def _room(self, g: int) -> int:
+        """How many waiting sequences group g may take: up to an even share (rounded up) of all running and
+        waiting ones. Groups of even size pad their decode parts least (a part runs as the next row bucket: 33
+        rows as 64) and keep the pipeline's microbatches alike; a sequence left to another group joins it at
+        that group's next step. When there are more sequences than slots the share is at least a group's
+        capacity, so the share never leaves a slot empty that a waiting sequence could take."""
+        share = -(-(sum(len(r) for r in self.running) + len(self.waiting)) // self.groups)
+        return max(share - len(self.running[g]), 0)
 
     def _snapped(self, count: int) -> int:
         """`count` waiting prompts, or fewer: the largest count the stages run unpadded (a row bucket) when

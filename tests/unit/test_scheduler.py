@@ -402,3 +402,74 @@ def test_a_part_over_the_graphed_size_runs_whole_and_a_held_part_is_cut_only_whe
     sched.stop(1.0)
     assert driver.problems == [] and long_client.error is None
 
+
+
+class RowLog(FakePipeline):
+    """Records the rows of every command per group (decode and prefill parts together)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.rows_per_step: list[tuple[int, int]] = []
+
+    def send(self, cmd) -> None:
+        self.rows_per_step.append((cmd.group, sum(len(p.slots) for p in cmd.parts)))
+        super().send(cmd)
+
+
+def test_admissions_share_the_sequences_evenly_over_the_groups():
+    driver = RowLog(slots=16, groups=2)
+    driver.gate.clear()  # results held: every admission below happens before any sequence finishes
+    sched = scheduler(driver, max_queue=16)
+    reqs = [request(PROMPTS[i % 4], max_tokens=3) for i in range(6)]
+    for req, _ in reqs:
+        sched.submit(req)
+    wait_for(lambda: sched.free_total == 10)
+    assert sorted(len(r) for r in sched.running) == [3, 3]
+    driver.gate.set()
+    for (_, client), i in zip(reqs, range(6), strict=True):
+        assert client.ended.wait(10) and client.tokens() == reference(PROMPTS[i % 4], 3)
+    sched.stop(1.0)
+    assert driver.problems == []
+
+
+def test_groups_of_unequal_size_are_all_filled_when_the_sequences_outnumber_the_slots():
+    driver = FakePipeline(slots=5, groups=2)  # slots 0, 2, 4 in group 0; 1, 3 in group 1
+    driver.gate.clear()
+    sched = scheduler(driver, max_queue=8)
+    reqs = [request([4, 5], max_tokens=2) for _ in range(7)]
+    for req, _ in reqs:
+        sched.submit(req)
+    wait_for(lambda: sched.free_total == 0)
+    assert [len(r) for r in sched.running] == [3, 2] and len(sched.waiting) == 2
+    driver.gate.set()
+    for _, client in reqs:
+        assert client.ended.wait(10) and client.tokens() == reference([4, 5], 2)
+    sched.stop(1.0)
+    assert driver.problems == []
+
+
+def test_a_closed_loop_of_clients_keeps_every_group_within_an_even_share():
+    """64 clients, each sending its next request when the last one ends, over 2 groups of 64 slots: no group
+    step carries more than 32 rows, so none pads to the 64-row bucket."""
+    driver = RowLog(slots=128, groups=2)
+    sched = scheduler(driver, max_queue=256)
+    done = threading.Semaphore(0)
+    lengths = [3 + (7 * i) % 11 for i in range(64 * 4)]
+
+    def send(i: int) -> None:
+        def sink(event) -> None:
+            if event.kind in ("done", "error"):
+                done.release()
+                if i + 64 < len(lengths):
+                    send(i + 64)
+
+        params = [SamplingParams(max_new_tokens=lengths[i], ignore_eos=True)]
+        sched.submit(GenRequest([PROMPTS[i % 4]], params, 1, decode, sink))
+
+    for i in range(64):
+        send(i)
+    for _ in lengths:
+        assert done.acquire(timeout=20)
+    sched.stop(1.0)
+    assert driver.problems == []
+    assert max(rows for _, rows in driver.rows_per_step) <= 32, sorted(driver.rows_per_step)[-5:]
