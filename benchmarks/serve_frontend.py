@@ -32,7 +32,8 @@ import torch
 
 from benchmarks.common import environment, parse_args, write_json
 from benchmarks.host_cpu import CpuProbe
-from benchmarks.serve_load import plot, sweep
+from benchmarks.load_generator import sweep
+from benchmarks.serve_load import plot
 from eet_pipe.runtime import wire
 from eet_pipe.runtime.channel import CommandChannel, CommandReader
 from eet_pipe.runtime.slot_sampler import SlotSampler, new_payload

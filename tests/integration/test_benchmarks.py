@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.serve_load import client_processes
+from benchmarks.load_generator import client_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -192,7 +192,7 @@ def test_exposed_time_charges_each_instant_to_the_running_kernel():
 def test_load_generator_counts_refused_and_answered_requests_apart():
     """A level against a server that refuses (401: wrong key) records every request as failed with the status;
     the same level with the key gets every token of every request, with positive TTFT and TPOT."""
-    from benchmarks.serve_load import run_level
+    from benchmarks.load_generator import run_level
     from eet_pipe.serving.process import ServerProcess
 
     opts = {"max_tokens": 4, "temperature": 0.0}

@@ -10,7 +10,7 @@ import pytest
 
 web = pytest.importorskip("aiohttp.web")
 
-from benchmarks.serve_load import run_level  # noqa: E402
+from benchmarks.load_generator import run_level  # noqa: E402
 
 
 def _serve(app) -> tuple[str, callable]:
