@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from eet_pipe.runtime.supervisor import Supervisor, WorkerDiedError, WorkerError
 from eet_pipe.runtime.worker import WorkerArgs
 from eet_pipe.serving.step_trace import StepTrace
 
-__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "prompt_padding", "resolve_setup", "stage_devices",
+__all__ = ["PipelineSetup", "StepDriver", "ServingEngine", "all_gpus", "prompt_padding", "resolve_setup", "stage_devices",
            "warmup_shapes"]
 
 log = logging.getLogger("eet_pipe.serve")
@@ -139,13 +139,18 @@ def warmup_shapes(setup: PipelineSetup) -> tuple[list[int], list[tuple[int, int]
     return sorted(rows.values()), [(r, w) for _, r, w in kept]
 
 
+def all_gpus(devices: Sequence[object]) -> bool:
+    """Whether every device of a plan (or a `devices` option) is a GPU."""
+    return all(str(d).startswith("cuda") for d in devices)
+
+
 def prompt_padding(setup: PipelineSetup) -> Callable[[int, int], tuple[int, int]] | None:
     """The shape (rows, width) the stages run a prompt part of (rows, width) prompt tokens in, as their step
     pads it (`eet_pipe.runtime.step`): where a stage replays CUDA graphs (a GPU with `cuda_graphs`, or PAD_ENV
     set), a part of one-token prompts runs as a decode part (its row bucket), and a part whose padded size a
     stage graphs (`prefill_graph_tokens`) as its `step_rows` x `prefill_width` bucket; any other part as it is.
     None unless every stage pads (a CPU stage runs parts as they are: cutting them would only cost it passes)."""
-    on_gpu = setup.cuda_graphs and all(str(d).startswith("cuda") for d in setup.plan.devices)
+    on_gpu = setup.cuda_graphs and all_gpus(setup.plan.devices)
     if not on_gpu and os.environ.get(PAD_ENV) != "1":
         return None
     graphed = prefill_graph_tokens(setup.cfg.hidden_size)
@@ -172,7 +177,7 @@ class StepDriver:
 
     def on_gpus(self) -> bool:
         """Whether every stage runs on a GPU (known before `start`)."""
-        return all(str(d).startswith("cuda") for d in self.setup.plan.devices)
+        return all_gpus(self.setup.plan.devices)
 
     def spawn(self) -> None:
         """Start worker processes, if this driver has any (called on the main thread, before `start`)."""

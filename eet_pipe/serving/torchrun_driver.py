@@ -30,7 +30,7 @@ from eet_pipe.runtime.context import StageContext, init_distributed
 from eet_pipe.runtime.step import next_command, serve_command
 from eet_pipe.runtime.step_parts import ServeInit, StepCommand
 from eet_pipe.runtime.supervisor import WorkerError, WorkerTimeoutError
-from eet_pipe.serving.driver import PipelineSetup, StepDriver, resolve_setup
+from eet_pipe.serving.driver import PipelineSetup, StepDriver, all_gpus, resolve_setup
 
 __all__ = ["TorchrunDriver", "follower_main", "torchrun_rank"]
 
@@ -118,7 +118,7 @@ class TorchrunDriver(StepDriver):
         """Before the rendezvous: whether the ranks' devices are GPUs (rank 0's stands for every rank's; a mixed
         `devices` list is not all GPUs)."""
         if self.opts.devices:
-            return all(str(d).startswith("cuda") for d in self.opts.devices)
+            return all_gpus(self.opts.devices)
         return _local_device(self.opts, 0, int(os.environ.get("WORLD_SIZE", "1"))).startswith("cuda")
 
     def start(self) -> None:
