@@ -21,10 +21,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["GREEDY_EPS", "LOGPROB_FLOOR", "SamplingTable", "sample", "uniform", "seed_key", "mix64", "top_logprobs"]
+__all__ = ["GREEDY_EPS", "TOP_K_CAP", "LOGPROB_FLOOR", "SamplingTable", "sample", "uniform", "seed_key", "mix64",
+           "top_logprobs"]
 
 GREEDY_EPS = 1e-5
 """Rows with a temperature below this are greedy (dividing by a smaller one overflows float32)."""
+
+TOP_K_CAP = 2**31 - 1
+"""A top_k above this (any int is accepted: one above the vocabulary keeps every token) is stored as this."""
 
 LOGPROB_FLOOR = -9999.0
 """Log-probabilities are reported no lower than this (-inf and NaN have no JSON form)."""
@@ -167,7 +171,7 @@ class SamplingTable:
             torch.tensor(list(rows), dtype=torch.long),
             torch.tensor([[1.0 if g else p.temperature, p.top_p] for g, p in zip(greedy, params, strict=True)],
                          dtype=torch.float32),
-            torch.tensor([[p.top_k, k, int(g)] for g, k, p in zip(greedy, keys, params, strict=True)],
+            torch.tensor([[min(p.top_k, TOP_K_CAP), k, int(g)] for g, k, p in zip(greedy, keys, params, strict=True)],
                          dtype=torch.long)])
         self.temperature[idx], self.top_p[idx] = floats[:, 0], floats[:, 1]
         self.top_k[idx], self.keys[idx], self.greedy[idx] = ints[:, 0], ints[:, 1], ints[:, 2].bool()

@@ -63,7 +63,8 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} is invalid: must be a finite number >= 0 "
                              f"(below {SAMPLING_EPS} = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0 = no limit)")
+            raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0, or any value at least the "
+                             "vocabulary size, = no limit)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
             raise ValueError(f"top_p={self.top_p!r} is invalid: must be a number in (0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):

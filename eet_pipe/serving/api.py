@@ -24,13 +24,27 @@ __all__ = ["create_app", "APIError"]
 log = logging.getLogger("eet_pipe.serve")
 
 
+def check_text(text: str, where: str) -> None:
+    """APIError 400 when `text` is not valid Unicode: JSON's \\uXXXX escapes (and bytes that are not UTF-8) can carry
+    a lone UTF-16 surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{where} is not valid Unicode: an unpaired surrogate (U+{ord(text[err.start]):04X}) at "
+                            f"character {err.start}; send UTF-8 text", param=where.split("[")[0]) from None
+
+
 def encode_prompts(prompt: Any, tokenizer: Any, vocab: int) -> list[list[int]]:
     """The `prompt` field (text, texts, token ids or lists of ids) as token-id lists; APIError 400 if unusable."""
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         prompts = [tokenizer.encode(prompt)]
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     else:
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                check_text(p, f"prompt[{i}]")
         prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
     if not prompts:
         raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
@@ -195,6 +209,8 @@ def _generation_routes(app: FastAPI, rt: Any) -> None:
     async def chat(body: ChatRequest, request: Request) -> Any:
         handler.check_ready(body)
         tok = rt.setup.tokenizer
+        for i, m in enumerate(body.messages):
+            check_text(m.text(), f"messages[{i}].content")
         text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
         prompts = encode_prompts(text, tok, rt.setup.cfg.vocab_size)
         limit = body.token_limit or max(rt.setup.max_len - len(prompts[0]), 1)

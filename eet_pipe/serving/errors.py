@@ -53,7 +53,29 @@ def server_error(status: int, text: str, rid: str | None, kind: str = "service_u
     return error_body(f"{public_message(text)} (request id {rid}; details in the server log)", kind, status, rid=rid)
 
 
+_SEND_JSON = "send a JSON object with the header 'Content-Type: application/json'"
+_UNPARSED = "There was an error parsing the body"  # FastAPI's text when json.loads itself raised
+
+
+def _body_message(err: dict) -> str | None:
+    """The message of an error about the body as a whole (not JSON, not an object, absent), else None."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON: {reason} at character {loc[-1] if len(loc) > 1 else 0}; {_SEND_JSON}"
+    if loc != ("body",):
+        return None
+    if err.get("type") == "missing":
+        return f"the request has no body; {_SEND_JSON}"
+    if isinstance(err.get("input"), bytes | str):  # not parsed: the content type was not JSON
+        return f"the body was not read as JSON (its Content-Type is not application/json); {_SEND_JSON}"
+    return None
+
+
 def _validation_message(exc: RequestValidationError) -> str:
+    whole = next((m for m in map(_body_message, exc.errors()) if m is not None), None)
+    if whole is not None:
+        return "invalid request: " + whole
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
@@ -79,7 +101,11 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = error_body(str(exc.detail), "invalid_request_error", exc.status_code, rid=request_id(request))
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == _UNPARSED:
+            message = ("invalid request: the body could not be parsed as JSON (bytes that are not UTF-8, nesting too "
+                       f"deep, or a number too long); {_SEND_JSON}")
+        body = error_body(message, "invalid_request_error", exc.status_code, rid=request_id(request))
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(Exception)

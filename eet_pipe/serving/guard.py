@@ -4,13 +4,17 @@
    error bodies carry and the server log names;
 2. the API key of /v1/* (401), checked before a byte of the body is read;
 3. the body, read whole within `body_timeout` seconds (else 408) and up to `max_bytes` (else 413);
-4. per-status counts of POST /v1/* responses (`count(status)` at each response's start).
+4. per-status counts of POST /v1/* responses (`count(status)` at each response's start);
+5. an exception the app raises: logged under the request id and answered with a 500 error body (when no response
+   has started), like every other answer with the id header and counted. Starlette's own last-resort handler sits
+   outside this middleware and would answer without either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import uuid
 from collections.abc import Callable
@@ -19,6 +23,8 @@ from typing import Any
 __all__ = ["Guard", "new_request_id"]
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
+
+log = logging.getLogger("eet_pipe.serve")
 
 
 def new_request_id() -> str:
@@ -55,7 +61,7 @@ class Guard:
                          "'Authorization: Bearer <key>'", "authentication_error", close=scope["method"] in _BODY_METHODS)
             return
         if scope["method"] not in _BODY_METHODS:
-            await self.app(scope, receive, send_counted)
+            await self._app(scope, receive, send_counted, rid)
             return
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.max_bytes:
@@ -81,7 +87,25 @@ class Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_counted)
+        await self._app(scope, replay, send_counted, rid)
+
+    async def _app(self, scope: dict, receive: Any, send: Any, rid: str) -> None:
+        """The app; an exception it raises is logged with its traceback under `rid` and, if no response has
+        started, answered with a 500 that names only the request id."""
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.error("request %s failed", rid, exc_info=True)
+            if not started:
+                await _reply(send, 500, rid, f"internal server error (request id {rid}; details in the server log)",
+                             "internal_error")
 
     async def _read(self, receive: Any) -> bytearray | None:
         """The whole body (stops early once over the limit); None if the client disconnected."""

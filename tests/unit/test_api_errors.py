@@ -76,3 +76,68 @@ def test_a_failed_request_is_answered_with_its_status_kind_and_no_internals(stat
     err = json.loads(events[-2])["error"]
     assert err["type"] == kind and err["code"] == status and "Traceback" not in err["message"]
     assert rt.responses == [status, 200]  # each response counted once, by the status it began with
+
+
+@pytest.mark.parametrize(("path", "body", "where"), [
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "\udc00\ud800"]}, "prompt[1]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "\ud800"}]},
+     "messages[1].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc80"}]}]},
+     "messages[0].content"),
+])
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(path, body, where):
+    """JSON's \\uXXXX escapes can carry a lone surrogate, which no tokenizer encodes: the field is named, and nothing
+    reaches the pipeline."""
+    rt = _FailingRuntime(500, "unused")
+    r = TestClient(create_app(rt)).post(path, content=json.dumps(body).encode(),  # \uXXXX escapes
+                                        headers={"content-type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["message"].startswith(f"{where} is not valid Unicode"), r.text
+    assert "unpaired surrogate" in err["message"] and err["param"] == where.split("[")[0]
+    assert rt.responses == [400]
+
+
+@pytest.mark.parametrize(("content", "headers", "says"), [
+    (b'{"prompt": "a",}', {"content-type": "application/json"}, "the body is not valid JSON: Expecting property name"),
+    (b'{"prompt": "a"}', {"content-type": "text/plain"}, "its Content-Type is not application/json"),
+    (b"", {}, "the request has no body"),
+    (b'{"prompt": "a\xff"}', {"content-type": "application/json"}, "could not be parsed as JSON"),
+    (b'{"prompt": "a", "max_tokens": ' + b"1" * 5000 + b"}", {"content-type": "application/json"},
+     "could not be parsed as JSON"),
+])
+def test_a_body_that_is_not_a_json_object_says_why_and_what_to_send(content, headers, says):
+    rt = _FailingRuntime(500, "unused")
+    r = TestClient(create_app(rt)).post("/v1/completions", content=content, headers=headers)
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and says in message and "Content-Type: application/json" in message, r.text
+    assert "b'" not in message  # the raw body is not echoed
+
+
+def test_an_unexpected_exception_is_a_500_with_the_request_id_header_and_counted(monkeypatch, caplog):
+    """An exception escaping a route is answered inside the middleware: the id header, the count and one log record
+    with the traceback under the id."""
+    import logging
+
+    import eet_pipe.serving.api as api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("failed reading /srv/app/secret.json")
+
+    monkeypatch.setattr(api, "encode_prompts", broken)
+    rt = _FailingRuntime(500, "unused")
+    with caplog.at_level(logging.ERROR, logger="eet_pipe.serve"):
+        r = TestClient(create_app(rt)).post("/v1/completions", json={"prompt": "a"})
+    err = r.json()["error"]
+    assert r.status_code == 500 and r.headers["x-request-id"] == err["request_id"] and "/srv" not in r.text, r.text
+    assert rt.responses == [500]
+    logged = [rec for rec in caplog.records if err["request_id"] in rec.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+def test_surrogate_bytes_in_a_raw_body_are_a_400_too():
+    """Bytes that encode a surrogate (not UTF-8) are decoded by the JSON parser into one: the same clear 400."""
+    rt = _FailingRuntime(500, "unused")
+    r = TestClient(create_app(rt)).post("/v1/completions", content=b'{"prompt": "a\xed\xa0\x80"}',
+                                        headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eet_pipe.generation.sampling import LOGPROB_FLOOR, SamplingTable, mix64, top_logprobs
+from eet_pipe.generation.sampling import LOGPROB_FLOOR, TOP_K_CAP, SamplingTable, mix64, top_logprobs
 from eet_pipe.generation.sequences import Sampler, SamplingParams
 
 
@@ -153,3 +153,16 @@ def test_a_step_is_ready_only_when_its_last_copy_landed():
     out = new_payload(0, 1)
     sampler.resolve(pending, out)
     assert out["tokens"] == {0: 3, 1: 5} and list(out["logprobs"]) == [1]
+
+
+def test_a_top_k_beyond_int64_keeps_every_token():
+    """Any top_k is accepted (one above the vocabulary means no limit); the table stores a capped value, so 2**64
+    samples what a top_k of the vocabulary size samples with the same seed."""
+    logits = torch.randn(1, 40).repeat(2, 1)
+    table = SamplingTable(2, "cpu")
+    table.set([0, 1], [SamplingParams(temperature=1.0, top_k=2**64, seed=3),
+                       SamplingParams(temperature=1.0, top_k=40, seed=3)])
+    assert table.top_k.tolist() == [TOP_K_CAP, 40]
+    for _ in range(20):
+        a, b = table.sample(logits, torch.tensor([0, 1]), [0, 1]).tolist()
+        assert a == b
