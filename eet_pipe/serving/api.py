@@ -226,7 +226,7 @@ def create_app(rt: Any) -> FastAPI:
                        body_timeout=rt.opts.body_timeout)
     install_errors(app)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' probes (status only)
     async def health() -> JSONResponse:
         body = {"status": rt.status, "pid": rt.engine_pid, "http_pid": os.getpid(), "message": rt.message}
         return JSONResponse(body, status_code=200 if rt.status == "ready" else 503)

@@ -141,3 +141,12 @@ def test_surrogate_bytes_in_a_raw_body_are_a_400_too():
     r = TestClient(create_app(rt)).post("/v1/completions", content=b'{"prompt": "a\xed\xa0\x80"}',
                                         headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+
+
+def test_health_answers_head_probes_with_the_status_alone():
+    rt = _FailingRuntime(500, "unused")
+    client = TestClient(create_app(rt))
+    r = client.head("/health")
+    assert r.status_code == 200 and r.content == b""
+    rt.status = "starting"
+    assert client.head("/health").status_code == 503 and client.get("/health").json()["status"] == "starting"
