@@ -3,7 +3,8 @@
 1. a request id (``scope["state"]["request_id"]``, also sent back as the ``x-request-id`` header), which
    error bodies carry and the server log names;
 2. the API key of /v1/* (401), checked before a byte of the body is read;
-3. the body, read whole within `body_timeout` seconds (else 408) and up to `max_bytes` (else 413);
+3. the body: uncompressed (a Content-Encoding other than identity is 415, before it is read), read whole within
+   `body_timeout` seconds (else 408) and up to `max_bytes` (else 413);
 4. per-status counts of POST /v1/* responses (`count(status)` at each response's start);
 5. an exception the app raises: logged under the request id and answered with a 500 error body (when no response
    has started), like every other answer with the id header and counted. Starlette's own last-resort handler sits
@@ -62,6 +63,11 @@ class Guard:
             return
         if scope["method"] not in _BODY_METHODS:
             await self._app(scope, receive, send_counted, rid)
+            return
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            await _reply(send_counted, 415, rid, f"Content-Encoding {encoding!r} is not supported: send the body "
+                         "uncompressed", "invalid_request_error", close=True)
             return
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.max_bytes:

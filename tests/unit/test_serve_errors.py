@@ -37,7 +37,7 @@ def test_public_message_keeps_the_first_line_without_paths():
 
 
 def test_500_and_503_bodies_carry_the_request_id_and_the_log_has_the_details(caplog):
-    client = TestClient(_app(), raise_server_exceptions=False)
+    client = TestClient(_app())  # nothing escapes to the test client
     with caplog.at_level(logging.ERROR, logger="eet_pipe.serve"):
         for path, status in (("/v1/boom", 500), ("/v1/worker", 503)):
             r = client.post(path, headers={"Authorization": "Bearer k"})
@@ -45,11 +45,26 @@ def test_500_and_503_bodies_carry_the_request_id_and_the_log_has_the_details(cap
             assert r.status_code == status and err["request_id"] in err["message"], r.text
             assert "Traceback" not in r.text and "/srv/app" not in r.text and 'File "' not in r.text, r.text
             assert any(err["request_id"] in rec.getMessage() for rec in caplog.records)
-            if status == 503:
-                assert r.headers["x-request-id"] == err["request_id"]
+            assert r.headers["x-request-id"] == err["request_id"]  # the 500 too: answered inside Guard
     assert "Traceback" in caplog.text or "RuntimeError" in caplog.text
 
 
 def test_missing_key_is_401_before_the_route():
     r = TestClient(_app()).post("/v1/worker", content=b"x" * 100)
     assert r.status_code == 401 and r.json()["error"]["request_id"].startswith("req-")
+
+
+def test_a_compressed_body_is_415_before_it_is_read():
+    counted = []
+    app = FastAPI()
+    app.add_middleware(Guard, max_bytes=2048, count=counted.append)
+
+    @app.post("/v1/echo")
+    async def echo() -> dict:
+        return {"ok": True}
+
+    client = TestClient(app)
+    r = client.post("/v1/echo", content=b"\x1f\x8b\x08\x00", headers={"content-encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"]
+    assert r.headers["x-request-id"] == r.json()["error"]["request_id"] and counted == [415]
+    assert client.post("/v1/echo", content=b"{}", headers={"content-encoding": "identity"}).status_code == 200
