@@ -34,18 +34,20 @@ def check_text(text: str, where: str) -> None:
                             f"character {err.start}; send UTF-8 text", param=where.split("[")[0]) from None
 
 
+def _encode(tokenizer: Any, text: str, where: str) -> list[int]:
+    check_text(text, where)
+    return tokenizer.encode(text)
+
+
 def encode_prompts(prompt: Any, tokenizer: Any, vocab: int) -> list[list[int]]:
     """The `prompt` field (text, texts, token ids or lists of ids) as token-id lists; APIError 400 if unusable."""
     if isinstance(prompt, str):
-        check_text(prompt, "prompt")
-        prompts = [tokenizer.encode(prompt)]
+        prompts = [_encode(tokenizer, prompt, "prompt")]
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     else:
-        for i, p in enumerate(prompt):
-            if isinstance(p, str):
-                check_text(p, f"prompt[{i}]")
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompts = [_encode(tokenizer, p, f"prompt[{i}]") if isinstance(p, str) else list(p)
+                   for i, p in enumerate(prompt)]
     if not prompts:
         raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
     for i, ids in enumerate(prompts):
@@ -209,9 +211,10 @@ def _generation_routes(app: FastAPI, rt: Any) -> None:
     async def chat(body: ChatRequest, request: Request) -> Any:
         handler.check_ready(body)
         tok = rt.setup.tokenizer
-        for i, m in enumerate(body.messages):
-            check_text(m.text(), f"messages[{i}].content")
-        text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        for i, m in enumerate(messages):
+            check_text(m["content"], f"messages[{i}].content")
+        text = tok.apply_chat_template(messages)
         prompts = encode_prompts(text, tok, rt.setup.cfg.vocab_size)
         limit = body.token_limit or max(rt.setup.max_len - len(prompts[0]), 1)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["APIError", "install_errors", "public_message", "request_id", "error_body"]
+__all__ = ["APIError", "install_errors", "public_message", "request_id", "error_body", "internal_error_message"]
 
 log = logging.getLogger("eet_pipe.serve")
 
@@ -33,6 +33,11 @@ class APIError(Exception):
 def error_body(message: str, kind: str, code: int, param: str | None = None, rid: str | None = None) -> dict:
     """OpenAI's error object, plus the request id (`request_id`) the server log names."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code, "request_id": rid}}
+
+
+def internal_error_message(rid: str | None) -> str:
+    """The whole message of a 500 for an unexpected exception: the request id its traceback is logged under."""
+    return f"internal server error (request id {rid}; details in the server log)"
 
 
 def request_id(request: Request) -> str | None:
@@ -112,6 +117,5 @@ def install_errors(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request)
         log.error("request %s failed", rid, exc_info=exc)
-        body = error_body(f"internal server error (request id {rid}; details in the server log)",
-                          "internal_error", 500, rid=rid)
+        body = error_body(internal_error_message(rid), "internal_error", 500, rid=rid)
         return JSONResponse(body, status_code=500)

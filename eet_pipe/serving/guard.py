@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from eet_pipe.serving.errors import error_body, internal_error_message, log
+
 __all__ = ["Guard", "new_request_id"]
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
-
-log = logging.getLogger("eet_pipe.serve")
 
 
 def new_request_id() -> str:
@@ -110,8 +109,7 @@ class Guard:
         except Exception:
             log.error("request %s failed", rid, exc_info=True)
             if not started:
-                await _reply(send, 500, rid, f"internal server error (request id {rid}; details in the server log)",
-                             "internal_error")
+                await _reply(send, 500, rid, internal_error_message(rid), "internal_error")
 
     async def _read(self, receive: Any) -> bytearray | None:
         """The whole body (stops early once over the limit); None if the client disconnected."""
@@ -131,8 +129,7 @@ class Guard:
 
 async def _reply(send: Any, status: int, rid: str, message: str, kind: str, close: bool = False) -> None:
     """An OpenAI error body (`close`: the unread rest of the body makes the connection unusable)."""
-    payload = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status,
-                                    "request_id": rid}}).encode()
+    payload = json.dumps(error_body(message, kind, status, rid=rid)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if close:
         headers.append((b"connection", b"close"))
